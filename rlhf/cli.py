@@ -9,9 +9,17 @@ import sys
 
 # (command words, module with configure(parser) and run(args) -> int, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("policy", "serve"), "services.policy.cli", "serve a causal LM for generation (PolicyService)"),
+    (
+        ("policy", "serve"),
+        "services.policy.cli",
+        "serve a causal LM for generation (PolicyService)",
+    ),
     (("reward", "serve"), "services.reward.cli", "serve a reward backend (RewardService)"),
-    (("models", "prepare"), "rlhf.models_cli", "convert the embedded default policy into the cache"),
+    (
+        ("models", "prepare"),
+        "rlhf.models_cli",
+        "convert the embedded default policy into the cache",
+    ),
 ]
 
 

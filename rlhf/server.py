@@ -74,7 +74,9 @@ class GrpcService:
         self.port = 0
         self._stopped = threading.Event()
 
-    def add(self, add_fn: Callable[[Any, grpc.Server], None], servicer: Any, full_name: str) -> None:
+    def add(
+        self, add_fn: Callable[[Any, grpc.Server], None], servicer: Any, full_name: str
+    ) -> None:
         """Registers a servicer; `full_name` is e.g. "rlhf.v1.PolicyService"."""
         add_fn(servicer, self.server)
         self.service_names.append(full_name)

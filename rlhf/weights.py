@@ -262,12 +262,16 @@ class WeightAssembler:
             for dim in spec.shape:
                 numel *= dim
             if spec.nbytes != numel * dtype.itemsize:
-                problems.append(f"{spec.name}: nbytes {spec.nbytes}, shape needs {numel * dtype.itemsize}")
+                problems.append(
+                    f"{spec.name}: nbytes {spec.nbytes}, shape needs {numel * dtype.itemsize}"
+                )
             offset += spec.nbytes
         if manifest.total_bytes != offset:
             problems.append(f"total_bytes {manifest.total_bytes}, tensors add up to {offset}")
         if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            shown = "; ".join(problems[:5]) + (
+                f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+            )
             raise invalid(f"weight manifest rejected: {shown}")
         self.manifest = manifest
         self.buffer = bytearray(manifest.total_bytes)
