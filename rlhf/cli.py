@@ -6,28 +6,33 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
-# (command words, module with configure(parser) and run(args) -> int, one-line help)
+# (command words, "module" or "module:Class" with configure(parser) and run(args), help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (
-        ("policy", "serve"),
-        "services.policy.cli",
-        "serve a causal LM for generation (PolicyService)",
-    ),
+    (("policy", "serve"), "services.policy.cli", "serve a causal LM for generation"),
     (("reward", "serve"), "services.reward.cli", "serve a reward backend (RewardService)"),
-    (
-        ("models", "prepare"),
-        "rlhf.models_cli",
-        "convert the embedded default policy into the cache",
-    ),
+    (("trainer", "serve"), "services.trainer.cli", "serve the PPO trainer's control API"),
+    (("train",), "services.trainer.cli:Train", "run PPO (on a trainer service, or here)"),
+    (("status",), "services.trainer.cli:Status", "show a run on a trainer service"),
+    (("watch",), "services.trainer.cli:Watch", "follow a run with a progress bar"),
+    (("swap-reward",), "services.trainer.cli:SwapReward", "point a run at other rewards"),
+    (("models", "prepare"), "rlhf.models_cli", "convert the embedded default policy"),
 ]
+
+
+def _load(target: str) -> Any:
+    """A module, or a class in it, that has configure(parser) and run(args) -> int."""
+    module, _, attr = target.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attr) if attr else loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n")[0])
-    groups: dict[str, argparse._SubParsersAction] = {}
+    groups: dict[str, Any] = {}
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for words, module, help_text in COMMANDS:
+    for words, target, help_text in COMMANDS:
         if len(words) == 1:
             sub = top.add_parser(words[0], help=help_text)
         else:
@@ -35,15 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                 group = top.add_parser(words[0], help=f"{words[0]} commands")
                 groups[words[0]] = group.add_subparsers(dest="subcommand", required=True)
             sub = groups[words[0]].add_parser(words[1], help=help_text)
-        mod = importlib.import_module(module)
-        mod.configure(sub)
-        sub.set_defaults(_module=module)
+        _load(target).configure(sub)
+        sub.set_defaults(_target=target)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    return int(_load(args._target).run(args) or 0)
 
 
 if __name__ == "__main__":

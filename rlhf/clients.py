@@ -14,7 +14,7 @@ import torch
 
 from rlhf.channels import open_channel, wait_until_serving
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
-from rlhf.weights import CHUNK_BYTES, encode_weights
+from rlhf.weights import CHUNK_BYTES, encode_weight_frames
 
 
 @dataclass
@@ -34,6 +34,13 @@ class PolicyClient:
         self.deadlines = deadlines or Deadlines()
         self.channel = open_channel(address)
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        # UpdateWeights fed with encode_weight_frames' ready-serialized chunks (same wire bytes
+        # as stub.UpdateWeights with WeightChunk messages, two copies fewer per payload byte).
+        self._update_frames = self.channel.stream_unary(
+            "/rlhf.v1.PolicyService/UpdateWeights",
+            request_serializer=None,
+            response_deserializer=policy_pb2.UpdateWeightsResponse.FromString,
+        )
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         wait_until_serving(self.channel, "rlhf.v1.PolicyService", timeout_s)
@@ -59,8 +66,8 @@ class PolicyClient:
         dtype: torch.dtype | None = None,
         chunk_bytes: int = CHUNK_BYTES,
     ) -> policy_pb2.UpdateWeightsResponse:
-        chunks = encode_weights(tensors, version, chunk_bytes=chunk_bytes, dtype=dtype)
-        return self.stub.UpdateWeights(chunks, timeout=self.deadlines.update_weights_s)
+        frames = encode_weight_frames(tensors, version, chunk_bytes=chunk_bytes, dtype=dtype)
+        return self._update_frames(frames, timeout=self.deadlines.update_weights_s)
 
     def close(self) -> None:
         self.channel.close()

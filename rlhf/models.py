@@ -97,6 +97,9 @@ def prepare_default_policy(force: bool = False) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if (target / "config.json").is_file() and not force:
+            # Another process converted it meanwhile; never pull a folder from under its readers.
+            return target
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

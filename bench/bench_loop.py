@@ -1,0 +1,117 @@
+"""The PPO loop through the services vs the same loop in one process without gRPC.
+
+Both sides run the very same TrainingLoop (services/trainer/loop.py) on the same config, seed
+and prompts; only the transports differ:
+  services:   GrpcPolicy -> `rlhf policy serve` (own process), GrpcReward -> `rlhf reward
+              serve` (own process); weights go over UpdateWeights each step.
+  in-process: LocalPolicy (the same PolicyEngine in this process), LocalReward (the same VADER
+              backend in this process); weights are copied into the engine each step.
+Same seeds mean both sides sample the same tokens, so they do the same work. Each side runs one
+warm-up step (not timed), then `--steps` timed steps. Printed: each phase's seconds per step
+(generate / score / reference+values / update / weight sync) and episodes/s of each side, and
+their ratio. Target: services >= 0.95 x in-process.
+
+    python bench/bench_loop.py            # SmolLM2-135M-Instruct with configs/default.yaml
+    python bench/bench_loop.py --quick    # a tiny random model: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGET = 0.95
+PHASES = ["time/generate", "time/score", "time/ref_values", "time/update", "time/weight_sync"]
+
+
+def _measure(make_loop, steps: int) -> tuple[float, dict[str, float]]:  # noqa: ANN001
+    loop = make_loop()
+    loop.run_step()  # warm-up: first-touch allocations, lazy initialisation
+    rows = []
+    started = time.perf_counter()
+    for _ in range(steps):
+        rows.append(loop.run_step().stats)
+    elapsed = time.perf_counter() - started
+    episodes = steps * loop.config.ppo.batch_size
+    phases = {k: statistics.mean(r[k] for r in rows) for k in PHASES + ["time/step"]}
+    loop.policy.close()
+    loop.rewards.close()
+    return episodes / elapsed, phases
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
+    parser.add_argument("--quick", action="store_true", help="tiny random model")
+    args = parser.parse_args()
+
+    from rlhf.launch import running_services
+    from rlhf.logs import setup_logging
+    from rlhf.models import prepare_default_policy
+    from services.reward.backends.vader import VaderBackend
+    from services.trainer.loop import TrainingLoop
+    from services.trainer.rewards import EndpointSpec, RewardMixer
+    from services.trainer.run_config_io import load_train_config
+    from services.trainer.transports import GrpcPolicy, GrpcReward, LocalPolicy, LocalReward
+
+    setup_logging("bench", "WARNING")
+    work = Path(tempfile.mkdtemp(prefix="bench-loop-"))
+    if args.quick:
+        from tests.tiny import make_causal_lm
+
+        model = str(make_causal_lm(work / "tiny"))
+    else:
+        model = str(prepare_default_policy())
+
+    def config(name: str):  # noqa: ANN202
+        overrides = [
+            f"ppo.model_name={model}",
+            "ppo.log_with=jsonl",
+            f"run.output_dir={work}",
+            f"run.run_id={name}",
+            "run.save_every=0",
+        ]
+        return load_train_config(args.config, overrides)
+
+    def local_loop() -> TrainingLoop:
+        mixer = RewardMixer(lambda address: LocalReward(VaderBackend(), address=address))
+        mixer.set_endpoints([EndpointSpec("local:0")])
+        return TrainingLoop(config("local"), LocalPolicy(model), mixer)
+
+    local_rate, local_phases = _measure(local_loop, args.steps)
+
+    specs = [
+        ("policy", ["policy", "serve", "--model", model]),
+        ("reward", ["reward", "serve", "--backend", "vader"]),
+    ]
+    with running_services(specs, work / "logs") as services:
+
+        def grpc_loop() -> TrainingLoop:
+            mixer = RewardMixer(GrpcReward)
+            mixer.set_endpoints([EndpointSpec(services["reward"].address)])
+            return TrainingLoop(config("grpc"), GrpcPolicy(services["policy"].address), mixer)
+
+        grpc_rate, grpc_phases = _measure(grpc_loop, args.steps)
+
+    ratio = grpc_rate / local_rate
+    print(f"\nPPO loop, {args.steps} timed steps per side, model {Path(model).name}")
+    print(f"{'phase (s/step)':<22}{'in-process':>12}{'services':>12}")
+    for key in PHASES + ["time/step"]:
+        label = key.removeprefix("time/")
+        print(f"{label:<22}{local_phases[key]:>12.3f}{grpc_phases[key]:>12.3f}")
+    print(f"{'episodes/s':<22}{local_rate:>12.3f}{grpc_rate:>12.3f}")
+    verdict = "met" if ratio >= TARGET else "MISSED"
+    print(f"ratio services / in-process: {ratio:.3f} (target >= {TARGET}: {verdict})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Reward scoring throughput: through the reward service vs the same backend in-process.
+
+Same texts, same backend flags, same batches (64 samples per Score call by default). The two
+sides are interleaved in small groups of batches (one batch in-process, the same batch through
+the service, ...), so that load from other work on the machine hits both alike; each row's
+ratio is the median of its rounds' ratios. Target: service >= 0.9 x in-process scores/s.
+
+The service runs as a subprocess started with the real `rlhf reward serve` command, as it is
+deployed (its own process, its own GIL). That is the fairer choice: a server in this process
+would share one GIL with the client, so every request's protobuf building and the backend's
+scoring would queue behind each other, charging the service for a cost deployment never pays.
+
+Two client modes are measured: 1 call in flight (the latency-bound case of a trainer waiting
+on each batch: every call pays the gRPC round trip, ~0.4-1 ms on loopback, and two process
+wake-ups, which a busy machine can stretch to several ms) and a few calls in flight (a trainer
+scoring ahead, or several trainers: the service always has the next request queued). Both rows
+say whether they meet the target; the exit status reports errors only.
+
+    python bench/bench_reward.py                       # VADER
+    python bench/bench_reward.py --backend hf-classifier --model PATH --label POSITIVE
+
+Flags the bench does not know are passed to both `rlhf reward serve` and the in-process backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from rlhf.channels import open_channel, wait_until_serving  # noqa: E402
+from rlhf.v1 import reward_pb2, reward_pb2_grpc  # noqa: E402
+from services.reward import cli  # noqa: E402
+from services.reward.backends import build_backend  # noqa: E402
+
+TARGET = 0.9
+
+_SUBJECTS = [
+    "The movie", "This restaurant", "My new phone", "The customer service", "Our trip to Rome",
+    "The final chapter", "The robot", "Your answer", "The weather today", "This update",
+    "The concert", "The teacher", "Their latest album", "The hotel room", "The assistant",
+]  # fmt: skip
+_VERBS = ["was", "is", "felt", "seemed", "turned out to be", "has been", "looked", "sounded"]
+_ADJECTIVES = [
+    "absolutely wonderful", "really good", "pretty boring", "terrible", "surprisingly helpful",
+    "a bit disappointing", "great", "awful", "fine, I guess", "not bad at all", "amazing",
+    "frustrating", "confusing", "lovely", "mediocre", "fantastic", "not good",
+]  # fmt: skip
+_TAILS = [
+    "", " and I would do it again.", " but the ending was rushed.", ", honestly.",
+    " and everyone around me agreed!", " though I expected more.", " :)", " :(",
+    " and the staff were friendly.", " which made me quite sad.", " - highly recommended!",
+    " but it could be worse.", " and I will never forget it.", " so I asked for a refund.",
+]  # fmt: skip
+_PROMPTS = [
+    "Write a short review:", "Tell me how it went.", "Describe your experience in one line:",
+    "What did you think?", "Give honest feedback:",
+]  # fmt: skip
+
+
+def make_samples(count: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """`count` (prompt, response) pairs of review-like sentences, deterministic."""
+    rng = random.Random(seed)
+    prompts, responses = [], []
+    for _ in range(count):
+        sentences = [
+            f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_ADJECTIVES)}"
+            f"{rng.choice(_TAILS)}"
+            for _ in range(rng.randint(1, 3))
+        ]
+        prompts.append(rng.choice(_PROMPTS))
+        responses.append(" " + " ".join(sentences))
+    return prompts, responses
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def paired_round(
+    score: Callable[[list[str]], list[float]],
+    stub: reward_pb2_grpc.RewardServiceStub,
+    texts: list[list[str]],
+    requests: list[reward_pb2.ScoreRequest],
+    in_flight: int,
+) -> tuple[float, float, list[float]]:
+    """Every batch scored both ways, alternating in small groups so that other load on the
+    machine slows both sides alike: a group of batches in-process, then the same group through
+    the service with up to `in_flight` calls outstanding (a group of 1 when in_flight is 1).
+    Returns (in-process seconds, service seconds, the service's scores)."""
+    group = 1 if in_flight == 1 else 2 * in_flight
+    local = remote = 0.0
+    scores: list[float] = []
+    for start in range(0, len(requests), group):
+        started = time.perf_counter()
+        for batch in texts[start : start + group]:
+            score(batch)
+        middle = time.perf_counter()
+        pending: list[grpc.Future] = []
+        for request in requests[start : start + group]:
+            pending.append(stub.Score.future(request, timeout=120))
+            if len(pending) >= in_flight:
+                scores.extend(pending.pop(0).result().scores)
+        for future in pending:
+            scores.extend(future.result().scores)
+        local += middle - started
+        remote += time.perf_counter() - middle
+    return local, remote, scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=4096, help="texts scored per round")
+    parser.add_argument("--batch", type=int, default=64, help="samples per Score call")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per side")
+    parser.add_argument("--in-flight", type=int, default=4, help="pipelined calls outstanding")
+    ours, backend_argv = parser.parse_known_args(argv)
+    backend_parser = argparse.ArgumentParser(prog="backend flags")
+    cli.configure(backend_parser)
+    backend_args = backend_parser.parse_args(backend_argv)
+    problem = cli.check_flags(backend_args)
+    if problem:
+        print(f"bench_reward: error: {problem}", file=sys.stderr)
+        return 2
+
+    prompts, responses = make_samples(ours.samples)
+    joined = backend_args.input == "prompt+response"
+    texts = [p + r if joined else r for p, r in zip(prompts, responses)]
+    text_batches = batches(texts, ours.batch)
+    requests = [
+        reward_pb2.ScoreRequest(
+            samples=[reward_pb2.Sample(prompt=p, response=r) for p, r in zip(ps, rs)]
+        )
+        for ps, rs in zip(batches(prompts, ours.batch), batches(responses, ours.batch))
+    ]
+    backend = build_backend(backend_args)
+    expected = [score for batch in text_batches for score in backend.score(batch)]
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
+    command = [sys.executable, "-m", "rlhf.cli", "reward", "serve", *backend_argv]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--grace-s", "1"]
+    with tempfile.TemporaryFile(mode="w+") as log:
+        # The service's JSON log goes to a file: an unread pipe would fill and stall it.
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+        try:
+            channel = open_channel(f"127.0.0.1:{port}")
+            deadline = time.monotonic() + 300
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"the reward service exited with {server.returncode}")
+                try:
+                    wait_until_serving(channel, "rlhf.v1.RewardService", timeout_s=1)
+                    break
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            for request in requests[:4]:  # warm-up: connection, lazy imports, first passes
+                stub.Score(request, timeout=120)
+            modes = [1, ours.in_flight]
+            local_s: dict[int, list[float]] = {mode: [] for mode in modes}
+            remote_s: dict[int, list[float]] = {mode: [] for mode in modes}
+            for _ in range(ours.rounds):
+                for mode in modes:
+                    local, remote, got = paired_round(
+                        backend.score, stub, text_batches, requests, in_flight=mode
+                    )
+                    check(got, expected)
+                    local_s[mode].append(local)
+                    remote_s[mode].append(remote)
+            channel.close()
+        except Exception as err:
+            log.seek(0)
+            tail = log.read()[-4000:]
+            print(f"bench_reward: error: {type(err).__name__}: {err}\n{tail}", file=sys.stderr)
+            return 1
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+    name = backend_args.name or backend_args.backend
+    detail = f" ({backend_args.model})" if backend_args.model else ""
+    print(
+        f"reward scoring: backend {name}{detail}, {ours.samples} samples in calls of "
+        f"{ours.batch}, median of {ours.rounds} rounds, service in a subprocess"
+    )
+    print(f"{'client':<20}{'in-process/s':>14}{'service/s':>12}{'ratio':>8}  target >= {TARGET}")
+    for mode in modes:
+        local_rate = ours.samples / statistics.median(local_s[mode])
+        remote_rate = ours.samples / statistics.median(remote_s[mode])
+        # Each round's two sides ran interleaved under the same load: the median of the
+        # per-round ratios is steadier than a ratio of medians on a busy machine.
+        ratio = statistics.median(a / b for a, b in zip(local_s[mode], remote_s[mode]))
+        verdict = "met" if ratio >= TARGET else "NOT met"
+        label = f"{mode} call{'s' if mode > 1 else ''} in flight"
+        print(f"{label:<20}{local_rate:>14.0f}{remote_rate:>12.0f}{ratio:>8.2f}  {verdict}")
+    return 0
+
+
+def check(got: list[float], expected: list[float]) -> None:
+    """The service must return what the backend computes (to float32 precision)."""
+    if len(got) != len(expected):
+        raise RuntimeError(f"service returned {len(got)} scores for {len(expected)} samples")
+    worst = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, expected))
+    if worst > 1e-5:
+        raise RuntimeError(f"service scores differ from in-process ones by up to {worst:.2e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The three RLHF services: policy (generation), reward (scoring) and trainer (PPO loop)."""

@@ -1,0 +1,1 @@
+"""The reward-scoring service (rlhf.v1.RewardService) and its backends."""

@@ -1,0 +1,206 @@
+"""The RewardService servicer: request limits, text building and the one-finite-float-per-sample
+guarantee, around any RewardBackend.
+
+The contract (protos/rlhf/v1/reward.proto) promises exactly one finite score per sample, in
+order, or an error and nothing at all. A backend is not trusted to keep that promise: a wrong
+count or a NaN/inf (including a float64 too large for the wire's float32) fails the call with
+INTERNAL naming the sample, and the service goes on serving the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from rlhf.errors import RpcError, exhausted, handle_errors, invalid, unavailable
+from rlhf.server import GrpcService, ServerConfig
+from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+from services.reward.backends.base import RewardBackend
+
+log = logging.getLogger("rlhf.reward")
+
+SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+INPUTS = ("response", "prompt+response")
+"""What is scored: the response alone, or the prompt immediately followed by the response."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""Scores travel as float32; anything larger in magnitude would arrive as inf."""
+
+
+@dataclass
+class ScoreSettings:
+    """The service-level knobs RewardInfo reports; the CLI flags of the same names set them."""
+
+    name: str = ""
+    """RewardInfo.name; empty means the backend's name."""
+    input: str = "response"
+    """"response" or "prompt+response" (prompt + response joined with nothing in between, as
+    the seed decoded query and response tokens together into one string)."""
+    max_batch_size: int = 32
+    """Samples per forward pass (reported; the backend was built with the same value)."""
+    max_samples: int = 1024
+    """Samples per Score call; RESOURCE_EXHAUSTED above."""
+    max_text_chars: int = 20000
+    """len(prompt) + len(response) per sample, in characters; INVALID_ARGUMENT above."""
+
+    def __post_init__(self) -> None:
+        if self.input not in INPUTS:
+            raise ValueError(f"--input must be one of {', '.join(INPUTS)}, got {self.input!r}")
+        for field in ("max_batch_size", "max_samples", "max_text_chars"):
+            if getattr(self, field) < 1:
+                flag = "--" + field.replace("_", "-")
+                raise ValueError(f"{flag} must be >= 1, got {getattr(self, field)}")
+
+
+class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
+    """Scores samples with a backend that may arrive later (UNAVAILABLE until set_backend)."""
+
+    def __init__(self, settings: ScoreSettings, backend: RewardBackend | None = None) -> None:
+        self.settings = settings
+        self._backend = backend
+        self._lock = threading.Lock()
+
+    def set_backend(self, backend: RewardBackend) -> None:
+        """Installs the loaded backend; calls before this get UNAVAILABLE."""
+        with self._lock:
+            self._backend = backend
+
+    @property
+    def backend(self) -> RewardBackend | None:
+        return self._backend
+
+    def _require_backend(self) -> RewardBackend:
+        backend = self._backend
+        if backend is None:
+            raise unavailable("the reward backend is still loading; retry when health is SERVING")
+        return backend
+
+    @handle_errors
+    def Score(
+        self, request: reward_pb2.ScoreRequest, context: grpc.ServicerContext
+    ) -> reward_pb2.ScoreResponse:
+        backend = self._require_backend()
+        settings = self.settings
+        count = len(request.samples)
+        if count == 0:
+            return reward_pb2.ScoreResponse()
+        if count > settings.max_samples:
+            raise exhausted(
+                f"{count} samples in one Score call; this service accepts at most "
+                f"{settings.max_samples} (RewardInfo.max_samples_per_request): split the request"
+            )
+        limit = settings.max_text_chars
+        for index, sample in enumerate(request.samples):
+            size = len(sample.prompt) + len(sample.response)
+            if size > limit:
+                raise invalid(
+                    f"sample {index}: prompt + response is {size} characters, over this "
+                    f"service's limit of {limit} (RewardInfo.max_text_chars)"
+                )
+        texts = texts_to_score(
+            [s.prompt for s in request.samples],
+            [s.response for s in request.samples],
+            settings.input,
+        )
+        started = time.perf_counter()
+        scores = backend.score(texts)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        checked = _check_scores(scores, count, backend.name)
+        log.info(
+            "scored",
+            extra={"samples": count, "latency_ms": round(latency_ms, 3), "backend": backend.name},
+        )
+        return reward_pb2.ScoreResponse(scores=checked)
+
+    @handle_errors
+    def GetInfo(
+        self, request: common_pb2.GetInfoRequest, context: grpc.ServicerContext
+    ) -> reward_pb2.RewardInfo:
+        backend = self._require_backend()
+        settings = self.settings
+        return reward_pb2.RewardInfo(
+            name=settings.name or backend.name,
+            backend=backend.name,
+            model=backend.model,
+            input=settings.input,
+            device=backend.device,
+            max_batch_size=settings.max_batch_size,
+            max_samples_per_request=settings.max_samples,
+            max_text_chars=settings.max_text_chars,
+            description=backend.description,
+        )
+
+
+def texts_to_score(prompts: list[str], responses: list[str], input_mode: str) -> list[str]:
+    """What the backend scores: the response, or (prompt+response, the seed's way) the prompt
+    followed directly by the response, as the seed decoded query + response together."""
+    if input_mode == "prompt+response":
+        return [p + r for p, r in zip(prompts, responses, strict=True)]
+    return list(responses)
+
+
+def _check_scores(scores: object, count: int, backend: str) -> list[float]:
+    """The backend's output as `count` finite float32-representable floats, or INTERNAL."""
+    try:
+        values = list(scores)  # type: ignore[call-overload]
+    except TypeError:
+        raise RpcError(
+            grpc.StatusCode.INTERNAL,
+            f"backend {backend} returned {type(scores).__name__}, not a list of scores",
+        ) from None
+    if len(values) != count:
+        raise RpcError(
+            grpc.StatusCode.INTERNAL,
+            f"backend {backend} returned {len(values)} scores for {count} samples; "
+            "nothing is returned for this request",
+        )
+    checked: list[float] = []
+    for index, value in enumerate(values):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise RpcError(
+                grpc.StatusCode.INTERNAL,
+                f"backend {backend} returned {value!r} for sample {index}, not a number",
+            ) from None
+        if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+            raise RpcError(
+                grpc.StatusCode.INTERNAL,
+                f"backend {backend} produced a non-finite score ({number!r}) for sample "
+                f"{index}; nothing is returned for this request",
+            )
+        checked.append(number)
+    return checked
+
+
+def add_to(service: GrpcService, servicer: RewardServicer) -> None:
+    """Registers the servicer on a GrpcService under its full name (for health/reflection)."""
+    service.add(reward_pb2_grpc.add_RewardServiceServicer_to_server, servicer, SERVICE_NAME)
+
+
+def build_server(
+    backend: RewardBackend | None,
+    config: ServerConfig,
+    settings: ScoreSettings | None = None,
+    servicer: RewardServicer | None = None,
+) -> GrpcService:
+    """Starts a RewardService in this process (port 0 picks a free one: read `.port`).
+
+    With a backend, health is SERVING on return. With backend=None the server starts
+    NOT_SERVING; install one later with `servicer.set_backend(...)` then `set_serving()`.
+    Tests and benchmarks use this; `rlhf reward serve` goes through rlhf.server.run_service.
+    """
+    if servicer is None:
+        servicer = RewardServicer(settings or ScoreSettings(), backend)
+    elif backend is not None:
+        servicer.set_backend(backend)
+    service = GrpcService("reward", config)
+    add_to(service, servicer)
+    service.start()
+    if servicer.backend is not None:
+        service.set_serving()
+    return service

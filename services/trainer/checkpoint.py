@@ -1,0 +1,55 @@
+"""Atomic checkpoint folders: written under a temporary name, renamed when complete.
+
+Layout of a run's checkpoint root:
+    step-000010/            one complete checkpoint (see TrainingLoop.save for its contents)
+    step-000020/
+    latest                  a text file naming the newest complete checkpoint folder
+A crash while writing leaves a `.tmp-*` folder that is ignored (and removed next time), never
+a half checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _folder_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: int = 2) -> Path:
+    """Calls write(tmp_folder), renames it to step-NNNNNN, points `latest` at it, prunes old."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        write(staging)
+        final = root / _folder_name(step)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / "latest")
+    if keep > 0:
+        complete = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under root, or None."""
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    folder = root / pointer.read_text().strip()
+    return folder if folder.is_dir() else None

@@ -1,0 +1,302 @@
+"""The coordinating loop: generate -> score -> PPO step -> push weights -> log, step after step.
+
+Read it top to bottom in `TrainingLoop.run_step`; everything else is set-up, checkpoints and
+retries. The policy and reward sources are reached through transports (transports.py), so the
+same loop runs against the gRPC services or, for the benchmark, in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import torch
+
+from services.trainer.checkpoint import latest_checkpoint, save_checkpoint
+from services.trainer.config import PPOConfig
+from services.trainer.data import PromptSampler, load_prompts
+from services.trainer.metrics import MetricsLog
+from services.trainer.rewards import EndpointSpec, RewardError, RewardMixer, RewardSource
+from services.trainer.run_config import GenerationConfig, RunConfig
+from services.trainer.transports import PolicyTransport
+
+log = logging.getLogger("rlhf.trainer.loop")
+T = TypeVar("T")
+
+
+@dataclass
+class TrainConfig:
+    """A run's whole configuration: the three sections of its YAML file."""
+
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class StepResult:
+    step: int
+    weight_version: int
+    stats: dict[str, float]
+
+
+class StepFailed(RuntimeError):
+    """A step could not be completed (after retries); nothing of it was applied."""
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
+
+
+class TrainingLoop:
+    """One PPO run against one policy transport and a mixer of reward sources."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        policy: PolicyTransport,
+        rewards: RewardMixer,
+        resume: bool = False,
+    ) -> None:
+        from services.trainer.ppo_trainer import PPOTrainer
+        from services.trainer.value_head import PolicyWithValueHead
+
+        self.config = config
+        self.policy = policy
+        self.rewards = rewards
+        run = config.run
+        if not run.run_id:
+            run.run_id = time.strftime("run-%Y%m%d-%H%M%S")
+        self.folder = Path(run.output_dir) / run.run_id
+        self.checkpoints = self.folder / "checkpoints"
+        self.step = 0
+        self.weight_version = 0
+        self.last_stats: dict[str, float] = {}
+        self.log = logging.LoggerAdapter(log, {"run": run.run_id})
+
+        ppo = config.ppo
+        self.model = PolicyWithValueHead.from_config(ppo)
+        self.tokenizer = self.model.tokenizer
+        # The reference: the base with LoRA adapters off, or a frozen copy (PPOTrainer decides).
+        self.trainer = PPOTrainer(ppo, self.model, self.tokenizer)
+        self.sampler = PromptSampler(load_prompts(run.prompts), seed=ppo.seed)
+        self.metrics = MetricsLog(self.folder, ppo.log_with)
+
+        facts = self.policy.facts()
+        self.weight_version = facts.weight_version
+        if resume:
+            self._restore()
+        if resume or facts.weight_version != 0:
+            # The policy service serves weights other than this run's (an earlier run's, or the
+            # base model when resuming): make it serve ours before the first Generate.
+            self._push_weights(everything=True)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        on_step: Callable[[StepResult], None] | None = None,
+    ) -> str:
+        """Runs steps until run.steps or `stop`; checkpoints at the end. Returns why it ended."""
+        stop = stop or threading.Event()
+        reason = "completed"
+        try:
+            while self.step < self.config.run.steps:
+                if stop.is_set():
+                    reason = "stopped"
+                    break
+                result = self.run_step()
+                if on_step is not None:
+                    on_step(result)
+                every = self.config.run.save_every
+                if every and self.step % every == 0 and self.step < self.config.run.steps:
+                    self.save()
+        finally:
+            if self.step > 0 and latest_checkpoint(self.checkpoints) != self._step_folder():
+                self.save()
+            self.metrics.close()
+        return reason
+
+    def run_step(self) -> StepResult:
+        """One PPO step. Nothing is applied unless every phase succeeds."""
+        step = self.step + 1
+        sources = self.rewards.begin_step()  # a swap during this step applies from the next
+        try:
+            return self._run_step(step, sources)
+        finally:
+            self.rewards.end_step()
+
+    def _run_step(self, step: int, sources: list[RewardSource]) -> StepResult:
+        ppo, gen, run = self.config.ppo, self.config.generation, self.config.run
+        sampler_state = self.sampler.state_dict()
+        timings: dict[str, float] = {}
+        t_step = time.perf_counter()
+        try:
+            # 1. Rollout: the policy service samples a response per prompt.
+            prompts = self.sampler.next_batch(ppo.batch_size)
+            t = time.perf_counter()
+            rollout = self._retrying(
+                "generate",
+                lambda: self.policy.generate(prompts, gen, seed=ppo.seed * 100_003 + step),
+            )
+            timings["time/generate"] = time.perf_counter() - t
+            if rollout.weight_version != self.weight_version:
+                raise StepFailed(
+                    f"the policy service generated with weight version {rollout.weight_version}, "
+                    f"expected {self.weight_version}: another writer is updating it"
+                )
+
+            # 2. Reward: every source scores every (prompt, response); the reward is their
+            #    weighted sum. Sources are fixed for the whole step (a swap applies next step).
+            t = time.perf_counter()
+            scores, per_source = self._retrying(
+                "score", lambda: self.rewards.score(prompts, rollout.response_texts, sources)
+            )
+            timings["time/score"] = time.perf_counter() - t
+        except BaseException:
+            self.sampler.load_state_dict(sampler_state)  # the same prompts again next time
+            raise
+
+        # 3. Old log-probs, values and reference log-probs (the trainer's forward passes).
+        queries = [torch.tensor(q, dtype=torch.long) for q in rollout.query_ids]
+        responses = [torch.tensor(r, dtype=torch.long) for r in rollout.response_ids]
+        score_tensors = torch.tensor(scores, dtype=torch.float32)
+        t = time.perf_counter()
+        batch = self.trainer.prepare(queries, responses, score_tensors)
+        timings["time/ref_values"] = time.perf_counter() - t
+
+        # 4. The PPO update (ppo_epochs over shuffled mini-batches), KL controller update.
+        t = time.perf_counter()
+        stats = self.trainer.update(batch)
+        timings["time/update"] = time.perf_counter() - t
+
+        # 5. Weight sync: the next Generate must use the new policy.
+        self.step = step
+        t = time.perf_counter()
+        if step % run.sync_every == 0 or step == run.steps:
+            self._push_weights()
+        timings["time/weight_sync"] = time.perf_counter() - t
+        timings["time/step"] = time.perf_counter() - t_step
+
+        # 6. Statistics under the classic names, plus each reward source's mean.
+        mean, std = _mean_std(scores)
+        stats.update(timings)
+        stats["env/reward_mean"], stats["env/reward_std"] = mean, std
+        for name, values in per_source.items():
+            stats[f"env/reward/{name}"] = _mean_std(values)[0]
+        stats["env/response_length"] = float(
+            sum(len(r) for r in rollout.response_ids) / len(rollout.response_ids)
+        )
+        stats["weight_version"] = float(self.weight_version)
+        self.metrics.write(step, self.weight_version, stats)
+        self.last_stats = stats
+        self.log.info(
+            "step done",
+            extra={
+                "step": step,
+                "weight_version": self.weight_version,
+                "reward_mean": round(mean, 4),
+                "kl": round(stats.get("objective/kl", float("nan")), 4),
+                "step_s": round(timings["time/step"], 2),
+            },
+        )
+        return StepResult(step, self.weight_version, stats)
+
+    # --- weights, retries, checkpoints -------------------------------------------------------
+    def _push_weights(self, everything: bool = False) -> None:
+        """Makes the policy service serve this run's weights, as version weight_version + 1.
+
+        With LoRA only the adapted layers change, so a step's sync sends just those; the first
+        push of a run (`everything`) sends the whole model, whatever the service held before.
+        """
+        version = self.weight_version + 1
+        tensors = self.model.policy_state_dict_for_serving(trained_only=not everything)
+        try:
+            self.weight_version = self._retrying(
+                "update weights", lambda: self.policy.push_weights(tensors, version)
+            )
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            # The service serves a newer version than we know of (a restart of this trainer):
+            # continue numbering above it.
+            served = self.policy.facts().weight_version
+            self.weight_version = self.policy.push_weights(tensors, served + 1)
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """Retries a call whose peer is unreachable or answered unusably, with backoff."""
+        run = self.config.run
+        pause = run.retry_backoff_s
+        for attempt in range(1, run.step_retries + 1):
+            try:
+                return call()
+            except (RewardError, grpc.RpcError) as err:
+                if isinstance(err, grpc.RpcError) and err.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
+                    raise
+                detail = err.details() if isinstance(err, grpc.RpcError) else str(err)
+                if attempt == run.step_retries:
+                    raise StepFailed(
+                        f"step {self.step + 1}: {what} failed {attempt} times; last: {detail}"
+                    ) from err
+                self.log.warning(
+                    f"{what} failed; retrying",
+                    extra={"step": self.step + 1, "attempt": attempt, "reason": detail},
+                )
+                time.sleep(pause)
+                pause *= 2
+        raise AssertionError("unreachable")
+
+    def _step_folder(self) -> Path:
+        return self.checkpoints / f"step-{self.step:06d}"
+
+    def save(self) -> Path:
+        """Writes a checkpoint atomically: the servable policy, and all state to resume."""
+
+        def write(folder: Path) -> None:
+            self.model.save_pretrained(folder / "policy")
+            torch.save(
+                {
+                    "step": self.step,
+                    "weight_version": self.weight_version,
+                    # model's trainable weights, optimizer, KL controller, RNG states
+                    "trainer": self.trainer.state_dict(include_model=True),
+                    "sampler": self.sampler.state_dict(),
+                    "rewards": [str(s.spec) for s in self.rewards.sources],
+                    "config": asdict(self.config),
+                },
+                folder / "trainer_state.pt",
+            )
+
+        path = save_checkpoint(self.checkpoints, self.step, write, self.config.run.keep_checkpoints)
+        self.log.info("checkpoint written", extra={"step": self.step, "path": str(path)})
+        return path
+
+    def _restore(self) -> None:
+        folder = latest_checkpoint(self.checkpoints)
+        if folder is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoints}")
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        self.trainer.load_state_dict(state["trainer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        self.metrics.truncate_after(self.step)
+        self.log.info("resumed", extra={"step": self.step, "path": str(folder)})
+
+
+def connect_rewards(specs: list[EndpointSpec]) -> RewardMixer:
+    """A mixer over gRPC reward endpoints, each probed first."""
+    from services.trainer.transports import GrpcReward
+
+    mixer = RewardMixer(GrpcReward)
+    mixer.set_endpoints(specs)
+    return mixer

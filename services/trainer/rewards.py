@@ -1,0 +1,208 @@
+"""Reward sources and their weighted sum, swappable between steps.
+
+The trainer's reward for a sample is sum_i weight_i * score_i over the endpoints in force.
+Each source's scores are kept apart for the statistics (env/reward/<name>). A source that
+answers with the wrong count or a non-finite score fails the step (RewardError): nothing is
+applied for that step, the caller decides whether to retry.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class RewardError(RuntimeError):
+    """A reward source gave an unusable answer, or could not be reached."""
+
+
+class RewardTransport(Protocol):
+    """How the trainer talks to one reward source: over gRPC, or in-process (benchmarks)."""
+
+    address: str
+
+    def name(self) -> str: ...
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class EndpointSpec:
+    """One reward endpoint as a user names it: HOST:PORT[=WEIGHT], optionally with a name."""
+
+    address: str
+    weight: float = 1.0
+    name: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> EndpointSpec:
+        """ "host:port", "host:port=0.2" or "name@host:port=0.2"."""
+        name, _, rest = text.rpartition("@")
+        address, _, weight = rest.partition("=")
+        if ":" not in address:
+            raise ValueError(f"reward endpoint {text!r}: expected HOST:PORT[=WEIGHT]")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(
+                f"reward endpoint {text!r}: weight {weight!r} is not a number"
+            ) from None
+        if not math.isfinite(value):
+            raise ValueError(f"reward endpoint {text!r}: weight must be finite")
+        return cls(address=address, weight=value, name=name)
+
+    def __str__(self) -> str:
+        prefix = f"{self.name}@" if self.name else ""
+        return f"{prefix}{self.address}={self.weight:g}"
+
+
+@dataclass
+class RewardSource:
+    spec: EndpointSpec
+    transport: RewardTransport
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class RewardMixer:
+    """The reward sources in force, replaceable atomically between steps.
+
+    The loop takes a snapshot of the sources when a step starts (`begin_step`) and scores with
+    it, so a swap during a step applies from the next one; transports swapped out are closed
+    only when no step uses them any more.
+    """
+
+    def __init__(self, connect: Callable[[str], RewardTransport]) -> None:
+        self.connect = connect
+        self._sources: list[RewardSource] = []
+        self._retired: list[RewardSource] = []
+        self._in_step = False
+        self._lock = threading.Lock()
+
+    @property
+    def sources(self) -> list[RewardSource]:
+        with self._lock:
+            return list(self._sources)
+
+    def begin_step(self) -> list[RewardSource]:
+        """The sources for the step that starts now; closes transports no step uses."""
+        with self._lock:
+            snapshot, retired = list(self._sources), self._retired
+            self._retired = []
+            self._in_step = True
+        self._close_unused(retired, snapshot)
+        return snapshot
+
+    def end_step(self) -> None:
+        with self._lock:
+            self._in_step = False
+
+    def probe(self, specs: Sequence[EndpointSpec]) -> list[RewardSource]:
+        """Connects to each endpoint and checks it speaks the reward contract.
+
+        GetInfo, then a one-sample Score that must return one finite float. Raises RewardError
+        naming the first endpoint that fails; on failure nothing is kept.
+        """
+        if not specs:
+            raise RewardError("at least one reward endpoint is needed")
+        sources: list[RewardSource] = []
+        try:
+            for spec in specs:
+                transport = self.connect(spec.address)
+                sources.append(RewardSource(spec, transport))
+                try:
+                    service_name = transport.name()
+                    probe = transport.score(["probe"], ["This is a probe."])
+                except Exception as err:  # noqa: BLE001 - reported with the endpoint's name
+                    raise RewardError(
+                        f"reward endpoint {spec.address} failed its probe: {err}"
+                    ) from err
+                if len(probe) != 1 or not math.isfinite(probe[0]):
+                    raise RewardError(
+                        f"reward endpoint {spec.address} answered a one-sample Score with {probe!r}"
+                    )
+                if not spec.name:
+                    spec.name = service_name or spec.address
+        except Exception:
+            self._close_unused(sources, [])
+            raise
+        # Two sources with the same name are told apart by their address.
+        names = [s.spec.name for s in sources]
+        for source in sources:
+            if names.count(source.spec.name) > 1:
+                source.spec.name = f"{source.spec.name}@{source.spec.address}"
+        return sources
+
+    def replace(self, sources: list[RewardSource]) -> bool:
+        """Puts probed sources in force. True if a step was in progress (it keeps the old)."""
+        with self._lock:
+            self._retired.extend(self._sources)
+            self._sources = sources
+            in_step = self._in_step
+            retired = [] if in_step else self._retired
+            if not in_step:
+                self._retired = []
+        self._close_unused(retired, sources)
+        return in_step
+
+    def set_endpoints(self, specs: Sequence[EndpointSpec]) -> tuple[list[EndpointSpec], bool]:
+        """Probes, then swaps. Returns the specs in force and whether a step was in progress."""
+        in_step = self.replace(self.probe(specs))
+        return [s.spec for s in self.sources], in_step
+
+    @staticmethod
+    def _close_unused(sources: list[RewardSource], keep: list[RewardSource]) -> None:
+        for source in sources:
+            if all(source.transport is not k.transport for k in keep):
+                source.transport.close()
+
+    def score(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        sources: list[RewardSource] | None = None,
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        """(weighted total per sample, each source's raw scores by name).
+
+        `sources`: the step's snapshot from begin_step(); None: the sources in force now.
+        """
+        sources = self.sources if sources is None else sources
+        if not sources:
+            raise RewardError("no reward endpoints are set")
+        count = len(responses)
+        total = [0.0] * count
+        per_source: dict[str, list[float]] = {}
+        for source in sources:
+            try:
+                scores = [float(s) for s in source.transport.score(prompts, responses)]
+            except RewardError:
+                raise
+            except Exception as err:  # noqa: BLE001 - reported with the source's name
+                raise RewardError(
+                    f"reward source {source.name} ({source.spec.address}): {err}"
+                ) from err
+            if len(scores) != count:
+                raise RewardError(
+                    f"reward source {source.name} returned {len(scores)} scores for {count} samples"
+                )
+            bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+            if bad:
+                raise RewardError(
+                    f"reward source {source.name} returned non-finite scores at samples {bad[:5]}"
+                )
+            per_source[source.name] = scores
+            total = [t + source.spec.weight * s for t, s in zip(total, scores)]
+        return total, per_source
+
+    def close(self) -> None:
+        with self._lock:
+            every = self._sources + self._retired
+            self._sources, self._retired = [], []
+        self._close_unused(every, [])

@@ -1,0 +1,63 @@
+"""The loop's own settings, beside PPOConfig: how to generate, and how to run.
+
+A run's YAML file has three sections, each one of these dataclasses:
+
+    ppo:         # PPOConfig (services/trainer/config.py): the seed's knobs
+      learning_rate: 1.41e-5
+    generation:  # GenerationConfig: the seed's generation_kwargs
+      max_new_tokens: 64
+    run:         # RunConfig: steps, data, endpoints, checkpoints
+      steps: 20
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling knobs sent with every Generate call (the seed's generation_kwargs)."""
+
+    max_new_tokens: int = 64
+    """Response length cap in tokens (seed: 64)."""
+    min_new_tokens: int = 0
+    """Tokens before EOS may be sampled; 0 is the seed's min_length=-1 (stop any time)."""
+    temperature: float = 1.0
+    """Softmax temperature (seed: 1.0, sampling from the model's own distribution)."""
+    top_k: int = 0
+    """0 turns top-k filtering off (seed: top_k=0.0)."""
+    top_p: float = 1.0
+    """1.0 turns nucleus filtering off (seed: top_p=1.0)."""
+    do_sample: bool = True
+    """Sample rather than decode greedily (seed: True). PPO needs on-policy samples."""
+    apply_chat_template: bool = True
+    """Wrap each prompt as a user turn with the model's chat template (instruct models)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything about a run that is not PPO math or sampling."""
+
+    run_id: str = ""
+    """Name of the run and of its folder under output_dir; empty: made from the time."""
+    steps: int = 20
+    """PPO steps (each: one batch of batch_size prompts -> generate -> score -> update)."""
+    prompts: str = "builtin"
+    """Prompt source: "builtin" (the shipped set), a .jsonl file or a datasets folder."""
+    policy: str = "127.0.0.1:50051"
+    """host:port of the PolicyService."""
+    rewards: list[str] = field(default_factory=lambda: ["127.0.0.1:50052"])
+    """Reward endpoints, each "HOST:PORT[=WEIGHT]" or "NAME@HOST:PORT[=WEIGHT]"."""
+    output_dir: str = "runs"
+    """Root of run folders: <output_dir>/<run_id>/{metrics.jsonl, tensorboard/, checkpoints/}."""
+    save_every: int = 10
+    """Checkpoint every N steps (0: only at the end and at stop)."""
+    keep_checkpoints: int = 2
+    """How many complete checkpoints to keep (older ones are deleted)."""
+    sync_every: int = 1
+    """Push the new weights to the policy service every N steps (1: on-policy, the default)."""
+    step_retries: int = 5
+    """Attempts for a step's reward scoring when a source is unreachable or answers badly."""
+    retry_backoff_s: float = 2.0
+    """First pause between those attempts; doubles each time."""

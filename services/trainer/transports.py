@@ -1,0 +1,169 @@
+"""How the trainer reaches the policy and the reward sources: small swappable classes.
+
+`GrpcPolicy` / `GrpcReward` talk to the services; `LocalPolicy` / `LocalReward` run the same
+engine and backend in the trainer's own process. The loop cannot tell them apart, which is what
+lets the benchmark compare the loop through the services with the loop without gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from rlhf.clients import PolicyClient, RewardClient
+from rlhf.models import parse_dtype
+from rlhf.v1 import policy_pb2
+from services.trainer.run_config import GenerationConfig
+
+
+@dataclass
+class Rollout:
+    """One batch of generations, as the PPO step needs them."""
+
+    query_ids: list[list[int]]
+    response_ids: list[list[int]]
+    response_texts: list[str]
+    weight_version: int
+    """The weight version that produced every response."""
+
+
+@dataclass
+class PolicyFacts:
+    model: str
+    weight_version: int
+    dtype: torch.dtype
+
+
+class PolicyTransport(Protocol):
+    def facts(self) -> PolicyFacts: ...
+
+    def generate(self, prompts: list[str], gen: GenerationConfig, seed: int) -> Rollout: ...
+
+    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
+        """Makes `version` the served weights; returns the version served after."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _params(gen: GenerationConfig, seed: int) -> policy_pb2.GenerationParams:
+    return policy_pb2.GenerationParams(
+        max_new_tokens=gen.max_new_tokens,
+        min_new_tokens=gen.min_new_tokens,
+        temperature=gen.temperature,
+        top_k=gen.top_k,
+        top_p=gen.top_p,
+        do_sample=gen.do_sample,
+        seed=seed,
+        apply_chat_template=gen.apply_chat_template,
+    )
+
+
+class GrpcPolicy:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.client = PolicyClient(address)
+
+    def facts(self) -> PolicyFacts:
+        info = self.client.info()
+        return PolicyFacts(info.model, info.weight_version, parse_dtype(info.dtype))
+
+    def generate(self, prompts: list[str], gen: GenerationConfig, seed: int) -> Rollout:
+        reply = self.client.generate(prompts, _params(gen, seed))
+        return Rollout(
+            query_ids=[list(c.prompt_token_ids) for c in reply.completions],
+            response_ids=[list(c.response_token_ids) for c in reply.completions],
+            response_texts=[c.response_text for c in reply.completions],
+            weight_version=reply.weight_version,
+        )
+
+    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
+        dtype = self.facts().dtype
+        return self.client.update_weights(tensors, version, dtype=dtype).version
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class LocalPolicy:
+    """The policy engine in this process (no gRPC): the benchmark's baseline."""
+
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32") -> None:
+        from services.policy.engine import PolicyEngine
+
+        self.engine = PolicyEngine(model, device=device, dtype=dtype)
+
+    def facts(self) -> PolicyFacts:
+        info = self.engine.info()
+        return PolicyFacts(info.model, info.weight_version, parse_dtype(info.dtype))
+
+    def generate(self, prompts: list[str], gen: GenerationConfig, seed: int) -> Rollout:
+        from services.policy.engine import SamplingParams
+
+        params = SamplingParams(
+            max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=gen.min_new_tokens,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            do_sample=gen.do_sample,
+            seed=seed,
+            apply_chat_template=gen.apply_chat_template,
+        )
+        completions = self.engine.generate(prompts, params)
+        return Rollout(
+            query_ids=[c.prompt_token_ids for c in completions],
+            response_ids=[c.response_token_ids for c in completions],
+            response_texts=[c.response_text for c in completions],
+            weight_version=completions[0].weight_version,
+        )
+
+    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
+        dtype = self.engine.dtype
+        cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+        # The engine keeps its own copy, as the service does: copy, never alias, the trainer's.
+        self.engine.apply_weights({k: v.detach().clone() for k, v in cast.items()}, version)
+        return self.engine.weight_version
+
+    def close(self) -> None:
+        pass
+
+
+class GrpcReward:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.client = RewardClient(address)
+
+    def name(self) -> str:
+        return self.client.info().name
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.client.score(prompts, responses)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class LocalReward:
+    """A reward backend in this process (no gRPC): the benchmark's baseline."""
+
+    def __init__(
+        self, backend: object, input_mode: str = "response", address: str = "local"
+    ) -> None:
+        self.backend = backend
+        self.input_mode = input_mode
+        self.address = address
+
+    def name(self) -> str:
+        return str(getattr(self.backend, "name", "local"))
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from services.reward.server import texts_to_score
+
+        return self.backend.score(texts_to_score(prompts, responses, self.input_mode))  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        pass

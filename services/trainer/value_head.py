@@ -1,0 +1,303 @@
+"""The PPO actor-critic: a causal LM (the policy) with a scalar value head on its last hidden state.
+
+What TRL <= 0.11 called AutoModelForCausalLMWithValueHead, in plain PyTorch:
+  - `forward(input_ids, attention_mask)` -> (logits (B, L, V) float32, values (B, L) float32);
+    values[:, t] is V(s_t), the value of the state that predicts token t + 1.
+  - LoRA (`use_lora`): peft adapters on the LM; the frozen reference is the same weights with the
+    adapters switched off (`with model.reference(): ...`), so no second copy is held.
+    Without LoRA, `create_reference()` gives a frozen copy of the LM.
+  - `policy_state_dict_for_serving()`: the plain causal LM's state dict (LoRA merged on the fly,
+    the training model untouched), what the trainer streams to the policy service.
+  - `save_pretrained(folder)`: a transformers folder (LoRA merged) + value_head.safetensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class ValueHead(nn.Module):
+    """Dropout -> Linear(hidden, 1), in float32 whatever the LM's dtype (as TRL's ValueHead)."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.summary = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(hidden_states.to(self.summary.weight.dtype))
+        return self.summary(hidden).squeeze(-1)
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM (plain, or a peft LoRA model) + ValueHead. See the module docstring."""
+
+    def __init__(self, lm: nn.Module, value_head_dropout: float = 0.1, tokenizer: Any = None):
+        super().__init__()
+        self.lm = lm
+        self.v_head = ValueHead(_hidden_size(lm), value_head_dropout)
+        self.v_head.to(next(lm.parameters()).device)
+        self.tokenizer = tokenizer  # kept for save_pretrained and the trainer's padding id
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        use_lora: bool = False,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | None = None,
+        value_head_dropout: float = 0.1,
+        seed: int | None = None,
+    ) -> PolicyWithValueHead:
+        """Loads the LM and tokenizer from a folder / hub name / the default alias.
+
+        A `value_head.safetensors` in the folder (written by save_pretrained) is loaded; else
+        the head starts random (seeded with `seed` when given, as are the LoRA adapters).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rlhf.models import parse_device, parse_dtype, resolve_model
+
+        path = resolve_model(model_name)
+        torch_device = parse_device(device)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if seed is not None:
+            torch.manual_seed(seed)
+        if use_lora:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=list(lora_target_modules) if lora_target_modules else None,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            lm = get_peft_model(lm, lora)
+        model = cls(lm, value_head_dropout, tokenizer)
+        head_file = Path(path) / VALUE_HEAD_FILE
+        if head_file.is_file():
+            state = load_file(str(head_file))
+            model.v_head.load_state_dict({k.removeprefix("v_head."): v for k, v in state.items()})
+        return model.to(torch_device)
+
+    @classmethod
+    def from_config(cls, config: Any) -> PolicyWithValueHead:
+        """from_pretrained with every model field of a PPOConfig (services/trainer/config.py)."""
+        return cls.from_pretrained(
+            config.model_name,
+            device=config.device,
+            dtype=config.dtype,
+            use_lora=config.use_lora,
+            lora_r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            lora_target_modules=config.lora_target_modules,
+            value_head_dropout=config.value_head_dropout,
+            seed=config.seed,
+        )
+
+    # --- forward and reference ---------------------------------------------------------------
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.lm, "disable_adapter") and hasattr(self.lm, "get_base_model")
+
+    @property
+    def device(self) -> torch.device:
+        return self.v_head.summary.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits float32, values float32), at every position (B, L, ...) or, given
+        `positions` (B, T), only there (B, T, ...): PPO needs the response positions only, and
+        skipping the LM head on prompt tokens saves a large part of a small model's compute."""
+        if positions is not None:
+            logits, hidden = causal_lm_logits(
+                self.lm, input_ids, attention_mask, positions, position_ids
+            )
+            return logits, self.v_head(hidden)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            return_dict=True,
+        )
+        values = self.v_head(out.hidden_states[-1])
+        return out.logits.float(), values
+
+    @contextmanager
+    def reference(self) -> Iterator[PolicyWithValueHead]:
+        """Within the block this model computes the reference policy (LoRA adapters off)."""
+        if not self.is_peft:
+            raise RuntimeError(
+                "reference() needs LoRA adapters (use_lora=True); a fully trained model needs a "
+                "separate frozen copy: create_reference()"
+            )
+        with self.lm.disable_adapter():
+            yield self
+
+    def create_reference(self) -> nn.Module:
+        """A frozen copy of the LM as it is now (call before training): the KL reference."""
+        if self.is_peft:
+            raise RuntimeError("with LoRA the reference is the base model: use reference()")
+        ref = copy.deepcopy(self.lm)
+        ref.requires_grad_(False)
+        return ref.eval()
+
+    # --- state -------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the parameters that train (LoRA adapters or the whole LM, + value head)."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
+        if missing or unexpected:
+            raise ValueError(
+                f"trainable state does not fit this model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]} (use_lora or lora_* changed?)"
+            )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name])
+
+    def policy_state_dict_for_serving(
+        self, clone: bool = True, trained_only: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The plain causal LM's state dict (same keys as AutoModelForCausalLM's), LoRA merged.
+
+        trained_only: with LoRA, only the merged weights of adapted layers (all that training
+        can change), which is what a per-step weight sync needs to send.
+
+        Merging is computed per adapted layer as W + delta (peft's get_delta_weight, i.e.
+        B @ A * alpha / r) into new tensors: the training model is not modified. clone=False
+        returns the non-merged tensors as views of the live weights (valid until the next
+        update).
+        """
+        if not self.is_peft:
+            return {k: _detached(v, clone) for k, v in self.lm.state_dict().items()}
+        from peft.tuners.lora import LoraLayer
+
+        base = self.lm.get_base_model()
+        out = {}
+        for key, tensor in base.state_dict().items():
+            if ".lora_" in key or trained_only:
+                continue
+            out[key.replace(".base_layer.", ".")] = _detached(tensor, clone)
+        with torch.no_grad():
+            for name, module in base.named_modules():
+                if not isinstance(module, LoraLayer) or module.merged:
+                    continue
+                adapters = [a for a in module.active_adapters if a in module.lora_A]
+                adapters += [a for a in module.active_adapters if a in module.lora_embedding_A]
+                if any(module.use_dora.get(a, False) for a in adapters):
+                    raise NotImplementedError("DoRA adapters cannot be merged for serving")
+                weight = module.get_base_layer().weight.detach()
+                for adapter in adapters:
+                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+                if adapters or not trained_only:
+                    out[f"{name}.weight"] = weight if adapters else _detached(weight, clone)
+        return out
+
+    def save_pretrained(self, folder: str | Path, save_tokenizer: bool = True) -> None:
+        """A transformers folder of the policy (LoRA merged) + value_head.safetensors (+ the
+        tokenizer): loadable by AutoModelForCausalLM, the policy service and from_pretrained."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.is_peft:
+            merged = copy.deepcopy(self.lm).merge_and_unload()
+            merged.save_pretrained(folder)
+            del merged
+        else:
+            self.lm.save_pretrained(folder)
+        head = {
+            f"v_head.{k}": v.detach().contiguous().cpu()
+            for k, v in self.v_head.state_dict().items()
+        }
+        save_file(head, str(folder / VALUE_HEAD_FILE))
+        if save_tokenizer and self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+
+
+def causal_lm_logits(
+    lm: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    positions: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits float32 (B, T, V), last hidden state (B, T, H)) at `positions` (B, T) only.
+
+    The decoder runs on every token; the LM head only where asked. Works for plain and peft
+    (LoRA) causal LMs. Models whose head is more than a linear layer (logit soft-capping or
+    scaling) take the full forward pass and are gathered after.
+    """
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    config = getattr(base, "config", None)
+    special_head = any(
+        getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale")
+    )
+    if special_head or not hasattr(base, "get_decoder"):
+        out = lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            return_dict=True,
+        )
+        hidden = _at(out.hidden_states[-1], positions)
+        return _at(out.logits, positions).float(), hidden
+    out = base.get_decoder()(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        return_dict=True,
+    )
+    hidden = _at(out.last_hidden_state, positions)
+    return base.get_output_embeddings()(hidden).float(), hidden
+
+
+def _at(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """tensor[b, positions[b, t], :] for every b, t."""
+    return tensor.gather(1, positions[..., None].expand(-1, -1, tensor.shape[-1]))
+
+
+def _detached(tensor: torch.Tensor, clone: bool) -> torch.Tensor:
+    return tensor.detach().clone() if clone else tensor.detach()
+
+
+def _hidden_size(lm: nn.Module) -> int:
+    """Width of the last hidden state: the LM head's input features, else config.hidden_size."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[1])
+    return int(lm.config.hidden_size)

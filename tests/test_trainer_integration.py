@@ -1,0 +1,104 @@
+"""The three services as separate OS processes, driven through the trainer's control API.
+
+A tiny random policy, two rule/lexicon reward services (VADER and length), one trainer: a
+4-step PPO run whose weight version advances every step, whose reward endpoint is swapped in
+the middle (per-source statistics show the switch), and a swap to a dead endpoint refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from rlhf.clients import PolicyClient
+from rlhf.launch import free_port, running_services
+from rlhf.v1 import policy_pb2, trainer_pb2
+from services.trainer.client import TrainerClient
+
+pytestmark = pytest.mark.slow
+
+
+def _config(model: Path, output_dir: Path, steps: int) -> str:
+    return yaml.safe_dump(
+        {
+            "ppo": {
+                "model_name": str(model),
+                "batch_size": 4,
+                "mini_batch_size": 2,
+                "ppo_epochs": 1,
+                "learning_rate": 1e-3,
+                "log_with": "jsonl",
+            },
+            "generation": {"max_new_tokens": 6, "apply_chat_template": True},
+            "run": {"steps": steps, "save_every": 2, "output_dir": str(output_dir)},
+        }
+    )
+
+
+def test_ppo_run_across_processes_with_a_reward_swap(tiny_lm: Path, tmp_path: Path) -> None:
+    specs = [
+        ("policy", ["policy", "serve", "--model", str(tiny_lm)]),
+        ("vader", ["reward", "serve", "--backend", "vader", "--name", "vader"]),
+        ("length", ["reward", "serve", "--backend", "length", "--target-length", "4"]),
+    ]
+    with running_services(specs, tmp_path / "logs") as services:
+        trainer_args = [
+            "trainer", "serve",
+            "--policy", services["policy"].address,
+            "--reward", services["vader"].address,
+            "--output-dir", str(tmp_path / "runs"),
+        ]  # fmt: skip
+        with running_services([("trainer", trainer_args)], tmp_path / "logs") as trainer:
+            client = TrainerClient(trainer["trainer"].address)
+            status = client.start(
+                trainer_pb2.StartRunRequest(
+                    run_id="it", config_yaml=_config(tiny_lm, tmp_path / "runs", steps=4)
+                )
+            )
+            assert status.run_id == "it" and status.total_steps == 4
+
+            steps: list[trainer_pb2.StepMetrics] = []
+            swap: trainer_pb2.SetRewardEndpointsResponse | None = None
+            for metrics in client.watch("it", from_step=1):
+                steps.append(metrics)
+                if metrics.step == 1:
+                    # A dead endpoint is refused and the run keeps its rewards ...
+                    with pytest.raises(grpc.RpcError) as refused:
+                        client.swap("it", [f"127.0.0.1:{free_port()}"])
+                    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    assert "probe" in refused.value.details()
+                    # ... a live one is taken from the next step that starts.
+                    swap = client.swap("it", [services["length"].address + "=0.5"])
+            final = client.get("it")
+            client.close()
+
+        assert final.state == trainer_pb2.RUN_STATE_COMPLETED, final.error
+        assert [m.step for m in steps] == [1, 2, 3, 4]
+        versions = [m.weight_version for m in steps]
+        assert versions == list(range(versions[0], versions[0] + 4)), versions
+        assert swap is not None and swap.rewards[0].name == "length"
+        assert swap.effective_from_step in (2, 3)
+        for m in steps:
+            names = {k for k in m.metrics if k.startswith("env/reward/")}
+            expected = (
+                "env/reward/length" if m.step >= swap.effective_from_step else "env/reward/vader"
+            )
+            assert names == {expected}, (m.step, names)
+            assert "objective/kl" in m.metrics and "ppo/loss/policy" in m.metrics
+        # The length source has weight 0.5: the step's reward is half its score.
+        last = steps[-1].metrics
+        assert last["env/reward_mean"] == pytest.approx(0.5 * last["env/reward/length"], abs=1e-6)
+
+        # The policy service serves the last version, and says so on Generate.
+        policy = PolicyClient(services["policy"].address)
+        assert policy.info().weight_version == versions[-1]
+        reply = policy.generate(["hello"], policy_pb2.GenerationParams(max_new_tokens=2, seed=1))
+        assert reply.weight_version == versions[-1]
+        policy.close()
+
+    checkpoints = tmp_path / "runs" / "it" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-000004"
+    assert (checkpoints / "step-000004" / "policy" / "config.json").is_file()

@@ -1,0 +1,137 @@
+"""The coordinating loop in one process (in-process transports, tiny model): resume is exact,
+bad reward answers fail the step without applying anything, configs load and override."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.reward.backends.vader import VaderBackend
+from services.trainer.loop import StepFailed, TrainConfig, TrainingLoop
+from services.trainer.rewards import EndpointSpec, RewardMixer
+from services.trainer.run_config_io import load_train_config
+from services.trainer.transports import LocalPolicy, LocalReward
+
+
+class ScriptedReward:
+    """A reward source whose answers a test controls."""
+
+    address = "scripted:0"
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    def name(self) -> str:
+        return "scripted"
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.answer(responses) if callable(self.answer) else self.answer  # type: ignore[return-value]
+
+    def close(self) -> None:
+        pass
+
+
+def _config(model: Path, out: Path, steps: int, run_id: str, lora: bool = False) -> TrainConfig:
+    overrides = [
+        f"model_name={model}",
+        "batch_size=4",
+        "mini_batch_size=2",
+        "ppo_epochs=2",
+        "learning_rate=1e-3",
+        "log_with=jsonl",
+        "max_new_tokens=6",
+        f"use_lora={lora}",
+        f"run.steps={steps}",
+        "run.save_every=0",
+        f"run.output_dir={out}",
+        f"run.run_id={run_id}",
+        "run.retry_backoff_s=0.01",
+        "run.step_retries=2",
+    ]
+    return load_train_config(None, overrides)
+
+
+def _vader_mixer() -> RewardMixer:
+    mixer = RewardMixer(lambda address: LocalReward(VaderBackend(), address=address))
+    mixer.set_endpoints([EndpointSpec("local:1")])
+    return mixer
+
+
+def _loop(config: TrainConfig, model: Path, resume: bool = False) -> TrainingLoop:
+    return TrainingLoop(config, LocalPolicy(str(model)), _vader_mixer(), resume=resume)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resumed_run_matches_an_uninterrupted_one(
+    tiny_lm: Path, tmp_path: Path, lora: bool
+) -> None:
+    straight = _loop(_config(tiny_lm, tmp_path, 4, "straight", lora), tiny_lm)
+    straight.run()
+
+    first = _loop(_config(tiny_lm, tmp_path, 2, "resumed", lora), tiny_lm)
+    first.run()
+    assert first.step == 2
+    second = _loop(_config(tiny_lm, tmp_path, 4, "resumed", lora), tiny_lm, resume=True)
+    assert second.step == 2
+    second.run()
+
+    a, b = straight.model.trainable_state_dict(), second.model.trainable_state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The metrics file of the resumed run has each step once.
+    rows = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 4
+
+
+@pytest.mark.parametrize(
+    ("answer", "fragment"),
+    [
+        (lambda responses: [0.0] * (len(responses) - 1), "returned 3 scores for 4 samples"),
+        (lambda responses: [math.nan] * len(responses), "non-finite"),
+    ],
+)
+def test_bad_reward_answer_fails_the_step_and_applies_nothing(
+    tiny_lm: Path, tmp_path: Path, answer: object, fragment: str
+) -> None:
+    config = _config(tiny_lm, tmp_path, 2, "bad")
+    scripted = ScriptedReward(lambda r: [0.5] * len(r))  # answers its probe well
+    mixer = RewardMixer(lambda address: scripted)
+    mixer.set_endpoints([EndpointSpec("scripted:0")])
+    loop = TrainingLoop(config, LocalPolicy(str(tiny_lm)), mixer)
+    before = {k: v.clone() for k, v in loop.model.trainable_state_dict().items()}
+    position = loop.sampler.state_dict()
+    version = loop.weight_version
+
+    scripted.answer = answer
+    with pytest.raises(StepFailed, match=fragment):
+        loop.run_step()
+    assert loop.step == 0 and loop.weight_version == version
+    assert loop.sampler.state_dict() == position
+    after = loop.model.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    scripted.answer = lambda r: [0.5] * len(r)  # the source recovers: the step goes through
+    result = loop.run_step()
+    assert result.step == 1 and result.weight_version == version + 1
+
+
+def test_config_sections_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("ppo:\n  learning_rate: 2.0e-5\n  use_lora: true\nrun:\n  steps: 7\n")
+    config = load_train_config(
+        str(path), ["ppo_epochs=2", "generation.top_k=5", "run.rewards=a:1=2,b:2"]
+    )
+    assert config.ppo.learning_rate == 2e-5 and config.ppo.use_lora is True
+    assert config.ppo.ppo_epochs == 2 and config.generation.top_k == 5
+    assert config.run.steps == 7 and config.run.rewards == ["a:1=2", "b:2"]
+    with pytest.raises(ValueError, match="unknown field"):
+        load_train_config("run:\n  stepz: 3\n")
+    with pytest.raises(ValueError, match="no config field"):
+        load_train_config(None, ["nope=1"])
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        load_train_config(None, ["batch_size=3"])
+    assert EndpointSpec.parse("rm@h:1=0.2") == EndpointSpec("h:1", 0.2, "rm")
