@@ -46,7 +46,12 @@ models: install
 	$(VENV)/bin/rlhf models prepare
 
 run: install
-	$(PY) -m rlhf.demo
+	$(PY) -m services.trainer.main_job
+
+# SFT -> reward model -> PPO on the defaults (outputs in runs/pipeline; finished stages skipped).
+.PHONY: pipeline
+pipeline: install
+	$(VENV)/bin/rlhf pipeline
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -5,16 +5,23 @@
     sample the very same tokens (checked). Target: service >= 0.95 x in-process.
 (b) UpdateWeights MB/s for the model's full state dict (tied tensors once, as a trainer sends
     them) against a raw gRPC client stream of the same number of bytes in 1 MiB chunks, which
-    a generic stream-unary handler writes into a reused buffer and nothing else: the transport's
-    ceiling. Target: UpdateWeights >= 0.8 x raw.
+    a generic stream-unary handler copies into a reused buffer and nothing else: the
+    transport's ceiling. Target: UpdateWeights >= 0.8 x raw.
 
-The server runs in its own process (this file with --serve), hosting both the PolicyService
-and the raw handler on one gRPC server. That is the fairer measurement: a server in this
-process would share one GIL (and the 2 cores) with the client, so the client's encoding and
-the server's decoding would queue behind each other and charge the service for a cost that a
-deployment, where trainer and policy are separate processes, never pays. Rounds alternate
-between the two sides so that load from other work on the machine hits both alike; the median
-round of each is reported, after one warm-up round each (first-touch page faults, lazy init).
+How it is measured, and why:
+- The server runs in its own process (this file with --serve), hosting both the PolicyService
+  and the raw handler on one gRPC server. A server in this process would share one GIL (and
+  the cores) with the client, so the client's encoding and the server's decoding would queue
+  behind each other and charge the service for a cost that a deployment, where trainer and
+  policy are separate processes, never pays.
+- Rounds alternate between the two sides (ABBA), after warm-up, so that load from other work on
+  the machine hits both alike. The table shows each side's best round (noise on a shared
+  machine only ever adds time); the medians are printed below it.
+- torch runs one thread per process by default (--threads), on both sides alike: on a CPU
+  shared with other busy processes, OpenMP threads spin-waiting on a descheduled sibling made
+  one in-process generate() swing from 6 s to 130 s here; one thread per process does not.
+- For (b) the CPU seconds both processes spent are printed too: on a loaded machine the wall
+  clock follows CPU cost, so they say what the ratio will be where the cores are contended.
 
     python bench/bench_policy.py                 # SmolLM2-135M-Instruct (the default policy)
     python bench/bench_policy.py --quick         # a tiny random model: a smoke run, seconds
@@ -30,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,6 +72,8 @@ PROMPTS = [
 # --- the server process ------------------------------------------------------------------------
 def serve(model: str) -> int:
     """Serves the PolicyService and the raw byte-stream handler; prints PORT n when ready."""
+    import numpy as np
+
     from rlhf.logs import setup_logging
     from rlhf.server import ServerConfig
     from services.policy.engine import PolicyEngine
@@ -73,17 +82,20 @@ def serve(model: str) -> int:
     setup_logging("policy-bench", "INFO")
     engine = PolicyEngine(model)
     service = build_server(engine, ServerConfig(host="127.0.0.1", port=0, workers=4))
-    buffer = bytearray()
+    buffer = np.empty(0, dtype=np.uint8)
 
     def raw_upload(requests: Iterator[bytes], _context: grpc.ServicerContext) -> bytes:
-        # The transport's ceiling: take each message's bytes into a reused buffer, nothing else.
+        # The transport's ceiling: each message's bytes into a reused buffer, nothing else
+        # (with the same copy as WeightAssembler's, numpy's).
         nonlocal buffer
         pos = 0
         for data in requests:
             end = pos + len(data)
-            if end > len(buffer):
-                buffer.extend(bytes(end - len(buffer)))
-            buffer[pos:end] = data
+            if end > len(buffer):  # grows once, on the warm-up call
+                grown = np.empty(max(end, 2 * len(buffer)), dtype=np.uint8)
+                grown[:pos] = buffer[:pos]
+                buffer = grown
+            buffer[pos:end] = np.frombuffer(data, dtype=np.uint8)
             pos = end
         return str(pos).encode()
 
@@ -111,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="prompts per Generate call")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=4, help="measured rounds per side")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds per side")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads in each process (0: torch's default, one per core)",
+    )
     parser.add_argument(
         "--only", choices=["generate", "update"], help="measure one of the two parts only"
     )
@@ -119,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-log", help="keep the server process's log (INFO) in this file")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # before anything computes; see the docstring
     if args.serve:
         return serve(args.model)
 
@@ -130,13 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         model = str(make_causal_lm(Path(tmp.name) / "tiny-lm"))
         args.max_new_tokens = min(args.max_new_tokens, 16)
     server_log = Path(args.server_log or Path(tmp.name) / "server.log")
+    command = [
+        sys.executable,
+        __file__,
+        "--serve",
+        "--model",
+        model,
+        "--threads",
+        str(args.threads),
+    ]
     with server_log.open("w") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, __file__, "--serve", "--model", model],
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-            text=True,
-        )
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True)
     try:
         return run_client(args, model, server)
     except Exception:
@@ -153,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
 @dataclass
 class Row:
-    """One line of the result table."""
+    """One line of the result table: each side's best round, and how the rounds went."""
 
     measure: str
     service: float
@@ -184,37 +210,54 @@ def run_client(args: argparse.Namespace, model: str, server: subprocess.Popen[st
     info = client.info()
     print(
         f"model {model}: {info.num_parameters / 1e6:.1f} M parameters, {info.dtype}, "
-        f"{torch.get_num_threads()} torch threads per process (set up in "
-        f"{time.monotonic() - started:.0f} s)",
+        f"{torch.get_num_threads()} torch thread(s) per process, {args.rounds} rounds per side "
+        f"(set up in {time.monotonic() - started:.0f} s)",
         flush=True,
     )
     rows: list[Row] = []
-    ok = True
+    same = True
     try:
         if args.only in (None, "generate"):
-            row, ok = measure_generation(args, engine, client)
+            row, same = measure_generation(args, engine, client)
             rows.append(row)
         if args.only in (None, "update"):
-            rows.append(measure_update(args, engine, client))
+            rows.append(measure_update(args, engine, client, server.pid))
     finally:
         client.close()
 
     print()
-    print(f"{'measure':<44} {'service':>9} {'baseline':>20} {'ratio':>6} {'target':>7}  met")
+    print(f"{'measure (best round of each side)':<44} {'service':>9} {'baseline':>20} "
+          f"{'ratio':>6} {'target':>7}  met")  # fmt: skip
     for r in rows:
         met = "yes" if r.ratio >= r.target else "NO"
         print(
             f"{r.measure:<44} {r.service:>9.1f} {r.baseline:>9.1f} {r.baseline_name:>10} "
             f"{r.ratio:>6.3f} {r.target:>7.2f}  {met}"
         )
-    print(f"\nmedians of {args.rounds} alternating rounds per side, after warm-up")
+    print()
     for r in rows:
-        print(f"  {r.measure}: {r.detail}")
-    if not ok:
+        print(f"{r.measure}:\n  {r.detail}")
+    if args.quick:
+        print("(--quick: a smoke run on a tiny model; the targets apply to the default model)")
+    if not same:
         print("error: the service and the in-process engine sampled different tokens")
         return 1
     missed = any(r.ratio < r.target for r in rows)
     return 1 if args.strict and missed else 0
+
+
+def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each side per round, in ABBA order."""
+    seconds: dict[str, list[float]] = {side: [] for side in sides}
+    names = list(sides)
+    for round_ in range(rounds):
+        for side in names if round_ % 2 == 0 else names[::-1]:
+            seconds[side].append(sides[side]())
+    return seconds
+
+
+def _times(label: str, values: list[float]) -> str:
+    return f"{label} " + ", ".join(f"{s:.2f}" for s in values)
 
 
 def measure_generation(
@@ -227,48 +270,39 @@ def measure_generation(
     prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
     proto = policy_pb2.GenerationParams(max_new_tokens=args.max_new_tokens, seed=args.seed)
     local = params_from_proto(proto)  # the very same knobs, as the server sees them
+    sampled: dict[str, list[list[int]]] = {}
 
-    def in_process() -> tuple[float, list[list[int]]]:
+    def in_process() -> float:
         t = time.perf_counter()
         out = engine.generate(prompts, local)
-        return time.perf_counter() - t, [c.response_token_ids for c in out]
+        seconds = time.perf_counter() - t
+        sampled["in-process"] = [c.response_token_ids for c in out]
+        return seconds
 
-    def through_service() -> tuple[float, list[list[int]]]:
+    def through_service() -> float:
         t = time.perf_counter()
         reply = client.generate(prompts, proto)
-        return time.perf_counter() - t, [list(c.response_token_ids) for c in reply.completions]
+        seconds = time.perf_counter() - t
+        sampled["service"] = [list(c.response_token_ids) for c in reply.completions]
+        return seconds
 
     warm = policy_pb2.GenerationParams(max_new_tokens=4, seed=1)
     engine.generate(prompts, params_from_proto(warm))
     client.generate(prompts, warm)
-    sides = {"in-process": in_process, "service": through_service}
-    seconds: dict[str, list[float]] = {side: [] for side in sides}
-    tokens: dict[str, list[int]] = {side: [] for side in sides}
-    same = True
-    for round_ in range(args.rounds):
-        # ABBA order: a drift in the machine's load over a round charges both sides alike.
-        order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
-        ids: dict[str, list[list[int]]] = {}
-        for side in order:
-            s, ids[side] = sides[side]()
-            seconds[side].append(s)
-            tokens[side].append(sum(map(len, ids[side])))
-        same &= ids["in-process"] == ids["service"]
-    rate = {
-        side: statistics.median(n / s for n, s in zip(tokens[side], seconds[side], strict=True))
-        for side in sides
-    }
+    seconds = alternate({"service": through_service, "in-process": in_process}, args.rounds)
+    same = sampled["in-process"] == sampled["service"]  # every round samples the same tokens
+    tokens = sum(map(len, sampled["service"]))
     detail = (
-        f"{tokens['service'][0]} tokens per call; same tokens on both sides: "
-        f"{'yes' if same else 'NO'}; seconds in-process "
-        + ", ".join(f"{s:.2f}" for s in seconds["in-process"])
-        + "; service "
-        + ", ".join(f"{s:.2f}" for s in seconds["service"])
+        f"{tokens} tokens per call, the same on both sides: {'yes' if same else 'NO'}; "
+        f"median tok/s service {tokens / statistics.median(seconds['service']):.1f}, "
+        f"in-process {tokens / statistics.median(seconds['in-process']):.1f}; "
+        + _times("seconds: service", seconds["service"])
+        + _times("; in-process", seconds["in-process"])
     )
     row = Row(
         measure=f"Generate tok/s (batch {args.batch}, {args.max_new_tokens} new)",
-        service=rate["service"],
-        baseline=rate["in-process"],
+        service=tokens / min(seconds["service"]),
+        baseline=tokens / min(seconds["in-process"]),
         baseline_name="in-process",
         target=GEN_TARGET,
         detail=detail,
@@ -276,7 +310,15 @@ def measure_generation(
     return row, same
 
 
-def measure_update(args: argparse.Namespace, engine: PolicyEngine, client: PolicyClient) -> Row:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_update(
+    args: argparse.Namespace, engine: PolicyEngine, client: PolicyClient, server_pid: int
+) -> Row:
     """MB/s of UpdateWeights (full state dict) against a raw stream of as many bytes."""
     import torch
 
@@ -296,42 +338,50 @@ def measure_update(args: argparse.Namespace, engine: PolicyEngine, client: Polic
             yield bytes(view[pos : pos + MiB])
 
     version = client.info().weight_version
+    cpu: dict[str, list[tuple[float, float]]] = {"update": [], "raw": []}
+
+    def timed(side: str, call: Callable[[], int]) -> float:
+        here, there = time.process_time(), _cpu_seconds(server_pid)
+        t = time.perf_counter()
+        received = call()
+        seconds = time.perf_counter() - t
+        cpu[side].append((time.process_time() - here, _cpu_seconds(server_pid) - there))
+        assert received == total, (side, received, total)
+        return seconds
 
     def update() -> float:
         nonlocal version
         version += 1
-        t = time.perf_counter()
-        reply = client.update_weights(weights, version)
-        seconds = time.perf_counter() - t
-        assert reply.bytes_received == total and reply.version == version
-        return seconds
+        return timed("update", lambda: client.update_weights(weights, version).bytes_received)
 
     def raw() -> float:
-        t = time.perf_counter()
-        reply = raw_stub(raw_chunks(), timeout=600)
-        seconds = time.perf_counter() - t
-        assert int(reply) == total
-        return seconds
+        return timed("raw", lambda: int(raw_stub(raw_chunks(), timeout=600)))
 
-    # Warm-up: the first touch of every buffer. The service double-buffers (the new version is
+    # Warm-up: the first touch of every buffer. The service double-buffers (a new version is
     # received next to the served one, then swapped in), so it takes two uploads to be steady.
     update(), update(), raw()
-    sides = {"update": update, "raw": raw}
-    seconds: dict[str, list[float]] = {side: [] for side in sides}
-    for round_ in range(args.rounds):
-        for side in list(sides) if round_ % 2 == 0 else list(sides)[::-1]:
-            seconds[side].append(sides[side]())
+    cpu = {"update": [], "raw": []}
+    seconds = alternate({"update": update, "raw": raw}, args.rounds)
     mb = total / 1e6
+    gb = total / 1e9
+
+    def per_gb(side: str) -> str:
+        client_s = statistics.median(c for c, _ in cpu[side]) / gb
+        server_s = statistics.median(s for _, s in cpu[side]) / gb
+        return f"{client_s + server_s:.2f} (client {client_s:.2f} + server {server_s:.2f})"
+
     detail = (
-        f"{len(weights)} tensors; seconds UpdateWeights "
-        + ", ".join(f"{s:.2f}" for s in seconds["update"])
-        + "; raw "
-        + ", ".join(f"{s:.2f}" for s in seconds["raw"])
+        f"{len(weights)} tensors; median MB/s UpdateWeights "
+        f"{mb / statistics.median(seconds['update']):.0f}, raw "
+        f"{mb / statistics.median(seconds['raw']):.0f}; CPU seconds per GB: UpdateWeights "
+        f"{per_gb('update')}, raw {per_gb('raw')};\n  "
+        + _times("seconds: UpdateWeights", seconds["update"])
+        + _times("; raw", seconds["raw"])
     )
     return Row(
-        measure=f"UpdateWeights MB/s ({mb:.0f} MB, 1 MiB chunks)",
-        service=statistics.median(mb / s for s in seconds["update"]),
-        baseline=statistics.median(mb / s for s in seconds["raw"]),
+        measure=f"UpdateWeights MB/s ({mb:.3g} MB, 1 MiB chunks)",
+        service=mb / min(seconds["update"]),
+        baseline=mb / min(seconds["raw"]),
         baseline_name="raw stream",
         target=UPDATE_TARGET,
         detail=detail,

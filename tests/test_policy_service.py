@@ -25,9 +25,9 @@ from rlhf.channels import wait_until_serving
 from rlhf.clients import PolicyClient
 from rlhf.server import GrpcService, ServerConfig
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
-from rlhf.weights import encode_weights
+from rlhf.weights import decode_chunk, encode_weight_frames, encode_weights
 from services.policy.engine import EngineLimits, PolicyEngine
-from services.policy.server import PolicyServicer, build_server
+from services.policy.server import PolicyServicer, build_server, params_from_proto
 from tests.tiny import make_causal_lm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,18 +36,30 @@ PROMPTS = ["hello world", "the movie was very good and i really love it", "why"]
 Code = grpc.StatusCode
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread while this module runs: on a shared 2-core box, OpenMP threads
+    spin-waiting on a descheduled sibling turn a 0.3 s test into 10 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_lm: Path) -> PolicyEngine:
     return PolicyEngine(str(tiny_lm), limits=LIMITS)
 
 
 @pytest.fixture(scope="module")
-def other_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """A second tiny LM's state dict (same shapes, other values): a "new version"."""
-    folder = make_causal_lm(tmp_path_factory.mktemp("tiny-lm-2"), seed=1)
-    from transformers import AutoModelForCausalLM
+def other_engine(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
+    """A second tiny LM (same shapes, other values), in-process: a "new version" and its output."""
+    return PolicyEngine(str(make_causal_lm(tmp_path_factory.mktemp("tiny-lm-2"), seed=1)))
 
-    return dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
+
+@pytest.fixture(scope="module")
+def other_weights(other_engine: PolicyEngine) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in other_engine.model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +285,10 @@ GREEDY = params(max_new_tokens=12, do_sample=False)
 
 
 def test_update_weights_changes_outputs_and_version(
-    client: PolicyClient, other_weights: dict[str, torch.Tensor]
+    client: PolicyClient,
+    engine: PolicyEngine,
+    other_engine: PolicyEngine,
+    other_weights: dict[str, torch.Tensor],
 ) -> None:
     version = served_version(client)
     before = client.generate(PROMPTS, GREEDY)
@@ -286,10 +301,31 @@ def test_update_weights_changes_outputs_and_version(
     after = client.generate(PROMPTS, GREEDY)
     assert after.weight_version == version + 1 and client.info().weight_version == version + 1
     assert tokens(after) != tokens(before)
-    # ...and it is exactly the new model's output (embedding updated through lm_head).
-    restored = {k: v for k, v in other_weights.items() if k != "lm_head.weight"}
-    client.update_weights(restored, version + 2)
-    assert tokens(client.generate(PROMPTS, GREEDY)) == tokens(after)
+    # ...and exactly the new model's output: the embedding was updated through lm_head.
+    expected = other_engine.generate(PROMPTS, params_from_proto(GREEDY))
+    assert tokens(after) == [c.response_token_ids for c in expected]
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight  # still tied
+
+
+def test_full_and_partial_updates(
+    client: PolicyClient, engine: PolicyEngine, other_weights: dict[str, torch.Tensor]
+) -> None:
+    """A full upload becomes the served weights without a copy (the receive buffers alternate,
+    two at most); a partial one is copied into them. Both serve exactly what was sent."""
+    version = served_version(client)
+    for step in range(1, 4):
+        client.update_weights(other_weights, version + step)
+        for name, tensor in engine.model.state_dict().items():
+            assert torch.equal(tensor, other_weights[name]), name
+    assert len(engine._buffers) <= 2  # noqa: SLF001 - the double buffer, not one per update
+    before = client.generate(PROMPTS, GREEDY).completions[0].response_logprobs
+    norm = torch.rand(other_weights["model.norm.weight"].shape, generator=torch.Generator())
+    reply = client.update_weights({"model.norm.weight": norm}, version + 4)
+    assert reply.version == version + 4 and reply.tensors_updated == 1
+    assert torch.equal(engine.model.model.norm.weight, norm)
+    assert torch.equal(engine.model.lm_head.weight, other_weights["lm_head.weight"])
+    assert client.generate(PROMPTS, GREEDY).completions[0].response_logprobs != before
+    client.update_weights(other_weights, version + 5)
 
 
 def _chunks(weights: dict[str, torch.Tensor], version: int) -> list[policy_pb2.WeightChunk]:
@@ -401,6 +437,46 @@ def test_bad_uploads_are_rejected(
     _assert_old_weights_serve(client, version, before)
 
 
+def test_malformed_chunk_is_refused(client: PolicyClient) -> None:
+    version = served_version(client)
+    before = tokens(client.generate(PROMPTS, GREEDY))
+    raw = client.channel.stream_unary("/rlhf.v1.PolicyService/UpdateWeights")
+    with pytest.raises(grpc.RpcError) as err:
+        raw(iter([b"\x1a\xff\xff\x03abc"]), timeout=10)  # data field longer than the message
+    assert err.value.code() == Code.INVALID_ARGUMENT
+    assert "malformed WeightChunk" in err.value.details()
+    _assert_old_weights_serve(client, version, before)
+
+
+# --- the codec's fast paths ---------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_bytes", [64, 1000, 4096, 1 << 20])
+def test_frames_are_the_serialized_chunks(chunk_bytes: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(1000, generator=g),
+        "b": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "c": torch.zeros(7, dtype=torch.float16),
+    }
+    for version in (1, 300):
+        chunks = list(encode_weights(tensors, version, chunk_bytes=chunk_bytes))
+        frames = list(encode_weight_frames(tensors, version, chunk_bytes=chunk_bytes))
+        assert frames == [c.SerializeToString() for c in chunks]
+        for chunk, frame in zip(chunks, frames, strict=True):
+            view = decode_chunk(frame)
+            assert view.error is None
+            assert (view.offset, bytes(view.data), view.crc32) == (
+                chunk.offset,
+                chunk.data,
+                chunk.crc32,
+            )
+            assert view.HasField("manifest") == chunk.HasField("manifest")
+            assert view.HasField("payload_crc32") == chunk.HasField("payload_crc32")
+            if chunk.HasField("manifest"):
+                assert view.manifest == chunk.manifest
+            if chunk.HasField("payload_crc32"):
+                assert view.payload_crc32 == chunk.payload_crc32
+
+
 # --- the CLI, as a process ---------------------------------------------------------------------
 def _serve(*flags: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -415,7 +491,10 @@ def _serve(*flags: str) -> subprocess.Popen[str]:
 
 
 def test_cli_serves_and_stops_on_sigterm(tiny_lm: Path) -> None:
-    proc = _serve("--model", str(tiny_lm), "--host", "127.0.0.1", "--port", "0", "--grace-s", "2")
+    proc = _serve(
+        "--model", str(tiny_lm), "--host", "127.0.0.1", "--port", "0", "--grace-s", "2",
+        "--threads", "1",
+    )  # fmt: skip
     lines: list[str] = []
     port: list[int] = []
     found = threading.Event()

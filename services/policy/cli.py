@@ -29,6 +29,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_env_argument(parser, "--dtype", default="float32", help="float32, bfloat16 or float16")
     add_env_argument(
         parser,
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (0: torch's default, one per core); 1 avoids thread "
+        "stalls on a CPU shared with other busy processes",
+    )
+    add_env_argument(
+        parser,
         "--max-new-tokens-cap",
         type=int,
         default=512,
@@ -61,11 +69,17 @@ def run(args: argparse.Namespace) -> int:
         for flag in ("max_new_tokens_cap", "max_batch_size", "max_prompt_chars"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {args.threads}")
     except ValueError as err:
         log.error("bad configuration", extra={"reason": str(err)})
         print(f"rlhf policy serve: {err}", file=sys.stderr)
         return 2
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     limits = EngineLimits(
         max_new_tokens_cap=args.max_new_tokens_cap,
         max_batch_size=args.max_batch_size,

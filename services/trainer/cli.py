@@ -117,11 +117,15 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlhf.logs import setup_logging
     from services.trainer.loop import TrainingLoop, connect_rewards
     from services.trainer.rewards import EndpointSpec
+    from services.trainer.run_config import DEFAULT_POLICY_ADDRESS, DEFAULT_REWARD_ADDRESS
     from services.trainer.run_config_io import load_train_config
     from services.trainer.transports import GrpcPolicy
 
     setup_logging("trainer")
     config = load_train_config(args.config or None, overrides)
+    config.run.policy = config.run.policy or DEFAULT_POLICY_ADDRESS
+    config.run.rewards = config.run.rewards or [DEFAULT_REWARD_ADDRESS]
+    config.run.output_dir = config.run.output_dir or "runs"
     mixer = connect_rewards([EndpointSpec.parse(r) for r in config.run.rewards])
     policy = GrpcPolicy(config.run.policy)
     loop = TrainingLoop(config, policy, mixer, resume=args.resume)

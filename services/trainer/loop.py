@@ -74,7 +74,7 @@ class TrainingLoop:
         run = config.run
         if not run.run_id:
             run.run_id = time.strftime("run-%Y%m%d-%H%M%S")
-        self.folder = Path(run.output_dir) / run.run_id
+        self.folder = Path(run.output_dir or "runs") / run.run_id
         self.checkpoints = self.folder / "checkpoints"
         self.step = 0
         self.weight_version = 0

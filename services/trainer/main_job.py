@@ -11,9 +11,95 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+
+@dataclass
+class RewardServiceSpec:
+    """One reward service for a PPO job: how to start it and its weight in the reward sum."""
+
+    name: str
+    """Process name (its log is <logs>/<name>.log)."""
+    args: list[str]
+    """`rlhf` arguments that serve it, e.g. ["reward", "serve", "--backend", "vader"]."""
+    weight: float = 1.0
+
+
+@dataclass
+class PPOJobResult:
+    code: int
+    """0 when the run completed (or was stopped), 1 when it failed."""
+    run_dir: Path
+    """<output_dir>/<run_id>: metrics.jsonl, checkpoints/, logs/."""
+    seconds: float
+    metrics: list[dict[str, float]] = field(default_factory=list)
+
+
+def run_ppo_job(
+    model: str,
+    rewards: Sequence[RewardServiceSpec],
+    config: Path = DEFAULT_CONFIG,
+    output_dir: Path = Path("runs"),
+    run_id: str = "",
+    overrides: Sequence[str] = (),
+) -> PPOJobResult:
+    """A PPO run across processes: starts a policy service on `model`, the reward services and
+    a trainer service, starts the run (PPOConfig.model_name = `model`) through the trainer's
+    API, follows it with a progress bar and stops the services. `overrides` are KEY=VALUE
+    config fields (e.g. run.steps=2)."""
+    from rlhf.launch import running_services
+    from rlhf.v1 import trainer_pb2
+    from services.trainer.cli import _watch
+    from services.trainer.client import TrainerClient
+    from services.trainer.metrics import read_metrics
+
+    run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S")
+    logs = output_dir / run_id / "logs"
+    print(f"starting policy, reward and trainer services (logs in {logs}) ...", flush=True)
+    started = time.monotonic()
+    specs = [("policy", ["policy", "serve", "--model", model])]
+    specs += [(r.name, r.args) for r in rewards]
+    with running_services(specs, logs) as services:
+        endpoints = [
+            trainer_pb2.RewardEndpoint(address=services[r.name].address, weight=r.weight)
+            for r in rewards
+        ]
+        trainer_args = [
+            "trainer",
+            "serve",
+            "--policy",
+            services["policy"].address,
+            "--reward",
+            ",".join(f"{e.address}={e.weight:g}" for e in endpoints),
+            "--output-dir",
+            str(output_dir),
+        ]
+        with running_services([("trainer", trainer_args)], logs) as trainer:
+            client = TrainerClient(trainer["trainer"].address)
+            # The addresses travel in the request too: a config's run.policy / run.rewards
+            # would otherwise win over the trainer's defaults.
+            request = trainer_pb2.StartRunRequest(
+                run_id=run_id,
+                config_yaml=config.read_text(),
+                policy_address=services["policy"].address,
+                rewards=endpoints,
+            )
+            request.overrides["ppo.model_name"] = model
+            for item in overrides:
+                key, _, value = item.partition("=")
+                request.overrides[key] = value
+            status = client.start(request)
+            print(f"run {status.run_id}: {status.total_steps} PPO steps on {config.name}")
+            code = _watch(client, status.run_id, from_step=1)
+            client.close()
+    folder = output_dir / run_id
+    path = folder / "metrics.jsonl"
+    rows = read_metrics(path) if path.exists() else []
+    return PPOJobResult(code, folder, time.monotonic() - started, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,56 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
-    from rlhf.launch import running_services
     from rlhf.logs import setup_logging
     from rlhf.models import prepare_default_policy
-    from rlhf.v1 import trainer_pb2
-    from services.trainer.cli import _watch
-    from services.trainer.client import TrainerClient
-    from services.trainer.metrics import read_metrics
     from services.trainer.report import summarize
 
     setup_logging("main", "WARNING")
-    run_id = time.strftime("run-%Y%m%d-%H%M%S")
     print("preparing the embedded SmolLM2-135M-Instruct (converted once, then cached) ...")
     model = str(prepare_default_policy())
-    logs = args.output_dir / run_id / "logs"
-    print(f"starting policy, reward and trainer services (logs in {logs}) ...", flush=True)
-    started = time.monotonic()
-    specs = [
-        ("policy", ["policy", "serve", "--model", model]),
-        ("reward", ["reward", "serve", "--backend", "vader"]),
-    ]
-    with running_services(specs, logs) as services:
-        trainer_args = [
-            "trainer",
-            "serve",
-            "--policy",
-            services["policy"].address,
-            "--reward",
-            services["reward"].address,
-            "--output-dir",
-            str(args.output_dir),
-        ]
-        with running_services([("trainer", trainer_args)], logs) as trainer:
-            client = TrainerClient(trainer["trainer"].address)
-            request = trainer_pb2.StartRunRequest(
-                run_id=run_id, config_yaml=args.config.read_text()
-            )
-            request.overrides["ppo.model_name"] = model
-            for item in args.set:
-                key, _, value = item.partition("=")
-                request.overrides[key] = value
-            status = client.start(request)
-            print(f"run {status.run_id}: {status.total_steps} PPO steps on {args.config.name}")
-            code = _watch(client, status.run_id, from_step=1)
-            client.close()
-    elapsed = time.monotonic() - started
-    folder = args.output_dir / run_id
-    rows = read_metrics(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else []
-    if rows:
-        print(summarize(rows, folder / "summary.png", elapsed))
-    return code
+    vader = RewardServiceSpec("reward", ["reward", "serve", "--backend", "vader"])
+    result = run_ppo_job(model, [vader], args.config, args.output_dir, overrides=args.set)
+    if result.metrics:
+        print(summarize(result.metrics, result.run_dir / "summary.png", result.seconds))
+    return result.code
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_POLICY_ADDRESS = "127.0.0.1:50051"
+DEFAULT_REWARD_ADDRESS = "127.0.0.1:50052"
+
 
 @dataclass
 class GenerationConfig:
@@ -45,12 +48,15 @@ class RunConfig:
     """PPO steps (each: one batch of batch_size prompts -> generate -> score -> update)."""
     prompts: str = "builtin"
     """Prompt source: "builtin" (the shipped set), a .jsonl file or a datasets folder."""
-    policy: str = "127.0.0.1:50051"
-    """host:port of the PolicyService."""
-    rewards: list[str] = field(default_factory=lambda: ["127.0.0.1:50052"])
-    """Reward endpoints, each "HOST:PORT[=WEIGHT]" or "NAME@HOST:PORT[=WEIGHT]"."""
-    output_dir: str = "runs"
-    """Root of run folders: <output_dir>/<run_id>/{metrics.jsonl, tensorboard/, checkpoints/}."""
+    policy: str = ""
+    """host:port of the PolicyService. Empty: the trainer service's --policy (for `rlhf train`
+    without a trainer service: 127.0.0.1:50051)."""
+    rewards: list[str] = field(default_factory=list)
+    """Reward endpoints, each "HOST:PORT[=WEIGHT]" or "NAME@HOST:PORT[=WEIGHT]". Empty: the
+    trainer service's --reward (without a trainer service: 127.0.0.1:50052)."""
+    output_dir: str = ""
+    """Root of run folders: <output_dir>/<run_id>/{metrics.jsonl, tensorboard/, checkpoints/}.
+    Empty: the trainer service's --output-dir (without a trainer service: ./runs)."""
     save_every: int = 10
     """Checkpoint every N steps (0: only at the end and at stop)."""
     keep_checkpoints: int = 2

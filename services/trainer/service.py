@@ -20,6 +20,7 @@ from rlhf.errors import RpcError, handle_errors, invalid, precondition
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.loop import StepResult, TrainConfig, TrainingLoop
 from services.trainer.rewards import EndpointSpec, RewardError, RewardMixer
+from services.trainer.run_config import DEFAULT_POLICY_ADDRESS, DEFAULT_REWARD_ADDRESS
 from services.trainer.run_config_io import load_train_config
 
 log = logging.getLogger("rlhf.trainer.service")
@@ -30,8 +31,8 @@ State = trainer_pb2.RunState
 class TrainerDefaults:
     """What a StartRun that leaves fields empty gets."""
 
-    policy: str = "127.0.0.1:50051"
-    rewards: list[str] = field(default_factory=lambda: ["127.0.0.1:50052"])
+    policy: str = DEFAULT_POLICY_ADDRESS
+    rewards: list[str] = field(default_factory=lambda: [DEFAULT_REWARD_ADDRESS])
     output_dir: str = "runs"
 
 
@@ -124,9 +125,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             run.rewards = [str(_from_proto(r)) for r in request.rewards]
         elif not run.rewards:
             run.rewards = list(self.defaults.rewards)
+        if not run.rewards:
+            raise invalid("no reward endpoints: set run.rewards or start the trainer with --reward")
         run.run_id = request.run_id or run.run_id or time.strftime("run-%Y%m%d-%H%M%S")
-        if not request.config_yaml or "output_dir" not in request.config_yaml:
-            run.output_dir = self.defaults.output_dir
+        run.output_dir = run.output_dir or self.defaults.output_dir
         return config
 
     # --- RPCs --------------------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""What the SFT and reward-model stages share: output folders that appear only when complete,
+JSONL reading, the loss log, and the TrainingArguments that keep TRL on CPU and off the hub."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+STAGE_FILE = "stage.json"
+"""Written last into every stage's output folder: its config and results."""
+LOSS_FILE = "loss.jsonl"
+"""One JSON object per logged optimizer step: step, loss and what TRL logged with it."""
+
+
+@contextmanager
+def staged_output(output: Path, force: bool) -> Iterator[Path]:
+    """Yields an empty temporary folder beside `output`; when the block completes it replaces
+    `output`. A crash leaves no half-written model folder behind that a later stage, or the
+    pipeline's "skip when the output exists", would mistake for a finished one."""
+    if output.exists() and not force:
+        raise FileExistsError(f"{output} already exists: pass --force to overwrite it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield staging
+        if output.is_dir():
+            shutil.rmtree(output)
+        elif output.exists():
+            output.unlink()
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file (blank lines skipped); errors name the file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def training_device(name: str) -> str:
+    """ "cpu" or "cuda". The HF Trainer places the model itself, on the first visible GPU; it
+    cannot be pointed at cuda:N, so that is refused rather than silently run elsewhere."""
+    from rlhf.models import parse_device
+
+    device = parse_device(name)
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise ValueError(
+            f"--device {name}: training runs on the first visible GPU; "
+            f"use CUDA_VISIBLE_DEVICES={device.index} with --device cuda"
+        )
+    return device.type
+
+
+def common_training_args(
+    output_dir: Path,
+    device: str,
+    epochs: float,
+    max_steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Keyword arguments shared by SFTConfig and RewardConfig."""
+    return dict(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        max_steps=max_steps,  # > 0 overrides num_train_epochs
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=device == "cpu",
+        # TRL defaults to bf16 mixed precision; plain float32 works on every CPU and GPU.
+        bf16=False,
+        fp16=False,
+        # TRL defaults to activation checkpointing: ~20% slower, and these models are small.
+        activation_checkpointing=False,
+        logging_steps=1,
+        report_to="none",  # no wandb/tensorboard/hub; the loss goes to loss.jsonl
+        save_strategy="no",  # the stage saves the final model itself, once
+        eval_strategy="no",
+        push_to_hub=False,
+        disable_tqdm=True,  # LossLog prints one line per step instead
+        dataloader_num_workers=0,
+    )
+
+
+def log_losses(trainer: Any, path: Path) -> None:
+    """Makes `trainer` append each logged step to `path` and print it as one short line, in
+    place of the Trainer's own printout of every log dict."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    class LossLog(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+            if not logs or "loss" not in logs:
+                return  # the end-of-training summary has train_loss, not loss
+            row = {"step": int(state.global_step), **{k: float(v) for k, v in logs.items()}}
+            with path.open("a") as out:
+                out.write(json.dumps(row) + "\n")
+            extra = "".join(
+                f"  {key} {row[key]:.4f}" for key in ("accuracy", "margin") if key in row
+            )
+            print(
+                f"step {row['step']:>4}/{state.max_steps}  loss {row['loss']:.4f}{extra}",
+                flush=True,
+            )
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LossLog())
+
+
+def read_losses(path: Path) -> list[dict[str, float]]:
+    """The rows of a stage's loss.jsonl."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def quiet_hf() -> None:
+    """No progress bars from datasets' map() or transformers' weight loading: the stages print
+    one line per step, and bars would interleave with them."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
