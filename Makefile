@@ -38,7 +38,7 @@ protos: $(STUBS)
 
 $(STUBS) &: $(PROTOS) $(VENV)/.installed
 	mkdir -p rlhf/v1
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
 	  --mypy_out=. --mypy_grpc_out=. $(PROTOS)
 	touch rlhf/v1/__init__.py
 

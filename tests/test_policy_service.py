@@ -176,6 +176,7 @@ def test_get_info(client: PolicyClient, engine: PolicyEngine, tiny_lm: Path) -> 
     assert info.device == "cpu" and info.dtype == "float32"
     assert info.num_parameters == sum(p.numel() for p in engine.model.parameters())
     assert info.max_new_tokens_cap == 64 and info.max_batch_size == 8
+    assert info.max_prompt_chars == engine.limits.max_prompt_chars
     tok = info.tokenizer
     assert (tok.vocab_size, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (72, 3, 0, 2)
     assert tok.context_length == 128 and tok.has_chat_template

@@ -164,8 +164,10 @@ class PolicyEngine:
         hf_logging.disable_progress_bar()
 
         source = resolve_model(model)
-        looks_local = source.startswith(("/", "./", "../", "~")) or Path(source).exists()
-        if looks_local and not Path(source).expanduser().is_dir():
+        if source.startswith("~"):
+            source = str(Path(source).expanduser())
+        # A path that is not there fails here, clearly, rather than as a hub lookup.
+        if source.startswith(("/", "./", "../")) and not Path(source).is_dir():
             raise FileNotFoundError(f"model folder {source} does not exist")
         started = time.monotonic()
         try:

@@ -3,7 +3,9 @@
 The servicer is registered before the model loads (health NOT_SERVING, calls UNAVAILABLE) and
 gets its engine through `attach()` once loading is done, so a probe can tell "loading" from
 "down". Weight uploads are received and verified completely (rlhf.weights.WeightAssembler)
-without holding the engine's lock; only the final copy takes it.
+without holding the engine's lock, into a receive buffer the engine hands out; only the final
+swap takes the lock (PolicyEngine.apply_weights), so generation goes on during an upload and a
+broken or rejected upload never touches the served weights.
 """
 
 from __future__ import annotations
@@ -216,6 +218,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             ),
             max_new_tokens_cap=info.limits.max_new_tokens_cap,
             max_batch_size=info.limits.max_batch_size,
+            max_prompt_chars=info.limits.max_prompt_chars,
         )
 
 

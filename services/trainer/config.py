@@ -280,8 +280,14 @@ def _coerce(key: str, value: Any) -> Any:
         close = difflib.get_close_matches(key, types_, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown PPOConfig field {key!r}{hint}")
-    tp, optional = _split_optional(types_[key])
-    where = f"PPOConfig.{key}"
+    return coerce_value(value, types_[key], f"PPOConfig.{key}")
+
+
+def coerce_value(value: Any, annotation: Any, where: str) -> Any:
+    """`value` (a CLI/override string or a YAML value) converted to a dataclass field's type:
+    bool (true/false/yes/no/on/off/1/0), int, float, str, None for optional fields
+    (none/null), lists as "a,b" or "[a, b]". Raises ValueError naming `where`."""
+    tp, optional = _split_optional(annotation)
     if value is None or (optional and isinstance(value, str) and value.lower() in _NONE):
         if optional:
             return None

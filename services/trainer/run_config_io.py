@@ -11,51 +11,16 @@ sections, as `field=value` (`learning_rate=1e-4`). Values are converted to the f
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from services.trainer.config import coerce_value
 from services.trainer.loop import TrainConfig
 
 SECTIONS = ("ppo", "generation", "run")
-
-
-def coerce(raw: Any, annotation: Any, where: str) -> Any:
-    """Converts a YAML value or a CLI string to a dataclass field's type, or raises ValueError."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
-            if type(None) in typing.get_args(annotation):
-                return None
-        return coerce(raw, options[0], where)
-    if origin is list:
-        (item,) = typing.get_args(annotation) or (str,)
-        if isinstance(raw, str):
-            raw = [part for part in raw.split(",") if part] if raw else []
-        if not isinstance(raw, list):
-            raise ValueError(f"{where}: expected a list, got {raw!r}")
-        return [coerce(x, item, where) for x in raw]
-    if annotation is bool:
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{where}: expected true/false, got {raw!r}")
-    if annotation in (int, float, str):
-        if annotation is int and isinstance(raw, float) and not raw.is_integer():
-            raise ValueError(f"{where}: expected an integer, got {raw!r}")
-        try:
-            return annotation(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected {annotation.__name__}, got {raw!r}") from None
-    return raw
 
 
 def _hints(section: object) -> dict[str, Any]:
@@ -67,7 +32,7 @@ def _set(section_obj: object, section: str, key: str, raw: Any) -> None:
     if key not in hints or key not in {f.name for f in dataclasses.fields(section_obj)}:
         known = ", ".join(sorted(f.name for f in dataclasses.fields(section_obj)))
         raise ValueError(f"{section}: unknown field {key!r}; known: {known}")
-    setattr(section_obj, key, coerce(raw, hints[key], f"{section}.{key}"))
+    setattr(section_obj, key, coerce_value(raw, hints[key], f"{section}.{key}"))
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> None:

@@ -26,6 +26,8 @@ def staged_output(output: Path, force: bool) -> Iterator[Path]:
         raise FileExistsError(f"{output} already exists: pass --force to overwrite it")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    # mkdtemp makes it owner-only; a model folder is read by services under other users too.
+    staging.chmod(0o755)
     try:
         yield staging
         if output.is_dir():
