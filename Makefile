@@ -8,10 +8,11 @@ PIP := $(PY) -m pip
 STUBS := rlhf/v1/policy_pb2.py rlhf/v1/reward_pb2.py rlhf/v1/trainer_pb2.py rlhf/v1/common_pb2.py
 PROTOS := $(wildcard protos/rlhf/v1/*.proto)
 
-.PHONY: install protos run test test-fast lint bench models clean help
+.PHONY: install protos run smoke test test-fast lint bench models clean help
 
 help:
-	@echo "make run      start the policy and reward services on the offline defaults and call them"
+	@echo "make run      PPO on the offline defaults: policy, reward, trainer as three services"
+	@echo "make smoke    start policy + reward on the defaults; one Generate, one Score"
 	@echo "make test     lint + the whole test suite"
 	@echo "make bench    service-vs-in-process benchmarks (bench/)"
 	@echo "make models   convert the embedded SmolLM2 GGUF into the model cache"
@@ -47,6 +48,10 @@ models: install
 
 run: install
 	$(PY) -m services.trainer.main_job
+
+# The serving halves alone: start policy + reward on the defaults, one Generate, one Score.
+smoke: install
+	$(PY) -m rlhf.demo
 
 # SFT -> reward model -> PPO on the defaults (outputs in runs/pipeline; finished stages skipped).
 .PHONY: pipeline

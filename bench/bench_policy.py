@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        default=os.environ.get("RLHF_BENCH_QUICK", "") not in ("", "0"),
-        help="a tiny random model and short runs (smoke test) [env RLHF_BENCH_QUICK]",
+        help="a tiny random model and short runs (smoke test)",
     )
     parser.add_argument("--batch", type=int, default=8, help="prompts per Generate call")
     parser.add_argument("--max-new-tokens", type=int, default=48)

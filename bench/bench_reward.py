@@ -45,6 +45,7 @@ from rlhf.channels import open_channel, wait_until_serving  # noqa: E402
 from rlhf.v1 import reward_pb2, reward_pb2_grpc  # noqa: E402
 from services.reward import cli  # noqa: E402
 from services.reward.backends import build_backend  # noqa: E402
+from services.reward.server import texts_to_score  # noqa: E402
 
 TARGET = 0.9
 
@@ -130,6 +131,7 @@ def paired_round(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=4096, help="texts scored per round")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 512 texts, 2 rounds")
     parser.add_argument("--batch", type=int, default=64, help="samples per Score call")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per side")
     parser.add_argument("--in-flight", type=int, default=4, help="pipelined calls outstanding")
@@ -141,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"bench_reward: error: {problem}", file=sys.stderr)
         return 2
+    if ours.quick:
+        ours.samples, ours.rounds = 512, 2
 
     prompts, responses = make_samples(ours.samples)
-    joined = backend_args.input == "prompt+response"
-    texts = [p + r if joined else r for p, r in zip(prompts, responses)]
+    texts = texts_to_score(prompts, responses, backend_args.input)
     text_batches = batches(texts, ours.batch)
     requests = [
         reward_pb2.ScoreRequest(

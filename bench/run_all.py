@@ -4,13 +4,12 @@ Each benchmark runs in its own process, one after another (they measure throughp
 must not share the machine with each other), with its output passed through as it comes.
 
     python bench/run_all.py            # the full benchmarks, on the default models
-    python bench/run_all.py --quick    # smoke runs: RLHF_BENCH_QUICK=1 for benchmarks that read it
+    python bench/run_all.py --quick    # smoke runs: passes --quick to every benchmark
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -21,11 +20,8 @@ BENCH = Path(__file__).resolve().parent
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="set RLHF_BENCH_QUICK=1 for each")
+    parser.add_argument("--quick", action="store_true", help="pass --quick to each benchmark")
     args = parser.parse_args(argv)
-    env = dict(os.environ)
-    if args.quick:
-        env["RLHF_BENCH_QUICK"] = "1"
     scripts = sorted(BENCH.glob("bench_*.py"))
     if not scripts:
         print(f"no bench_*.py in {BENCH}", file=sys.stderr)
@@ -34,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     for script in scripts:
         print(f"\n=== {script.name} ===", flush=True)
         started = time.monotonic()
-        code = subprocess.run([sys.executable, str(script)], env=env, check=False).returncode
+        command = [sys.executable, str(script), *(["--quick"] if args.quick else [])]
+        code = subprocess.run(command, check=False).returncode
         results.append((script.name, code, time.monotonic() - started))
     print("\n=== summary ===")
     for name, code, seconds in results:

@@ -36,16 +36,6 @@ PROMPTS = ["hello world", "the movie was very good and i really love it", "why"]
 Code = grpc.StatusCode
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One torch thread while this module runs: on a shared 2-core box, OpenMP threads
-    spin-waiting on a descheduled sibling turn a 0.3 s test into 10 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_lm: Path) -> PolicyEngine:
     return PolicyEngine(str(tiny_lm), limits=LIMITS)

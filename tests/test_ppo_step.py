@@ -26,16 +26,6 @@ time/ppo/optimize_step time/ppo/total
 """.split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared 2-core machine makes torch's second
-    thread spin-wait (34 s instead of 1 s for the round-trip test under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rollouts(seed: int, n: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Random queries/responses of different lengths (token ids past the specials) + scores."""
     g = torch.Generator().manual_seed(seed)

@@ -41,8 +41,6 @@ from services.trainer.stages.reward_model import (
 from services.trainer.stages.sft import DEMO_DATA as SFT_DEMO
 from services.trainer.stages.sft import SFTStageConfig, load_sft_rows, train_sft
 
-torch.set_num_threads(1)
-
 # Words of the tiny tokenizer's vocabulary (tests/tiny.py), so the tiny models see real tokens.
 SFT_ROWS = [
     ("tell me about the day", "what a wonderful day !"),
