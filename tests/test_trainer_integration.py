@@ -1,8 +1,10 @@
 """The three services as separate OS processes, driven through the trainer's control API.
 
-A tiny random policy, two rule/lexicon reward services (VADER and length), one trainer: a PPO
-run whose weight version advances every step, whose reward endpoint is swapped in the middle
-(per-source statistics show the switch), a swap to a dead endpoint refused, and StopRun, which
+A tiny random policy; reward service A (VADER) and, as B, a trained reward model (a tiny
+single-logit classifier served by hf-classifier) plus a length rule; one trainer. A PPO run
+starts on A; after a step it is swapped to the weighted composition 1.0 x B + 0.2 x length:
+the weight version advances every step, the step counter and the KL controller carry on, the
+per-source statistics show the switch, a swap to a dead endpoint is refused, and StopRun
 finishes the step in progress and checkpoints.
 """
 
@@ -39,11 +41,18 @@ def _config(model: Path, output_dir: Path, steps: int) -> str:
     )
 
 
-def test_ppo_run_across_processes_with_a_reward_swap(tiny_lm: Path, tmp_path: Path) -> None:
+def test_ppo_run_across_processes_with_a_reward_swap(
+    tiny_lm: Path, tiny_reward_model: Path, tmp_path: Path
+) -> None:
     specs = [
         ("policy", ["policy", "serve", "--model", str(tiny_lm)]),
         ("vader", ["reward", "serve", "--backend", "vader", "--name", "vader"]),
         ("length", ["reward", "serve", "--backend", "length", "--target-length", "4"]),
+        (
+            "rm",
+            ["reward", "serve", "--backend", "hf-classifier", "--model", str(tiny_reward_model)]
+            + ["--name", "rm", "--input", "prompt+response"],
+        ),
     ]
     with running_services(specs, tmp_path / "logs") as services:
         trainer_args = [
@@ -73,7 +82,10 @@ def test_ppo_run_across_processes_with_a_reward_swap(tiny_lm: Path, tmp_path: Pa
                     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
                     assert "probe" in refused.value.details()
                     # ... a live one is taken from the next step that starts.
-                    swap = client.swap("it", [services["length"].address + "=0.5"])
+                    swap = client.swap(
+                        "it",
+                        [services["rm"].address + "=1.0", services["length"].address + "=0.2"],
+                    )
                 if swap is not None and metrics.step == swap.effective_from_step + 1:
                     stopped = client.stop("it")  # returns after the step and the checkpoint
                     break
@@ -86,18 +98,27 @@ def test_ppo_run_across_processes_with_a_reward_swap(tiny_lm: Path, tmp_path: Pa
         assert last_step >= steps[-1].step
         versions = [m.weight_version for m in steps]
         assert versions == list(range(versions[0], versions[0] + len(steps))), versions
-        assert swap is not None and swap.rewards[0].name == "length"
+        assert swap is not None and [r.name for r in swap.rewards] == ["rm", "length"]
         assert swap.effective_from_step >= 2  # the steps went on while the swaps were probed
+        after = {"env/reward/rm", "env/reward/length"}
         for m in steps:
             names = {k for k in m.metrics if k.startswith("env/reward/")}
-            expected = (
-                "env/reward/length" if m.step >= swap.effective_from_step else "env/reward/vader"
-            )
-            assert names == {expected}, (m.step, names)
+            expected = after if m.step >= swap.effective_from_step else {"env/reward/vader"}
+            assert names == expected, (m.step, names)
             assert "objective/kl" in m.metrics and "ppo/loss/policy" in m.metrics
-        # The length source has weight 0.5: the step's reward is half its score.
+        # The step's reward is the weighted sum of the sources' means: 1.0 x rm + 0.2 x length.
         last = steps[-1].metrics
-        assert last["env/reward_mean"] == pytest.approx(0.5 * last["env/reward/length"], abs=1e-6)
+        weighted = last["env/reward/rm"] + 0.2 * last["env/reward/length"]
+        assert last["env/reward_mean"] == pytest.approx(weighted, abs=1e-5)
+        # The adaptive KL controller carried on across the swap (Ziegler et al.'s update):
+        # beta_{t+1} = beta_t * (1 + clip(KL_t / target - 1, -0.2, 0.2) * batch_size / horizon).
+        before_swap, at_swap = (
+            steps[swap.effective_from_step - 2],
+            steps[swap.effective_from_step - 1],
+        )
+        beta, kl = before_swap.metrics["objective/kl_coef"], before_swap.metrics["objective/kl"]
+        expected_beta = beta * (1 + min(max(kl / 6.0 - 1, -0.2), 0.2) * 4 / 10000)
+        assert at_swap.metrics["objective/kl_coef"] == pytest.approx(expected_beta, rel=1e-6)
 
         # The policy service serves the last version, and says so on Generate.
         policy = PolicyClient(services["policy"].address)
