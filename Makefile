@@ -13,6 +13,7 @@ PROTOS := $(wildcard protos/rlhf/v1/*.proto)
 help:
 	@echo "make run      PPO on the offline defaults: policy, reward, trainer as three services"
 	@echo "make smoke    start policy + reward on the defaults; one Generate, one Score"
+	@echo "make pipeline SFT -> reward model -> PPO on the defaults (runs/pipeline)"
 	@echo "make test     lint + the whole test suite"
 	@echo "make bench    service-vs-in-process benchmarks (bench/)"
 	@echo "make models   convert the embedded SmolLM2 GGUF into the model cache"

@@ -48,3 +48,14 @@ def setup_logging(service: str, level: str = "INFO") -> logging.Logger:
     for noisy in ("transformers", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return logging.getLogger(f"rlhf.{service}")
+
+
+class ContextLogger(logging.LoggerAdapter):
+    """A logger that adds fixed context (e.g. {"run": ...}) to every record's own extra=.
+
+    (The stdlib adapter replaces a call's extra= with its own before Python 3.13.)
+    """
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return msg, kwargs

@@ -18,6 +18,7 @@ from typing import TypeVar
 import grpc
 import torch
 
+from rlhf.logs import ContextLogger
 from services.trainer.checkpoint import latest_checkpoint, save_checkpoint
 from services.trainer.config import PPOConfig
 from services.trainer.data import PromptSampler, load_prompts
@@ -79,7 +80,7 @@ class TrainingLoop:
         self.step = 0
         self.weight_version = 0
         self.last_stats: dict[str, float] = {}
-        self.log = logging.LoggerAdapter(log, {"run": run.run_id})
+        self.log = ContextLogger(log, {"run": run.run_id})
 
         ppo = config.ppo
         self.model = PolicyWithValueHead.from_config(ppo)
