@@ -21,6 +21,10 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("sft",), "services.trainer.stages.cli:Sft", "supervised fine-tuning (TRL SFTTrainer)"),
     (("rm",), "services.trainer.stages.cli:Rm", "train a reward model (TRL RewardTrainer)"),
     (("pipeline",), "services.trainer.stages.cli:Pipeline", "SFT -> reward model -> PPO"),
+    (("k8s", "render"), "services.k8s.cli:Render", "render a deploy/k8s overlay (kustomize)"),
+    (("k8s", "apply"), "services.k8s.cli:Apply", "server-side apply an overlay to a cluster"),
+    (("k8s", "status"), "services.k8s.cli:Status", "pods' readiness and the run's step"),
+    (("k8s", "swap-reward"), "services.k8s.cli:SwapReward", "repoint a run on the cluster"),
 ]
 
 

@@ -1,0 +1,432 @@
+"""deploy/k8s: every overlay renders (kubectl kustomize) and validates strictly (offline), and the
+manifests agree with the services' real command lines. Fast, no torch, no cluster; the one test
+that needs a cluster runs only when KUBECONFIG points at one."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from services.k8s import manifests as m
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERLAYS = ["cpu", "gpu", "reward-swap"]
+SERVICES = {"policy": "Deployment", "reward": "Deployment", "trainer": "StatefulSet"}
+SWAP_JOB = m.OVERLAYS_DIR / "reward-swap" / "swap-reward-job.yaml"
+VALIDATE = str(Path(sys.executable).parent / "kubernetes-validate")
+
+
+def _bundled_versions() -> list[str]:
+    import kubernetes_validate
+
+    folder = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    found = {
+        tuple(int(x) for x in d.name[1:].split("-")[0].split("."))
+        for d in folder.iterdir()
+        if re.fullmatch(r"v\d+\.\d+\.\d+-local-strict", d.name)
+    }
+    return [".".join(map(str, v)) for v in sorted(found)]
+
+
+def _validation_versions() -> list[str]:
+    bundled = _bundled_versions()
+    assert "1.29.0" in bundled, bundled
+    return sorted({"1.29.0", bundled[-1]})
+
+
+VERSIONS = _validation_versions()
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[dict]]]:
+    folder = tmp_path_factory.mktemp("k8s")
+    out = {}
+    for overlay in OVERLAYS:
+        text = m.render(overlay)
+        path = folder / f"{overlay}.yaml"
+        path.write_text(text)
+        out[overlay] = (path, m.load(text))
+    return out
+
+
+def _validate(paths: list[Path], version: str, strict: bool = True) -> subprocess.CompletedProcess:
+    command = [VALIDATE, "--quiet", "-k", version, *map(str, paths)]
+    if strict:
+        command.insert(1, "--strict")
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+# --- rendering and schema validation ---------------------------------------------------------
+
+
+def test_overlays_found() -> None:
+    assert m.overlays() == sorted(OVERLAYS)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_overlays_validate_strictly(rendered: dict, version: str) -> None:
+    paths = [rendered[o][0] for o in OVERLAYS] + [SWAP_JOB]
+    result = _validate(paths, version)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_strict_catches_a_misspelt_field(rendered: dict, tmp_path: Path) -> None:
+    objects = copy.deepcopy(rendered["cpu"][1])
+    container = m.pod_spec(m.find(objects, "Deployment", "policy"))["containers"][0]
+    container["readinessProbes"] = container.pop("readinessProbe")
+    path = tmp_path / "misspelt.yaml"
+    path.write_text(yaml.safe_dump_all(objects))
+    strict = _validate([path], VERSIONS[-1])
+    assert strict.returncode != 0 and "readinessProbes" in strict.stdout + strict.stderr
+    # Plain mode lets it through: this is why the suite validates with --strict.
+    assert _validate([path], VERSIONS[-1], strict=False).returncode == 0
+
+
+def test_run_config_is_the_default_config(rendered: dict) -> None:
+    default = (ROOT / "configs" / "default.yaml").read_text()
+    for overlay in ("cpu", "reward-swap"):
+        config = next(o for o in rendered[overlay][1] if o["kind"] == "ConfigMap")
+        assert config["data"]["run.yaml"] == default
+    gpu = next(o for o in rendered["gpu"][1] if o["kind"] == "ConfigMap")
+    expected = yaml.safe_load(default)
+    expected["ppo"]["device"] = "cuda"
+    assert yaml.safe_load(gpu["data"]["run.yaml"]) == expected
+
+
+# --- structure ----------------------------------------------------------------------------------
+
+
+def _all_workloads(rendered: dict):
+    for overlay in OVERLAYS:
+        for obj, spec in m.workloads(rendered[overlay][1]):
+            yield overlay, obj, spec
+    for obj, spec in m.workloads(m.load(SWAP_JOB.read_text())):
+        yield "swap-reward-job", obj, spec
+
+
+def test_servers_have_grpc_probes(rendered: dict) -> None:
+    for overlay, obj, spec in _all_workloads(rendered):
+        if obj["kind"] == "Job":
+            continue  # run-to-completion stages serve nothing
+        for c in m.containers(spec):
+            port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert c[probe]["grpc"]["port"] == port, (overlay, m.key(obj), probe)
+
+
+def test_every_container_has_resources_and_security(rendered: dict) -> None:
+    for overlay, obj, spec in _all_workloads(rendered):
+        where = (overlay, m.key(obj))
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] == 10001, where
+        assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault", where
+        mounts_needed = {"/tmp"}
+        for c in m.containers(spec):
+            res = c["resources"]
+            assert {"cpu", "memory"} <= res["requests"].keys() <= res["limits"].keys(), where
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert sc["seccompProfile"]["type"] == "RuntimeDefault", where
+            mounts = {v["mountPath"]: v["name"] for v in c.get("volumeMounts", [])}
+            cache = m.env_value(c, "RLHF_CACHE")
+            output = m.env_value(c, "RLHF_OUTPUT_DIR")
+            args = c.get("args", [])
+            written = [a for i, a in enumerate(args) if i and args[i - 1] == "--output"]
+            for path in mounts_needed | {p for p in (cache, output, *written) if p}:
+                owner = next((mp for mp in mounts if path.startswith(mp)), None)
+                assert owner, (where, path, "is not on a volume")
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            claims = {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
+            for name in mounts.values():
+                assert name in volumes or name in claims, (where, name)
+
+
+def test_images_and_args(rendered: dict) -> None:
+    for overlay, obj, spec in _all_workloads(rendered):
+        for c in m.containers(spec):
+            assert c["image"] == "rlhf-services:0.1.0", (overlay, m.key(obj))
+            assert "command" not in c, "the image's entrypoint is rlhf: pass args"
+    for overlay in OVERLAYS:
+        for name, kind in SERVICES.items():
+            c = m.pod_spec(m.find(rendered[overlay][1], kind, name))["containers"][0]
+            assert c["args"] == [name, "serve"]
+
+
+def test_trainer_keeps_checkpoints_on_a_claim_and_mounts_the_run_config(rendered: dict) -> None:
+    for overlay in OVERLAYS:
+        trainer = m.find(rendered[overlay][1], "StatefulSet", "trainer")
+        spec = m.pod_spec(trainer)
+        c = spec["containers"][0]
+        mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
+        (claim,) = trainer["spec"]["volumeClaimTemplates"]
+        assert mounts[claim["metadata"]["name"]] == m.env_value(c, "RLHF_OUTPUT_DIR")
+        config_volume = next(v for v in spec["volumes"] if "configMap" in v)
+        assert config_volume["configMap"]["name"].startswith("rlhf-run-config")
+        config_map = next(o for o in rendered[overlay][1] if o["kind"] == "ConfigMap")
+        assert config_volume["configMap"]["name"] == config_map["metadata"]["name"]
+        assert mounts[config_volume["name"]] == "/etc/rlhf"
+
+
+def test_services_are_grpc_cluster_ips(rendered: dict) -> None:
+    for overlay in OVERLAYS:
+        objects = rendered[overlay][1]
+        for name, kind in SERVICES.items():
+            service = m.find(objects, "Service", name)
+            assert service["spec"]["type"] == "ClusterIP"
+            (port,) = service["spec"]["ports"]
+            assert port["name"] == "grpc" and port["appProtocol"] == "grpc"
+            assert port["port"] == m.DEFAULT_PORTS[name]
+            workload = m.find(objects, kind, name)
+            assert m.selects({"matchLabels": service["spec"]["selector"]}, m.pod_labels(workload))
+            # A Service selects its own workload's pods only (reward-b's pods are rlhf-reward too).
+            for other in m.workloads(objects):
+                if other[0] is not workload and other[0]["kind"] != "Job":
+                    labels = m.pod_labels(other[0])
+                    assert not m.selects({"matchLabels": service["spec"]["selector"]}, labels)
+
+
+def test_gpu_overlay_places_each_service_on_its_gpu(rendered: dict) -> None:
+    objects = rendered["gpu"][1]
+    selectors = {}
+    for name, kind in SERVICES.items():
+        spec = m.pod_spec(m.find(objects, kind, name))
+        c = spec["containers"][0]
+        assert m.gpus(c) == 1, name
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == "1", name
+        if name != "trainer":  # the trainer's device is the run config's ppo.device
+            assert m.env_value(c, "RLHF_DEVICE") == "cuda", name
+        selectors[name] = spec["nodeSelector"]
+        pool = spec["nodeSelector"]["rlhf.dev/pool"]
+        tolerated = {(t["key"], t.get("value")) for t in spec["tolerations"]}
+        assert ("rlhf.dev/pool", pool) in tolerated and ("nvidia.com/gpu", None) in tolerated
+    assert selectors["reward"] != selectors["policy"]
+    assert selectors["reward"] != selectors["trainer"]
+    assert selectors["reward"] == {"rlhf.dev/pool": "reward-gpu"}
+    for overlay in ("cpu", "reward-swap"):
+        for _, spec in m.workloads(rendered[overlay][1]):
+            assert all(m.gpus(c) == 0 for c in m.containers(spec))
+            assert "nodeSelector" not in spec
+
+
+def test_reward_swap_runs_two_rewards(rendered: dict) -> None:
+    objects = rendered["reward-swap"][1]
+    a = m.pod_spec(m.find(objects, "Deployment", "reward"))["containers"][0]
+    b = m.pod_spec(m.find(objects, "Deployment", "reward-b"))["containers"][0]
+    assert m.env_value(a, "RLHF_BACKEND") != m.env_value(b, "RLHF_BACKEND")
+    assert m.find(objects, "Service", "reward-b")["spec"]["ports"][0]["port"] == 50052
+    job = m.load(SWAP_JOB.read_text())[0]
+    c = m.pod_spec(job)["containers"][0]
+    assert m.pod_labels(job)["rlhf.dev/trainer-client"] == "true"
+    assert c["args"][0] == "swap-reward" and "reward-b:50052" in c["args"]
+    assert m.env_value(c, "RLHF_TRAINER") == "trainer:50053"
+
+
+# --- agreement with the real command lines --------------------------------------------------------
+
+
+def _subparser(parser: argparse.ArgumentParser, args: list[str]) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that args name, e.g. [policy, serve] or [sft, ...]."""
+    for word in args:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions:
+            break
+        parser = actions[0].choices[word]
+    return parser
+
+
+def test_env_args_and_ports_match_the_command_lines(rendered: dict) -> None:
+    from rlhf.cli import build_parser
+
+    parser = build_parser()
+    checked = 0
+    for overlay, obj, spec in _all_workloads(rendered):
+        for c in m.containers(spec):
+            where = (overlay, m.key(obj), c["name"])
+            args = c["args"]
+            parser.parse_args(args)  # the args are a valid command line (SystemExit if not)
+            sub = _subparser(parser, args)
+            options = {
+                m.flag_env_name(s): a
+                for a in sub._actions
+                for s in a.option_strings
+                if s.startswith("--")
+            }
+            for name in m.env_names(c):
+                if not name.startswith("RLHF_") or name in m.NON_FLAG_ENV:
+                    continue
+                assert name in options, (where, name, "is no flag of", args)
+                action, value = options[name], m.env_value(c, name)
+                if action.choices:
+                    assert value in action.choices, (where, name, value)
+                elif action.type is int:
+                    int(value)
+                checked += 1
+            if args[-1] == "serve":
+                service = args[0]
+                port = m.DEFAULT_PORTS[service]
+                assert options["RLHF_PORT"].default == port, (service, "default port changed")
+                assert m.env_value(c, "RLHF_PORT") == str(port), where
+                assert [p["containerPort"] for p in c["ports"]] == [port], where
+    assert checked > 30
+
+
+def test_trainer_points_at_the_cluster_services(rendered: dict) -> None:
+    for overlay in OVERLAYS:
+        c = m.pod_spec(m.find(rendered[overlay][1], "StatefulSet", "trainer"))["containers"][0]
+        assert m.env_value(c, "RLHF_POLICY") == "policy:50051"
+        assert m.env_value(c, "RLHF_REWARD") == "reward:50052"
+
+
+# --- network policies ---------------------------------------------------------------------------
+
+
+def _admits(objects: list[dict], target: dict, source_labels: dict[str, str], port: int) -> bool:
+    """Whether the NetworkPolicies let a pod with source_labels reach target's pods on port."""
+    policies = [
+        p
+        for p in objects
+        if p["kind"] == "NetworkPolicy"
+        and m.selects(p["spec"]["podSelector"], m.pod_labels(target))
+    ]
+    if not policies:
+        return True
+    named = {
+        p["name"]: p["containerPort"] for c in m.pod_spec(target)["containers"] for p in c["ports"]
+    }
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = [named.get(p["port"], p["port"]) for p in rule.get("ports", [])]
+            peers = rule.get("from", [])
+            if (not ports or port in ports) and (
+                not peers
+                or any(m.selects(peer.get("podSelector", {}), source_labels) for peer in peers)
+            ):
+                return True
+    return False
+
+
+def test_network_policies(rendered: dict) -> None:
+    trainer_pod = {"app.kubernetes.io/name": "rlhf-trainer"}
+    client_pod = {"rlhf.dev/trainer-client": "true"}
+    stranger = {"app.kubernetes.io/name": "something-else"}
+    for overlay in OVERLAYS:
+        objects = rendered[overlay][1]
+        backends = [
+            m.find(objects, "Deployment", "policy"),
+            m.find(objects, "Deployment", "reward"),
+        ]
+        if overlay == "reward-swap":
+            backends.append(m.find(objects, "Deployment", "reward-b"))
+        for target in backends:
+            port = m.pod_spec(target)["containers"][0]["ports"][0]["containerPort"]
+            assert _admits(objects, target, trainer_pod, port), m.key(target)
+            assert not _admits(objects, target, client_pod, port), m.key(target)
+            assert not _admits(objects, target, stranger, port), m.key(target)
+            assert not _admits(objects, target, trainer_pod, port + 100), m.key(target)
+        trainer = m.find(objects, "StatefulSet", "trainer")
+        assert _admits(objects, trainer, client_pod, 50053)
+        assert not _admits(objects, trainer, stranger, 50053)
+        assert not _admits(objects, trainer, trainer_pod, 50053)
+    swap_job = m.load(SWAP_JOB.read_text())[0]
+    assert _admits(
+        rendered["cpu"][1],
+        m.find(rendered["cpu"][1], "StatefulSet", "trainer"),
+        m.pod_labels(swap_job),
+        50053,
+    )
+
+
+# --- manifests.py helpers -----------------------------------------------------------------------
+
+
+def test_with_default_port() -> None:
+    assert m.with_default_port("reward-b") == "reward-b:50052"
+    assert m.with_default_port("reward-b=0.5") == "reward-b:50052=0.5"
+    assert m.with_default_port("rm.ns.svc:6000=2") == "rm.ns.svc:6000=2"
+
+
+def test_with_namespace_and_apply_order() -> None:
+    objects = [
+        {"kind": "Deployment", "metadata": {"name": "a"}},
+        {"kind": "Service", "metadata": {"name": "b", "namespace": "kept"}},
+        {"kind": "ConfigMap", "metadata": {"name": "c"}},
+    ]
+    placed = m.with_namespace(objects, "rlhf")
+    assert [o["metadata"]["namespace"] for o in placed] == ["rlhf", "kept", "rlhf"]
+    assert "namespace" not in objects[0]["metadata"]  # inputs untouched
+    assert [o["kind"] for o in m.apply_order(placed)] == ["ConfigMap", "Service", "Deployment"]
+
+
+def test_selects() -> None:
+    labels = {"a": "1", "b": "2"}
+    assert m.selects({"matchLabels": {"a": "1"}}, labels)
+    assert not m.selects({"matchLabels": {"a": "2"}}, labels)
+    assert m.selects(
+        {"matchExpressions": [{"key": "b", "operator": "In", "values": ["2"]}]}, labels
+    )
+    assert not m.selects({"matchExpressions": [{"key": "c", "operator": "Exists"}]}, labels)
+    assert m.selects({}, labels)
+
+
+def test_pod_rows() -> None:
+    ns = SimpleNamespace
+    pod = ns(
+        metadata=ns(name="trainer-0"),
+        spec=ns(containers=[ns()]),
+        status=ns(phase="Running", container_statuses=[ns(ready=True, restart_count=2)]),
+    )
+    pending = ns(metadata=ns(name="policy-x"), spec=ns(containers=[ns()]), status=None)
+    assert m.pod_rows([pod, pending]) == [
+        ("trainer-0", "Running", "1/1", 2),
+        ("policy-x", "Unknown", "0/1", 0),
+    ]
+
+
+def test_bad_overlay_is_named() -> None:
+    with pytest.raises(ValueError, match="cpu, gpu, reward-swap"):
+        m.overlay_dir("tpu")
+
+
+def test_cli_commands_registered() -> None:
+    from rlhf.cli import COMMANDS
+
+    words = {w for w, _, _ in COMMANDS}
+    assert {("k8s", "render"), ("k8s", "apply"), ("k8s", "status"), ("k8s", "swap-reward")} <= words
+
+
+def test_cli_render(capsys: pytest.CaptureFixture[str]) -> None:
+    from rlhf.cli import main
+
+    assert main(["k8s", "render", "--overlay", "cpu"]) == 0
+    assert "kind: StatefulSet" in capsys.readouterr().out
+
+
+# --- against a cluster (only with KUBECONFIG) ------------------------------------------------
+
+
+def test_server_side_dry_run_apply_on_a_cluster() -> None:
+    kubeconfig = os.environ.get("KUBECONFIG")
+    if not kubeconfig or not all(Path(p).is_file() for p in kubeconfig.split(os.pathsep)):
+        pytest.skip("needs a cluster: set KUBECONFIG to a kubeconfig file to run it")
+    from rlhf.cli import main
+
+    try:
+        from kubernetes import client, config
+
+        config.load_kube_config()
+        client.VersionApi().get_code(_request_timeout=5)
+    except Exception as err:  # noqa: BLE001 - any failure means no reachable cluster
+        pytest.skip(f"KUBECONFIG={kubeconfig} reaches no cluster ({type(err).__name__})")
+    assert main(["k8s", "apply", "--overlay", "cpu", "--namespace", "default", "--dry-run"]) == 0
