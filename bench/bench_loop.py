@@ -7,7 +7,8 @@ and prompts; only the transports differ:
   in-process: LocalPolicy (the same PolicyEngine in this process), LocalReward (the same VADER
               backend in this process); weights are copied into the engine each step.
 Same seeds mean both sides sample the same tokens, so they do the same work. Each side runs one
-warm-up step (not timed), then `--steps` timed steps. Printed: each phase's seconds per step
+warm-up step (not timed), then `--steps` timed steps, alternating between the sides step by step
+so that other load on the machine slows both alike. Printed: each phase's seconds per step
 (generate / score / reference+values / update / weight sync) and episodes/s of each side, and
 their ratio. Target: services >= 0.95 x in-process.
 
@@ -31,19 +32,25 @@ TARGET = 0.95
 PHASES = ["time/generate", "time/score", "time/ref_values", "time/update", "time/weight_sync"]
 
 
-def _measure(make_loop, steps: int) -> tuple[float, dict[str, float]]:  # noqa: ANN001
-    loop = make_loop()
-    loop.run_step()  # warm-up: first-touch allocations, lazy initialisation
-    rows = []
-    started = time.perf_counter()
+def _measure_alternating(loops: dict, steps: int) -> dict[str, tuple[float, dict[str, float]]]:  # noqa: ANN001
+    """One warm-up step per side, then `steps` timed steps alternating between the sides, so
+    that whatever else loads the machine loads both alike. Returns {side: (episodes/s, mean
+    seconds per phase)}."""
+    for loop in loops.values():
+        loop.run_step()  # warm-up: first-touch allocations, lazy initialisation
+    rows: dict[str, list[dict[str, float]]] = {side: [] for side in loops}
+    elapsed = dict.fromkeys(loops, 0.0)
     for _ in range(steps):
-        rows.append(loop.run_step().stats)
-    elapsed = time.perf_counter() - started
-    episodes = steps * loop.config.ppo.batch_size
-    phases = {k: statistics.mean(r[k] for r in rows) for k in PHASES + ["time/step"]}
-    loop.policy.close()
-    loop.rewards.close()
-    return episodes / elapsed, phases
+        for side, loop in loops.items():
+            started = time.perf_counter()
+            rows[side].append(loop.run_step().stats)
+            elapsed[side] += time.perf_counter() - started
+    out = {}
+    for side, loop in loops.items():
+        episodes = steps * loop.config.ppo.batch_size
+        phases = {k: statistics.mean(r[k] for r in rows[side]) for k in PHASES + ["time/step"]}
+        out[side] = (episodes / elapsed[side], phases)
+    return out
 
 
 def main() -> int:
@@ -86,8 +93,6 @@ def main() -> int:
         mixer.set_endpoints([EndpointSpec("local:0")])
         return TrainingLoop(config("local"), LocalPolicy(model), mixer)
 
-    local_rate, local_phases = _measure(local_loop, args.steps)
-
     specs = [
         ("policy", ["policy", "serve", "--model", model]),
         ("reward", ["reward", "serve", "--backend", "vader"]),
@@ -99,7 +104,8 @@ def main() -> int:
             mixer.set_endpoints([EndpointSpec(services["reward"].address)])
             return TrainingLoop(config("grpc"), GrpcPolicy(services["policy"].address), mixer)
 
-        grpc_rate, grpc_phases = _measure(grpc_loop, args.steps)
+        results = _measure_alternating({"local": local_loop(), "grpc": grpc_loop()}, args.steps)
+    (local_rate, local_phases), (grpc_rate, grpc_phases) = results["local"], results["grpc"]
 
     ratio = grpc_rate / local_rate
     print(f"\nPPO loop, {args.steps} timed steps per side, model {Path(model).name}")

@@ -63,6 +63,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self.settings = settings
         self._backend = backend
         self._lock = threading.Lock()
+        # One scoring at a time: backends are CPU-bound (VADER holds the GIL; a model uses every
+        # core per forward pass), so concurrent calls only thrash. Calls queue here instead,
+        # and a client with several calls in flight keeps the backend busy back to back.
+        self._scoring = threading.Lock()
 
     def set_backend(self, backend: RewardBackend) -> None:
         """Installs the loaded backend; calls before this get UNAVAILABLE."""
@@ -107,7 +111,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             settings.input,
         )
         started = time.perf_counter()
-        scores = backend.score(texts)
+        with self._scoring:
+            scores = backend.score(texts)
         latency_ms = (time.perf_counter() - started) * 1000.0
         checked = _check_scores(scores, count, backend.name)
         log.info(

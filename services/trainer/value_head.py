@@ -140,14 +140,7 @@ class PolicyWithValueHead(nn.Module):
                 self.lm, input_ids, attention_mask, positions, position_ids
             )
             return logits, self.v_head(hidden)
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=True,
-            use_cache=False,
-            return_dict=True,
-        )
+        out = _full_forward(self.lm, input_ids, attention_mask, position_ids)
         values = self.v_head(out.hidden_states[-1])
         return out.logits.float(), values
 
@@ -264,14 +257,7 @@ def causal_lm_logits(
         getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale")
     )
     if special_head or not hasattr(base, "get_decoder"):
-        out = lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=True,
-            use_cache=False,
-            return_dict=True,
-        )
+        out = _full_forward(lm, input_ids, attention_mask, position_ids)
         hidden = _at(out.hidden_states[-1], positions)
         return _at(out.logits, positions).float(), hidden
     out = base.get_decoder()(
@@ -283,6 +269,23 @@ def causal_lm_logits(
     )
     hidden = _at(out.last_hidden_state, positions)
     return base.get_output_embeddings()(hidden).float(), hidden
+
+
+def _full_forward(
+    lm: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> Any:
+    """The LM's own forward pass, logits at every position and the hidden states."""
+    return lm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=True,
+        use_cache=False,
+        return_dict=True,
+    )
 
 
 def _at(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
