@@ -46,6 +46,7 @@ class Run:
         self.error = ""
         self.history: list[StepResult] = []
         self.loop: TrainingLoop | None = None
+        self.rewards: RewardMixer | None = None  # in force once the first endpoints are probed
         self.stop = threading.Event()
         self.changed = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -79,8 +80,9 @@ class Run:
             weight_version=loop.weight_version if loop else 0,
             error=self.error,
         )
+        if self.rewards is not None:
+            status.rewards.extend(_to_proto(s.spec) for s in self.rewards.sources)
         if loop is not None:
-            status.rewards.extend(_to_proto(s.spec) for s in loop.rewards.sources)
             status.checkpoint_dir = str(loop.checkpoints) if loop.checkpoints.exists() else ""
             status.last_metrics.update(loop.last_stats)
         return status
@@ -156,6 +158,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         policy = GrpcPolicy(config.run.policy)
         try:
             mixer.set_endpoints([EndpointSpec.parse(r) for r in config.run.rewards])
+            run.rewards = mixer  # swappable from here on, also while the models load
             run.loop = TrainingLoop(config, policy, mixer, resume=resume)
             run.set_state(State.RUN_STATE_RUNNING)
             reason = run.loop.run(stop=run.stop, on_step=run.add_step)
@@ -221,15 +224,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         run = self._find(request.run_id)
         if not request.rewards:
             raise invalid("SetRewardEndpoints needs at least one reward endpoint")
-        if not run.active or run.loop is None:
-            raise precondition(f"run {run.run_id} is not running (state {State.Name(run.state)})")
+        mixer = run.rewards
+        if not run.active or mixer is None:
+            raise precondition(
+                f"run {run.run_id} takes no swap in state {State.Name(run.state)}"
+                + (" (its first reward endpoints are still being probed)" if run.active else "")
+            )
         specs = [_from_proto(r) for r in request.rewards]
-        loop = run.loop
         try:
-            applied, in_step = loop.rewards.set_endpoints(specs)
+            applied, in_step = mixer.set_endpoints(specs)
         except RewardError as err:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"swap refused: {err}") from None
-        effective = loop.step + (2 if in_step else 1)
+        done = run.loop.step if run.loop is not None else 0
+        effective = done + (2 if in_step else 1)
         log.info(
             "reward endpoints swapped",
             extra={"run": run.run_id, "rewards": [str(s) for s in applied], "from_step": effective},
