@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 BUILTIN = "builtin"
 """Name of the shipped prompt set (services/trainer/prompts/default.jsonl)."""
@@ -33,16 +34,10 @@ def load_prompts(source: str) -> list[str]:
         prompts = [str(p) for p in dataset[field]]
     elif path.is_file():
         prompts = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
-            field = next((f for f in PROMPT_FIELDS if isinstance(row, dict) and f in row), None)
+        for number, row in enumerate(read_jsonl(path), start=1):
+            field = next((f for f in PROMPT_FIELDS if f in row), None)
             if field is None:
-                raise ValueError(f"{path}:{number}: needs one of the fields {PROMPT_FIELDS}")
+                raise ValueError(f"{path}: row {number} needs one of the fields {PROMPT_FIELDS}")
             prompts.append(str(row[field]))
     else:
         raise FileNotFoundError(f"prompt source {source!r} is neither a file nor a folder")
@@ -50,6 +45,26 @@ def load_prompts(source: str) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt source {source!r} holds no prompts")
     return prompts
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file (blank lines skipped); errors name the file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows
 
 
 class PromptSampler:

@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from services.trainer.data import read_jsonl
 from services.trainer.stages.common import (
     LOSS_FILE,
     STAGE_FILE,
     common_training_args,
     log_losses,
     quiet_hf,
-    read_jsonl,
     read_losses,
     staged_output,
     training_device,
