@@ -8,13 +8,16 @@ PIP := $(PY) -m pip
 STUBS := rlhf/v1/policy_pb2.py rlhf/v1/reward_pb2.py rlhf/v1/trainer_pb2.py rlhf/v1/common_pb2.py
 PROTOS := $(wildcard protos/rlhf/v1/*.proto)
 
-.PHONY: install protos run smoke test test-fast lint bench models clean help
+.PHONY: install protos run smoke test test-fast test-compose images engine-start engine-stop lint \
+	bench models clean clean-docker help
 
 help:
 	@echo "make run      PPO on the offline defaults: policy, reward, trainer as three services"
 	@echo "make smoke    start policy + reward on the defaults; one Generate, one Score"
 	@echo "make pipeline SFT -> reward model -> PPO on the defaults (runs/pipeline)"
-	@echo "make test     lint + the whole test suite"
+	@echo "make test     lint + the whole test suite, the compose stack included (test-compose)"
+	@echo "make test-compose  build the image offline, run the compose stack's integration test"
+	@echo "make images   build rlhf-services:0.1.0 (base image by debootstrap when offline)"
 	@echo "make bench    service-vs-in-process benchmarks (bench/)"
 	@echo "make models   convert the embedded SmolLM2 GGUF into the model cache"
 	@echo "make protos   regenerate the gRPC stubs from protos/"
@@ -63,14 +66,37 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Everything but the compose stack first (fast feedback), then the compose stack for real.
 test: install lint
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q -x --durations=15 -m "not compose"
+	$(MAKE) test-compose
 
 test-fast: install
-	$(PY) -m pytest -q -x -m "not slow"
+	$(PY) -m pytest -q -x -m "not slow and not compose"
+
+# Installs docker.io/debootstrap if needed, starts a private dockerd, builds the image, runs
+# tests/compose, removes what it made and stops dockerd (deploy/docker/test-compose.sh).
+test-compose: install
+	bash deploy/docker/test-compose.sh
+
+# Builds the image on the engine at $$DOCKER_HOST; `make engine-start` gives a private one here.
+images: install
+	bash deploy/docker/build-images.sh
+
+engine-start:
+	bash deploy/docker/engine.sh install
+	bash deploy/docker/engine.sh start
+
+engine-stop:
+	bash deploy/docker/engine.sh stop
 
 bench: install
 	$(PY) bench/run_all.py
 
 clean:
 	rm -rf rlhf/v1 .pytest_cache .ruff_cache
+
+# The private engine's images and build cache (.cache/docker), and the wheelhouse.
+clean-docker: engine-stop
+	rm -rf .cache/docker
+	rm -f deploy/docker/wheelhouse/*.whl deploy/docker/wheelhouse/.stamp

@@ -18,6 +18,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("watch",), "services.trainer.cli:Watch", "follow a run with a progress bar"),
     (("swap-reward",), "services.trainer.cli:SwapReward", "point a run at other rewards"),
     (("models", "prepare"), "rlhf.models_cli", "convert the embedded default policy"),
+    (("health",), "rlhf.health_cli", "exit 0 if a service's gRPC health is SERVING"),
     (("sft",), "services.trainer.stages.cli:Sft", "supervised fine-tuning (TRL SFTTrainer)"),
     (("rm",), "services.trainer.stages.cli:Rm", "train a reward model (TRL RewardTrainer)"),
     (("pipeline",), "services.trainer.stages.cli:Pipeline", "SFT -> reward model -> PPO"),

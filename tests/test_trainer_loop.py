@@ -135,3 +135,19 @@ def test_config_sections_and_overrides(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mini_batch_size"):
         load_train_config(None, ["batch_size=3"])
     assert EndpointSpec.parse("rm@h:1=0.2") == EndpointSpec("h:1", 0.2, "rm")
+
+
+def test_a_swap_names_the_first_step_that_uses_it() -> None:
+    """Between steps a swap applies to the next step; during step N (even while the loop has
+    already counted N as done and is pushing its weights) it applies from N + 1, and step N
+    keeps the sources it started with."""
+    mixer = RewardMixer(lambda address: LocalReward(VaderBackend(), address=address))
+    assert mixer.set_endpoints([EndpointSpec("local:1")])[1] is None
+    snapshot = mixer.begin_step(7)
+    applied, in_step = mixer.set_endpoints([EndpointSpec("local:2")])
+    assert in_step == 7 and [s.address for s in applied] == ["local:2"]
+    assert [s.spec.address for s in snapshot] == ["local:1"]
+    mixer.end_step()
+    assert [s.spec.address for s in mixer.begin_step(8)] == ["local:2"]
+    mixer.end_step()
+    assert mixer.set_endpoints([EndpointSpec("local:3")])[1] is None

@@ -128,7 +128,7 @@ class TrainingLoop:
     def run_step(self) -> StepResult:
         """One PPO step. Nothing is applied unless every phase succeeds."""
         step = self.step + 1
-        sources = self.rewards.begin_step()  # a swap during this step applies from the next
+        sources = self.rewards.begin_step(step)  # a swap during this step applies from the next
         try:
             return self._run_step(step, sources)
         finally:

@@ -84,6 +84,8 @@ class RewardMixer:
         self._sources: list[RewardSource] = []
         self._retired: list[RewardSource] = []
         self._in_step = False
+        self._step = 0
+        """The number of the step in progress, or of the last one begun."""
         self._lock = threading.Lock()
 
     @property
@@ -91,12 +93,13 @@ class RewardMixer:
         with self._lock:
             return list(self._sources)
 
-    def begin_step(self) -> list[RewardSource]:
-        """The sources for the step that starts now; closes transports no step uses."""
+    def begin_step(self, step: int) -> list[RewardSource]:
+        """The sources for step `step`, which starts now; closes transports no step uses."""
         with self._lock:
             snapshot, retired = list(self._sources), self._retired
             self._retired = []
             self._in_step = True
+            self._step = step
         self._close_unused(retired, snapshot)
         return snapshot
 
@@ -140,20 +143,22 @@ class RewardMixer:
                 source.spec.name = f"{source.spec.name}@{source.spec.address}"
         return sources
 
-    def replace(self, sources: list[RewardSource]) -> bool:
-        """Puts probed sources in force. True if a step was in progress (it keeps the old)."""
+    def replace(self, sources: list[RewardSource]) -> int | None:
+        """Puts probed sources in force. Returns the step in progress (it keeps the old
+        sources; the next one takes these), or None between steps (the next step takes them).
+        """
         with self._lock:
             self._retired.extend(self._sources)
             self._sources = sources
-            in_step = self._in_step
-            retired = [] if in_step else self._retired
-            if not in_step:
+            in_step = self._step if self._in_step else None
+            retired = [] if in_step is not None else self._retired
+            if in_step is None:
                 self._retired = []
         self._close_unused(retired, sources)
         return in_step
 
-    def set_endpoints(self, specs: Sequence[EndpointSpec]) -> tuple[list[EndpointSpec], bool]:
-        """Probes, then swaps. Returns the specs in force and whether a step was in progress."""
+    def set_endpoints(self, specs: Sequence[EndpointSpec]) -> tuple[list[EndpointSpec], int | None]:
+        """Probes, then swaps. Returns the specs in force and the step in progress, if any."""
         in_step = self.replace(self.probe(specs))
         return [s.spec for s in self.sources], in_step
 

@@ -235,8 +235,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             applied, in_step = mixer.set_endpoints(specs)
         except RewardError as err:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"swap refused: {err}") from None
-        done = run.loop.step if run.loop is not None else 0
-        effective = done + (2 if in_step else 1)
+        # The first step that snapshots the new sources: the one after the step in progress
+        # (the loop counts a step as done before its weight sync ends, so its counter alone
+        # would be off by one there), else the next one to start.
+        if in_step is not None:
+            effective = in_step + 1
+        else:
+            effective = (run.loop.step if run.loop is not None else 0) + 1
         log.info(
             "reward endpoints swapped",
             extra={"run": run.run_id, "rewards": [str(s) for s in applied], "from_step": effective},

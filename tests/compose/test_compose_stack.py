@@ -1,0 +1,290 @@
+"""The compose stack for real: the built image, deploy/compose/docker-compose.yml, a PPO run.
+
+Runs only under `make test-compose` (part of `make test`), which installs and starts a private
+Docker engine, builds rlhf-services:0.1.0 offline and sets DOCKER_HOST / DOCKER_CONFIG; on its
+own (`pytest -m compose`) it needs a reachable engine with that image and fails, never skips,
+without one.
+
+The scenario, on tiny random models (tests/compose/docker-compose.test.yml):
+  1. `docker compose up --wait` the policy, reward (VADER), reward-b (a trained reward model:
+     hf-classifier) and trainer services: healthchecks and depends_on bring them up in order.
+  2. The one-shot client service starts a 5-step run on the trainer and follows it.
+  3. After step 1 the policy container is paused (tiny steps take well under a second, so the
+     run is held where it is: its next Generate or UpdateWeights waits on the frozen policy);
+     `rlhf swap-reward` (run inside the trainer container) points it at reward-b from the next
+     step; reward-b's process is killed (SIGKILL, as a crash), and the policy is unpaused. The
+     first step on reward-b meets a dead, then still-loading service: the trainer retries until
+     docker has restarted it (restart: unless-stopped) and it serves again.
+  4. The client exits 0; the run is COMPLETED at 5/5 with one weight version per step; the
+     steps before the swap were scored by vader and the steps from it by rm; reward-b restarted
+     exactly once and the first step on it waited out the restart; the policy serves the last
+     weight version; the last checkpoint is on the runs volume.
+`docker compose down -v` removes containers, network and volumes whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from rlhf.launch import free_port
+from rlhf.v1 import trainer_pb2
+from services.trainer.client import TrainerClient
+from tests.tiny import make_causal_lm, make_classifier
+
+pytestmark = pytest.mark.compose
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "deploy" / "compose" / "docker-compose.yml"
+TEST_OVERRIDE = Path(__file__).with_name("docker-compose.test.yml")
+RUN_CONFIG = Path(__file__).with_name("run.yaml")
+IMAGE = os.environ.get("RLHF_IMAGE", "rlhf-services:0.1.0")
+RUN_ID = "compose-it"
+STEPS = 5
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
+    done = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+    return done.stdout.strip()
+
+
+class Stack:
+    """One compose project of the real file plus the test override, on the engine at hand."""
+
+    def __init__(self, models: Path, trainer_port: int) -> None:
+        self.project = f"rlhf-it-{uuid.uuid4().hex[:8]}"
+        self.trainer_address = f"127.0.0.1:{trainer_port}"
+        self.env = {
+            **os.environ,
+            "RLHF_IMAGE": IMAGE,
+            "RLHF_TEST_MODELS": str(models),
+            "RLHF_TRAINER_HOST_PORT": str(trainer_port),
+            "RLHF_RUN_CONFIG": str(RUN_CONFIG),
+            "RLHF_TRAIN_ARGS": f"--run-id {RUN_ID}",
+        }
+
+    def command(self, *args: str) -> list[str]:
+        return [
+            "docker", "compose", "-p", self.project,
+            "-f", str(COMPOSE_FILE), "-f", str(TEST_OVERRIDE), *args,
+        ]  # fmt: skip
+
+    def run(self, *args: str, timeout: float = 300) -> str:
+        done = subprocess.run(
+            self.command(*args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise AssertionError(
+                f"docker compose {' '.join(args)} failed ({done.returncode}):\n"
+                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
+        return done.stdout
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            self.command(*args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+        )
+
+    def container(self, service: str) -> str:
+        container_id = self.run("ps", "-q", service).strip()
+        assert container_id, f"no container for {service}"
+        return container_id
+
+    def logs(self, service: str) -> str:
+        return self.run("logs", "--no-color", "--no-log-prefix", service, timeout=60)
+
+    def print_logs(self) -> None:
+        """Every service's log tail, for a failure's report (pytest shows captured output)."""
+        for service in ("policy", "reward", "reward-b", "trainer"):
+            try:
+                print(f"--- logs of {service} ---\n{self.logs(service)[-4000:]}")
+            except Exception as err:  # noqa: BLE001 - diagnostics only
+                print(f"(no logs of {service}: {err})")
+
+    def log_records(self, service: str, message: str) -> list[dict]:
+        """The service's JSON log records whose msg is `message`."""
+        records = []
+        for line in self.logs(service).splitlines():
+            if line.startswith("{") and f'"msg": "{message}"' in line:
+                records.append(json.loads(line))
+        return records
+
+
+def _engine_reachable() -> None:
+    """Fails (never skips) with what to do when there is no engine or compose plugin."""
+    for args in (("version",), ("compose", "version")):
+        try:
+            docker(*args, timeout=30)
+        except (AssertionError, FileNotFoundError, subprocess.TimeoutExpired) as err:
+            pytest.fail(
+                f"`docker {' '.join(args)}` does not work here ({err}). Run the compose tests "
+                "through `make test-compose`, which installs and starts an engine and builds "
+                "the image."
+            )
+    if not docker("image", "ls", "-q", IMAGE):
+        pytest.fail(f"image {IMAGE} is not built: `make images` (or `make test-compose`)")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    _engine_reachable()
+    models = tmp_path_factory.mktemp("compose-models")
+    make_causal_lm(models / "tiny-lm")
+    make_classifier(models / "tiny-rm", labels=("LABEL_0",))
+    # The containers run as uid 10001: the bind-mounted models must be world-readable.
+    for path in [models.parent, models, *models.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    stack = Stack(models, free_port())
+    try:
+        stack.run(
+            "up", "--detach", "--wait", "--wait-timeout", "420",
+            "policy", "reward", "reward-b", "trainer",
+            timeout=480,
+        )  # fmt: skip
+    except BaseException:
+        stack.print_logs()
+        raise
+    try:
+        yield stack
+    finally:
+        subprocess.run(
+            stack.command("down", "--volumes", "--remove-orphans", "--timeout", "20"),
+            env=stack.env,
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        shutil.rmtree(models, ignore_errors=True)
+
+
+def _wait_for_step(client: TrainerClient, step: int, timeout_s: float) -> trainer_pb2.RunStatus:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            status = client.get(RUN_ID)
+            if status.step >= step or status.state in (
+                trainer_pb2.RUN_STATE_COMPLETED,
+                trainer_pb2.RUN_STATE_FAILED,
+            ):
+                return status
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: the client has not started
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"run {RUN_ID} did not reach step {step} in {timeout_s} s")
+        time.sleep(0.05)
+
+
+def test_ppo_run_through_compose_with_swap_and_reward_restart(stack: Stack) -> None:
+    try:
+        _scenario(stack)
+    except BaseException:
+        stack.print_logs()
+        raise
+
+
+def _scenario(stack: Stack) -> None:
+    # Every service is healthy through the image's gRPC HEALTHCHECK.
+    for service in ("policy", "reward", "reward-b", "trainer"):
+        health = docker("inspect", "-f", "{{.State.Health.Status}}", stack.container(service))
+        assert health == "healthy", (service, health)
+
+    client_proc = stack.popen("run", "--rm", "-T", "client")
+    trainer = TrainerClient(stack.trainer_address)
+    paused = False
+    policy_id = stack.container("policy")
+    reward_b_id = stack.container("reward-b")
+    try:
+        status = _wait_for_step(trainer, 1, timeout_s=240)
+        assert status.state == trainer_pb2.RUN_STATE_RUNNING, status
+        assert status.total_steps == STEPS
+
+        # Hold the run: its next Generate or UpdateWeights waits on the frozen policy.
+        docker("pause", policy_id)
+        paused = True
+        swap = stack.run(
+            "exec", "-T", "trainer", "rlhf", "swap-reward", "--trainer", "127.0.0.1:50053",
+            "--run-id", RUN_ID, "reward-b:50052",
+            timeout=120,
+        )  # fmt: skip
+        assert "rlhf swap-reward" not in swap and "rewards from step" in swap, swap
+        effective = int(swap.split("rewards from step")[1].split(":")[0])
+        # Step 1 was done before the swap; the held run got at most a step or two further.
+        assert 2 <= effective < STEPS, swap
+
+        # A crash of the reward service the run is about to use.
+        pid = int(docker("inspect", "-f", "{{.State.Pid}}", reward_b_id))
+        os.kill(pid, signal.SIGKILL)
+        docker("unpause", policy_id)
+        paused = False
+
+        output, _ = client_proc.communicate(timeout=300)
+        print(f"--- the client's output ---\n{output[-4000:]}")
+        assert client_proc.returncode == 0, output
+        assert f"run {RUN_ID}: COMPLETED at step {STEPS}/{STEPS}" in output, output
+    finally:
+        if paused:
+            docker("unpause", policy_id, check=False)
+        if client_proc.poll() is None:
+            client_proc.kill()
+            print(f"--- the client's output ---\n{client_proc.communicate()[0][-4000:]}")
+
+    final = trainer.get(RUN_ID)
+    assert final.state == trainer_pb2.RUN_STATE_COMPLETED, final.error
+    assert final.step == final.total_steps == STEPS
+
+    # Every step once, in order, one weight version each; sources switch at the swap.
+    steps = list(trainer.watch(RUN_ID, from_step=1))
+    trainer.close()
+    assert [m.step for m in steps] == list(range(1, STEPS + 1))
+    versions = [m.weight_version for m in steps]
+    assert versions == list(range(versions[0], versions[0] + STEPS)), versions
+    assert final.weight_version == versions[-1]
+    for m in steps:
+        sources = {k for k in m.metrics if k.startswith("env/reward/")}
+        expected = {"env/reward/rm"} if m.step >= effective else {"env/reward/vader"}
+        assert sources == expected, (m.step, sources)
+
+    # reward-b crashed once and docker brought it back; the trainer waited for it.
+    restarts = docker("inspect", "-f", "{{.RestartCount}}", reward_b_id)
+    assert restarts == "1", restarts
+    # The first step on reward-b waited for the restart (retried: by gRPC's retry policy for
+    # UNAVAILABLE, then by the loop, which logs each attempt) instead of failing or skipping.
+    waited = steps[effective - 1].metrics["time/score"]
+    retries = stack.log_records("trainer", "score failed; retrying")
+    print(f"step {effective} scored after {waited:.1f} s; loop retries: {retries}")
+    assert waited > 1.0, (effective, waited)
+    assert all(r["run"] == RUN_ID and r["step"] == effective for r in retries), retries
+
+    # The policy container serves what the trainer pushed last.
+    updates = stack.log_records("policy", "weights updated")
+    assert [u["weight_version"] for u in updates][-1] == final.weight_version, updates
+
+    # The run's folder (metrics, checkpoint of the last step) is on the `runs` volume.
+    listing = stack.run(
+        "exec", "-T", "trainer", "cat", f"/runs/{RUN_ID}/checkpoints/latest", timeout=60
+    )
+    assert listing.strip() == f"step-{STEPS:06d}"
