@@ -233,3 +233,12 @@ def test_image_compose_and_k8s_agree(base: dict) -> None:
     # Both point the trainer at the services under the same names.
     trainer = base["services"]["trainer"]["environment"]
     assert trainer["RLHF_POLICY"] == "policy:50051" and trainer["RLHF_REWARD"] == "reward:50052"
+
+
+def test_containers_run_hardened_as_in_kubernetes(base: dict) -> None:
+    for name, service in base["services"].items():
+        assert service["read_only"] is True, name
+        assert service["tmpfs"] == ["/tmp"], name
+        assert service["cap_drop"] == ["ALL"], name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+    assert _image_env()["HOME"] == "/tmp"
