@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.cli import build_parser
 from services.k8s import manifests as m
-from tests.test_k8s import _subparser
+from tests.cli_flags import env_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -151,19 +150,11 @@ def test_gpu_override_gives_each_service_its_own_gpu(gpu: dict) -> None:
 
 def test_env_names_are_the_services_flags(gpu: dict, base: dict) -> None:
     """Every RLHF_* variable compose sets is a flag of the command it runs, with a valid value."""
-    parser = build_parser()
     checked = 0
     for config in (base, gpu):
         for name, service in config["services"].items():
             args = service["command"]
-            parser.parse_args(args)  # a valid command line (SystemExit if not)
-            sub = _subparser(parser, args)
-            options = {
-                m.flag_env_name(s): a
-                for a in sub._actions
-                for s in a.option_strings
-                if s.startswith("--")
-            }
+            options = env_flags(args)  # a valid command line (SystemExit if not)
             for env, value in service.get("environment", {}).items():
                 if not env.startswith("RLHF_") or env in m.NON_FLAG_ENV:
                     continue

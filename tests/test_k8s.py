@@ -4,7 +4,6 @@ that needs a cluster runs only when KUBECONFIG points at one."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import re
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from services.k8s import manifests as m
+from tests.cli_flags import env_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = ["cpu", "gpu", "reward-swap"]
@@ -236,33 +236,13 @@ def test_reward_swap_runs_two_rewards(rendered: dict) -> None:
 # --- agreement with the real command lines --------------------------------------------------------
 
 
-def _subparser(parser: argparse.ArgumentParser, args: list[str]) -> argparse.ArgumentParser:
-    """The parser of the (sub)command that args name, e.g. [policy, serve] or [sft, ...]."""
-    for word in args:
-        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        if not actions:
-            break
-        parser = actions[0].choices[word]
-    return parser
-
-
 def test_env_args_and_ports_match_the_command_lines(rendered: dict) -> None:
-    from rlhf.cli import build_parser
-
-    parser = build_parser()
     checked = 0
     for overlay, obj, spec in _all_workloads(rendered):
         for c in m.containers(spec):
             where = (overlay, m.key(obj), c["name"])
             args = c["args"]
-            parser.parse_args(args)  # the args are a valid command line (SystemExit if not)
-            sub = _subparser(parser, args)
-            options = {
-                m.flag_env_name(s): a
-                for a in sub._actions
-                for s in a.option_strings
-                if s.startswith("--")
-            }
+            options = env_flags(args)  # the args are a valid command line (SystemExit if not)
             for name in m.env_names(c):
                 if not name.startswith("RLHF_") or name in m.NON_FLAG_ENV:
                     continue
