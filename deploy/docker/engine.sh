@@ -11,6 +11,9 @@
 # second run reuses them; `make clean-docker` removes them. The socket, pid file and exec root
 # live in a short /tmp folder (containerd's socket path must stay under 108 bytes).
 #
+# It is meant for a machine with no other Docker engine (CI, these build machines): a second
+# dockerd beside a system one would share its docker0 bridge and firewall chains.
+#
 # The daemon manages the firewall rules its bridges need (containers reach each other on their
 # compose network; the host reaches them through published ports), with --ip-masq=false, so no
 # container traffic is NATed out of this machine. `stop` puts back the host's iptables rules and
