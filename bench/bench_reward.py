@@ -87,7 +87,7 @@ def make_samples(count: int, seed: int = 0, words: int = 0) -> tuple[list[str], 
     """`count` (prompt, response) pairs of review-like sentences, deterministic.
 
     words=0: each response is 1-3 sentences (~19 words). words=N: sentences are added until a
-    response has at least N words (N + ~3 on average)."""
+    response has at least N - 4 words (sentences are ~7 words long, so about N on average)."""
     rng = random.Random(seed)
     prompts, responses = [], []
     for _ in range(count):

@@ -138,5 +138,5 @@ case ${1:-} in
   start) start ;;
   stop) stop ;;
   env) print_env ;;
-  *) sed -n '2,16p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,8p' "$0" >&2; exit 2 ;;
 esac
