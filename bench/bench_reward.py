@@ -1,26 +1,29 @@
 """Reward scoring throughput: through the reward service vs the same backend in-process.
 
-Same texts, same backend flags, same batches (64 samples per Score call by default). The two
-sides are interleaved in small groups of batches (one batch in-process, the same batch through
-the service, ...), so that load from other work on the machine hits both alike; each row's
-ratio is the median of its rounds' ratios. Target: service >= 0.9 x in-process scores/s.
+Same texts, same backend flags, same batches. The two sides are interleaved in small groups of
+calls (one batch in-process, the same batch through the service, ...), so that load from other
+work on the machine hits both alike; each row's ratio is the median of its rounds' ratios.
+Target: service >= 0.9 x in-process scores/s.
 
 The service runs as a subprocess started with the real `rlhf reward serve` command, as it is
 deployed (its own process, its own GIL). That is the fairer choice: a server in this process
 would share one GIL with the client, so every request's protobuf building and the backend's
 scoring would queue behind each other, charging the service for a cost deployment never pays.
 
-Two text sizes are measured. The target applies to "seed-length" responses: about 48 words,
-what the seed's max_new_tokens=64 produces (~1.3 tokens per English word). "short" responses (1-3
-sentences, ~19 words, the size of `make run`'s 20-token responses) are printed beside them: VADER
-scores them in ~70 us each, so the fixed per-call cost of a process boundary (~0.5 ms of gRPC
-work, and a cold cache when the serving thread wakes) weighs more there.
-
-Two client modes are measured: 1 call in flight (the latency-bound case of a trainer waiting
-on each batch: every call pays the gRPC round trip, ~0.4-1 ms on loopback, and two process
-wake-ups, which a busy machine can stretch to several ms) and a few calls in flight (a trainer
-scoring ahead, or several trainers: the service always has the next request queued). Both rows
-say whether they meet the target; the exit status reports errors only.
+What the rows vary, and why:
+- Texts: "seed-length" responses of about 48 words, what the seed's max_new_tokens=64 produces
+  (~1.3 tokens per English word); "short" ones (1-3 sentences, ~19 words, `make run`'s
+  20-token responses) are printed beside them, without a target.
+- Samples per Score call: the trainer sends a step's whole batch in one call. The target rows
+  use 256, TRL's PPOConfig default batch_size (v0.1-v0.7); 64 is printed beside it. Every call
+  pays a fixed cost whatever its size (the `overhead` column: service minus in-process, per
+  call): grpcio's sync server hands each call across several threads, and on a small VM each
+  wake of an idle thread costs 0.1-0.3 ms, ~1 ms per call before any of this service's code
+  runs. At 64 seed-length texts (~14 ms of VADER) that fixed cost alone is ~7 %.
+- Calls in flight: 1 is the latency-bound case of a trainer waiting on each batch (a blocking
+  call, as the trainer's RewardClient makes it); a few in flight is a trainer scoring ahead, or
+  several trainers: the service always has the next request queued.
+The verdict is printed on the target rows; the exit status reports errors only.
 
     python bench/bench_reward.py                       # VADER
     python bench/bench_reward.py --backend hf-classifier --model PATH --label POSITIVE
@@ -55,6 +58,8 @@ from services.reward.backends import build_backend  # noqa: E402
 from services.reward.server import texts_to_score  # noqa: E402
 
 TARGET = 0.9
+TARGET_BATCH = 256
+"""Samples per Score call of the target rows: TRL's PPOConfig default batch_size (v0.1-v0.7)."""
 
 _SUBJECTS = [
     "The movie", "This restaurant", "My new phone", "The customer service", "Our trip to Rome",
@@ -139,6 +144,9 @@ def paired_round(
         middle = time.perf_counter()
         pending: list[grpc.Future] = []
         for request in requests[start : start + group]:
+            if in_flight == 1:  # a blocking call, as the trainer's RewardClient makes it
+                scores.extend(stub.Score(request, timeout=120).scores)
+                continue
             pending.append(stub.Score.future(request, timeout=120))
             if len(pending) >= in_flight:
                 scores.extend(pending.pop(0).result().scores)
@@ -153,10 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=4096, help="texts scored per round")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 512 texts, 2 rounds")
-    parser.add_argument("--batch", type=int, default=64, help="samples per Score call")
+    parser.add_argument(
+        "--batches",
+        default=f"{TARGET_BATCH},64",
+        help="samples per Score call, comma-separated: one set of rows each",
+    )
     parser.add_argument("--rounds", type=int, default=9, help="alternating rounds per side")
     parser.add_argument("--in-flight", type=int, default=4, help="pipelined calls outstanding")
     ours, backend_argv = parser.parse_known_args(argv)
+    try:
+        call_sizes = [int(size) for size in ours.batches.split(",")]
+    except ValueError:
+        call_sizes = []
+    if not call_sizes or min(call_sizes) < 1:
+        print(f"bench_reward: error: --batches {ours.batches!r}: positive integers, e.g. 256,64")
+        return 2
     backend_parser = argparse.ArgumentParser(prog="backend flags")
     cli.configure(backend_parser)
     backend_args = backend_parser.parse_args(backend_argv)
@@ -170,14 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     backend = build_backend(backend_args)
     sizes = {"seed-length": SEED_WORDS, "short": 0}
     workloads = {
-        name: Workload.build(ours, backend_args.input, words, backend.score)
+        (name, call): Workload.build(ours.samples, call, backend_args.input, words, backend.score)
         for name, words in sizes.items()
+        for call in call_sizes
     }
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
     command = [sys.executable, "-m", "rlhf.cli", "reward", "serve", *backend_argv]
     command += ["--host", "127.0.0.1", "--port", str(port), "--grace-s", "1"]
+    command += ["--max-samples", str(max(call_sizes + [1024]))]
+    modes = [1, ours.in_flight]
+    rows = [(work, mode) for work in workloads for mode in modes]
+    local_s: dict[tuple[tuple[str, int], int], list[float]] = {row: [] for row in rows}
+    remote_s: dict[tuple[tuple[str, int], int], list[float]] = {row: [] for row in rows}
     with tempfile.TemporaryFile(mode="w+") as log:
         # The service's JSON log goes to a file: an unread pipe would fill and stall it.
         server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
@@ -197,19 +222,15 @@ def main(argv: list[str] | None = None) -> int:
             for work in workloads.values():  # warm-up: connection, lazy imports, first passes
                 for request in work.requests[:4]:
                     stub.Score(request, timeout=120)
-            modes = [1, ours.in_flight]
-            rows = [(size, mode) for size in workloads for mode in modes]
-            local_s: dict[tuple[str, int], list[float]] = {row: [] for row in rows}
-            remote_s: dict[tuple[str, int], list[float]] = {row: [] for row in rows}
             for _ in range(ours.rounds):
-                for size, mode in rows:
-                    work = workloads[size]
+                for key, mode in rows:
+                    work = workloads[key]
                     local, remote, got = paired_round(
                         backend.score, stub, work.text_batches, work.requests, in_flight=mode
                     )
                     check(got, work.expected)
-                    local_s[size, mode].append(local)
-                    remote_s[size, mode].append(remote)
+                    local_s[key, mode].append(local)
+                    remote_s[key, mode].append(remote)
             channel.close()
         except Exception as err:
             log.seek(0)
@@ -226,32 +247,37 @@ def main(argv: list[str] | None = None) -> int:
     name = backend_args.name or backend_args.backend
     detail = f" ({backend_args.model})" if backend_args.model else ""
     print(
-        f"reward scoring: backend {name}{detail}, {ours.samples} samples in calls of "
-        f"{ours.batch}, median of {ours.rounds} rounds, service in a subprocess"
+        f"reward scoring: backend {name}{detail}, {ours.samples} samples per row and round, "
+        f"median of {ours.rounds} rounds, service in a subprocess"
     )
     print(
-        f"{'responses':<24}{'client':<20}{'in-process/s':>14}{'service/s':>12}{'ratio':>8}"
-        f"  target >= {TARGET} (seed-length)"
+        f"{'responses':<24}{'per call':>9}  {'client':<19}{'in-process/s':>13}{'service/s':>10}"
+        f"{'overhead':>12}{'ratio':>7}  target >= {TARGET} (seed-length, {TARGET_BATCH} per call)"
     )
-    for size, mode in rows:
-        local_rate = ours.samples / statistics.median(local_s[size, mode])
-        remote_rate = ours.samples / statistics.median(remote_s[size, mode])
+    for (size, call), mode in rows:
+        local, remote = local_s[(size, call), mode], remote_s[(size, call), mode]
+        local_rate = ours.samples / statistics.median(local)
+        remote_rate = ours.samples / statistics.median(remote)
         # Each round's two sides ran interleaved under the same load: the median of the
         # per-round ratios is steadier than a ratio of medians on a busy machine.
-        ratio = statistics.median(a / b for a, b in zip(local_s[size, mode], remote_s[size, mode]))
-        verdict = ("met" if ratio >= TARGET else "NOT met") if size == "seed-length" else ""
+        ratio = statistics.median(a / b for a, b in zip(local, remote))
+        calls = len(workloads[size, call].requests)
+        overhead_ms = statistics.median((b - a) / calls * 1000 for a, b in zip(local, remote))
+        target_row = size == "seed-length" and call == TARGET_BATCH
+        verdict = ("met" if ratio >= TARGET else "NOT met") if target_row else ""
         label = f"{mode} call{'s' if mode > 1 else ''} in flight"
-        words = workloads[size].mean_words
+        words = workloads[size, call].mean_words
         print(
-            f"{f'{size} (~{words:.0f} words)':<24}{label:<20}{local_rate:>14.0f}"
-            f"{remote_rate:>12.0f}{ratio:>8.2f}  {verdict}"
+            f"{f'{size} (~{words:.0f} words)':<24}{call:>9}  {label:<19}{local_rate:>13.0f}"
+            f"{remote_rate:>10.0f}{f'{overhead_ms:.2f} ms':>12}{ratio:>7.2f}  {verdict}"
         )
     return 0
 
 
 @dataclass
 class Workload:
-    """One size of texts, pre-built both ways: backend inputs and ScoreRequests, in batches."""
+    """One size of texts in calls of one size, pre-built both ways: backend inputs and
+    ScoreRequests."""
 
     text_batches: list[list[str]]
     requests: list[reward_pb2.ScoreRequest]
@@ -261,19 +287,20 @@ class Workload:
     @classmethod
     def build(
         cls,
-        ours: argparse.Namespace,
+        samples: int,
+        call_size: int,
         input_mode: str,
         words: int,
         score: Callable[[list[str]], list[float]],
     ) -> Workload:
-        prompts, responses = make_samples(ours.samples, words=words)
+        prompts, responses = make_samples(samples, words=words)
         texts = texts_to_score(prompts, responses, input_mode)
-        text_batches = batches(texts, ours.batch)
+        text_batches = batches(texts, call_size)
         requests = [
             reward_pb2.ScoreRequest(
                 samples=[reward_pb2.Sample(prompt=p, response=r) for p, r in zip(ps, rs)]
             )
-            for ps, rs in zip(batches(prompts, ours.batch), batches(responses, ours.batch))
+            for ps, rs in zip(batches(prompts, call_size), batches(responses, call_size))
         ]
         expected = [value for batch in text_batches for value in score(batch)]
         mean_words = statistics.mean(len(r.split()) for r in responses)

@@ -84,14 +84,25 @@ class RewardClient:
         wait_until_serving(self.channel, "rlhf.v1.RewardService", timeout_s)
 
     def info(self) -> reward_pb2.RewardInfo:
-        return self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=self.deadlines.info_s)
+        """The service's RewardInfo; also remembers its max_samples_per_request for score()."""
+        info = self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=self.deadlines.info_s)
+        self.max_samples_per_call = info.max_samples_per_request
+        return info
+
+    max_samples_per_call = 0
+    """Samples per Score call; 0 (until info() has been called): all in one call."""
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """One score per (prompt, response), in order. A batch larger than the service's
+        max_samples_per_request (known once info() was called) goes as several calls, one
+        after another, so a trainer's batch_size is never bound by a reward service's limit."""
         samples = [reward_pb2.Sample(prompt=p, response=r) for p, r in zip(prompts, responses)]
-        reply = self.stub.Score(
-            reward_pb2.ScoreRequest(samples=samples), timeout=self.deadlines.score_s
-        )
-        return list(reply.scores)
+        size = self.max_samples_per_call or len(samples) or 1
+        scores: list[float] = []
+        for start in range(0, len(samples), size):
+            request = reward_pb2.ScoreRequest(samples=samples[start : start + size])
+            scores.extend(self.stub.Score(request, timeout=self.deadlines.score_s).scores)
+        return scores
 
     def close(self) -> None:
         self.channel.close()

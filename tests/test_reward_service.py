@@ -26,6 +26,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from rlhf.channels import wait_until_serving
+from rlhf.clients import RewardClient
 from rlhf.server import GrpcService, ServerConfig
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.reward import cli
@@ -216,6 +217,39 @@ def test_empty_too_many_and_oversized_requests() -> None:
         )
         assert "sample 1" in details and "21" in details
         assert len(score(stub, ["", "x" * 10], ["", "y" * 10])) == 2  # exactly at the limit
+
+
+class CountingBackend(RewardBackend):
+    """Test-only: VADER, counting the batches it was given."""
+
+    name = "counting"
+    description = "test backend"
+
+    def __init__(self) -> None:
+        self.vader = VaderBackend()
+        self.batch_sizes: list[int] = []
+
+    def score(self, texts: list[str]) -> list[float]:
+        self.batch_sizes.append(len(texts))
+        return self.vader.score(texts)
+
+
+def test_client_splits_a_batch_larger_than_the_services_limit() -> None:
+    backend = CountingBackend()
+    texts = [f"{t} number {i}" for i, t in enumerate(RESPONSES * 2)]
+    with serving(backend, ScoreSettings(max_samples=4)) as (service, _, _):
+        client = RewardClient(f"127.0.0.1:{service.port}")
+        try:
+            # Before GetInfo the client does not know the limit: one call, refused as too big.
+            expect_error(lambda: client.score([""] * 10, texts), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert client.info().max_samples_per_request == 4
+            assert client.score([""] * 10, texts) == pytest.approx(
+                VaderBackend().score(texts), abs=1e-6
+            )
+            assert backend.batch_sizes == [4, 4, 2]  # in order, never over the limit
+            assert client.score([], []) == []
+        finally:
+            client.close()
 
 
 class FlakyBackend(RewardBackend):

@@ -133,6 +133,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 pending.set_result(backend.score(texts))
             except BaseException as err:  # noqa: BLE001 - the caller's handler reports it
                 pending.set_exception(err)
+            # Hand the GIL to the waiting handler thread now, so that it sends the answer
+            # before the next queued call is scored. Without this it waits for the next forced
+            # switch (sys.getswitchinterval(), 5 ms): measured, a median 2.7 ms added to every
+            # answer when calls are queued (64 VADER texts per call).
+            time.sleep(0)
 
     @handle_errors
     def GetInfo(

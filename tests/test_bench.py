@@ -1,0 +1,39 @@
+"""The benchmarks run: `bench/run_all.py --quick` on tiny models, end to end.
+
+Speed is not judged here (timed tests on a shared machine prove nothing; `make bench` prints
+the ratios). What is checked is that every benchmark still starts its services, compares the
+same work on both sides (the same sampled tokens; the same scores, which bench_reward checks
+itself) and prints its table, so a change to a service or a client cannot quietly break them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_every_benchmark_runs_and_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    summary = out.split("=== summary ===")[1]
+    for name in ("bench_loop.py", "bench_policy.py", "bench_reward.py"):
+        assert f"{name}" in summary and "FAILED" not in summary, summary
+    assert "the same on both sides: yes" in out  # Generate sampled the in-process tokens
+    assert "UpdateWeights MB/s" in out
+    rows = [line for line in out.splitlines() if line.startswith(("seed-length", "short"))]
+    assert len(rows) == 8, out  # 2 text sizes x 2 call sizes x 2 client modes
+    assert sum(line.rstrip().endswith("met") for line in rows) == 2  # the target rows say so
