@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rlhf.channels import open_channel, wait_until_serving
+from rlhf.compute import ComputeThread
 from rlhf.config import add_env_argument, add_server_arguments, server_config
 from rlhf.logs import JsonFormatter
 from rlhf.server import GrpcService, ServerConfig
@@ -95,3 +96,28 @@ def test_channel_retries_until_a_late_server_comes_up() -> None:
     wait_until_serving(channel, timeout_s=1)
     service.stop(grace_s=0)
     channel.close()
+
+
+def test_compute_thread_runs_jobs_in_order_on_one_thread_and_passes_errors_back() -> None:
+    compute = ComputeThread("test-compute")
+    seen: list[tuple[int, str]] = []
+
+    def job(n: int) -> int:
+        time.sleep(0.01 if n == 0 else 0)  # the first job is the slowest: order must still hold
+        seen.append((n, threading.current_thread().name))
+        return n * n
+
+    futures = [compute.submit(job, n) for n in range(4)]
+    assert [f.result(timeout=10) for f in futures] == [0, 1, 4, 9]
+    assert [n for n, _ in seen] == [0, 1, 2, 3]  # one at a time, in submission order
+    assert {name for _, name in seen} == {"test-compute"}  # never the caller's thread
+
+    def fails() -> None:
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        compute.run(fails)
+    assert compute.run(job, 5) == 25  # an exception does not end the thread
+    compute.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        compute.submit(job, 6)

@@ -548,3 +548,23 @@ def test_cli_is_import_light() -> None:
     from rlhf.models import DEFAULT_POLICY
 
     assert out.stdout.strip() == DEFAULT_POLICY
+
+
+def test_model_work_runs_on_the_compute_thread(
+    client: PolicyClient, engine: PolicyEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generate and the weight swap run on the servicer's one ComputeThread, never on a gRPC
+    worker thread (rlhf.compute: one OpenMP team per process)."""
+    threads: list[tuple[str, str]] = []
+    for name in ("generate", "apply_weights"):
+        original = getattr(engine, name)
+
+        def record(*args: object, _name: str = name, _original=original, **kwargs: object):  # noqa: ANN202
+            threads.append((_name, threading.current_thread().name))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(engine, name, record)
+    client.generate(PROMPTS, params(seed=1))
+    same = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    client.update_weights(same, served_version(client) + 1)
+    assert threads == [("generate", "policy-compute"), ("apply_weights", "policy-compute")]

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -220,7 +221,7 @@ def test_empty_too_many_and_oversized_requests() -> None:
 
 
 class CountingBackend(RewardBackend):
-    """Test-only: VADER, counting the batches it was given."""
+    """Test-only: VADER, recording the batches it was given and the threads that scored them."""
 
     name = "counting"
     description = "test backend"
@@ -228,9 +229,11 @@ class CountingBackend(RewardBackend):
     def __init__(self) -> None:
         self.vader = VaderBackend()
         self.batch_sizes: list[int] = []
+        self.threads: set[str] = set()
 
     def score(self, texts: list[str]) -> list[float]:
         self.batch_sizes.append(len(texts))
+        self.threads.add(threading.current_thread().name)
         return self.vader.score(texts)
 
 
@@ -247,6 +250,7 @@ def test_client_splits_a_batch_larger_than_the_services_limit() -> None:
                 VaderBackend().score(texts), abs=1e-6
             )
             assert backend.batch_sizes == [4, 4, 2]  # in order, never over the limit
+            assert backend.threads == {"reward-compute"}  # never a gRPC worker thread
             assert client.score([], []) == []
         finally:
             client.close()

@@ -89,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
 
     def load() -> None:
         try:
-            engine = PolicyEngine(args.model, device=device, dtype=dtype, limits=limits)
+            # Built on the thread that will run it (rlhf.compute: one OpenMP team per process).
+            engine = servicer.compute.run(
+                PolicyEngine, args.model, device=device, dtype=dtype, limits=limits
+            )
         except Exception as err:
             print(f"rlhf policy serve: cannot load model {args.model!r}: {err}", file=sys.stderr)
             raise

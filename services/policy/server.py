@@ -6,6 +6,9 @@ gets its engine through `attach()` once loading is done, so a probe can tell "lo
 without holding the engine's lock, into a receive buffer the engine hands out; only the final
 swap takes the lock (PolicyEngine.apply_weights), so generation goes on during an upload and a
 broken or rejected upload never touches the served weights.
+
+The model work itself (loading, generate, the swap) runs on the servicer's one ComputeThread,
+never on the gRPC worker threads: see rlhf.compute for why (torch's OpenMP teams).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from rlhf.compute import ComputeThread
 from rlhf.errors import RpcError, handle_errors, unavailable
 from rlhf.server import GrpcService, Readiness, ServerConfig
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
@@ -52,6 +56,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     def __init__(self, engine: PolicyEngine | None = None) -> None:
         self.readiness = Readiness()
+        self.compute = ComputeThread("policy-compute")
+        """Where the engine is built (`compute.run(PolicyEngine, ...)`) and does its work."""
         self._engine: PolicyEngine | None = None
         if engine is not None:
             self.attach(engine)
@@ -75,7 +81,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex[:16]
         started = time.monotonic()
         try:
-            completions = engine.generate(list(request.prompts), params_from_proto(request.params))
+            completions = self.compute.run(
+                engine.generate, list(request.prompts), params_from_proto(request.params)
+            )
         except RpcError as err:
             log.warning(
                 "generate refused",
@@ -172,7 +180,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 f"the client went away; version {assembler.version} was not applied",
             )
         received = time.monotonic()
-        count = engine.apply_weights(tensors, assembler.version, backing=assembler.buffer)
+        count = self.compute.run(
+            engine.apply_weights, tensors, assembler.version, backing=assembler.buffer
+        )
         del tensors  # views into the receive buffer: served now, or the next upload's spare
         done = time.monotonic()
         seconds = done - (started or received)

@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
 
             hf_logging.disable_progress_bar()
         try:
-            backend = build_backend(args)
+            backend = servicer.compute.run(build_backend, args)  # on the scoring thread
         except Exception as err:
             # One plain line that says what failed, before run_service logs the traceback.
             message = f"cannot load reward backend {args.backend}: {type(err).__name__}: {err}"

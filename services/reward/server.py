@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import grpc
 
+from rlhf.compute import ComputeThread
 from rlhf.errors import RpcError, exhausted, handle_errors, invalid, unavailable
 from rlhf.server import GrpcService, ServerConfig
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
@@ -65,14 +64,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self.settings = settings
         self._backend = backend
         self._lock = threading.Lock()
-        # One scoring thread runs every backend call, in arrival order: backends are CPU-bound
-        # (VADER holds the GIL; a model uses every core per forward pass), so concurrent calls
-        # only thrash. With several calls in flight the thread scores them back to back with
-        # warm caches, instead of handing a lock from one gRPC worker thread to the next.
-        self._scoring: queue.SimpleQueue[tuple[RewardBackend, list[str], Future]] = (
-            queue.SimpleQueue()
-        )
-        threading.Thread(target=self._score_forever, name="reward-scoring", daemon=True).start()
+        # Every backend call runs on this one thread, in arrival order (see rlhf.compute):
+        # backends are CPU-bound (VADER holds the GIL; a model uses every core per forward
+        # pass), so concurrent calls only thrash, and a model's OpenMP team stays single.
+        # Load the backend on it too: `self.compute.run(build_backend, args)`.
+        self.compute = ComputeThread("reward-compute")
         self._score_log = ScoreLog()
 
     def set_backend(self, backend: RewardBackend) -> None:
@@ -118,26 +114,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             settings.input,
         )
         started = time.perf_counter()
-        pending: Future = Future()
-        self._scoring.put((backend, texts, pending))
-        scores = pending.result()  # the backend's exception, if any, is raised here
+        scores = self.compute.run(backend.score, texts)  # the backend's exception is raised here
         latency_ms = (time.perf_counter() - started) * 1000.0
         checked = _check_scores(scores, count, backend.name)
         self._score_log.record(count, latency_ms, backend.name)
         return reward_pb2.ScoreResponse(scores=checked)
-
-    def _score_forever(self) -> None:
-        while True:
-            backend, texts, pending = self._scoring.get()
-            try:
-                pending.set_result(backend.score(texts))
-            except BaseException as err:  # noqa: BLE001 - the caller's handler reports it
-                pending.set_exception(err)
-            # Hand the GIL to the waiting handler thread now, so that it sends the answer
-            # before the next queued call is scored. Without this it waits for the next forced
-            # switch (sys.getswitchinterval(), 5 ms): measured, a median 2.7 ms added to every
-            # answer when calls are queued (64 VADER texts per call).
-            time.sleep(0)
 
     @handle_errors
     def GetInfo(
