@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             for work in workloads.values():  # warm-up: connection, lazy imports, first passes
                 for request in work.requests[:4]:
                     stub.Score(request, timeout=120)
+            floor_ms = {busy: empty_call_ms(stub, busy) for busy in (0.0, 0.015)}
             for _ in range(ours.rounds):
                 for key, mode in rows:
                     work = workloads[key]
@@ -271,7 +272,28 @@ def main(argv: list[str] | None = None) -> int:
             f"{f'{size} (~{words:.0f} words)':<24}{call:>9}  {label:<19}{local_rate:>13.0f}"
             f"{remote_rate:>10.0f}{f'{overhead_ms:.2f} ms':>12}{ratio:>7.2f}  {verdict}"
         )
+    print(
+        f"an empty Score call (no samples, no scoring), median round trip: "
+        f"{floor_ms[0.0]:.2f} ms back to back, {floor_ms[0.015]:.2f} ms when the caller works "
+        "15 ms between calls (the in-process side's rhythm): the transport's share of `overhead`"
+    )
     return 0
+
+
+def empty_call_ms(
+    stub: reward_pb2_grpc.RewardServiceStub, busy_s: float, calls: int = 200
+) -> float:
+    """Median milliseconds of an empty Score call, the caller spinning `busy_s` between calls."""
+    request = reward_pb2.ScoreRequest()
+    times = []
+    for _ in range(calls):
+        end = time.perf_counter() + busy_s
+        while time.perf_counter() < end:
+            pass
+        started = time.perf_counter()
+        stub.Score(request, timeout=30)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
 
 
 @dataclass
