@@ -7,9 +7,9 @@ right there costs twice on a CPU:
   that ever opened a parallel region. Handlers on eight worker threads grow eight teams; once
   more team threads exist than cores, libgomp stops spin-waiting between parallel regions, and
   every one of the thousands of small kernels in a decoding loop pays a futex wake-up.
-  Measured (2 cores, 2 torch threads, the default policy, 8 prompts x 20 new tokens): 2.2 s on
-  the only thread that had run torch; 2.9-3.6 s on every thread, that one included, as soon as
-  a second thread had.
+  Measured (2 cores, 2 torch threads, the default policy, 8 prompts x 20 new tokens): 2.2-2.6 s
+  on the only thread that had run torch; 2.8-3.9 s on every thread, that one included, as soon
+  as a second thread had.
 - The calls would need a lock anyway (one model, one set of weights), and a lock handed from one
   worker thread to the next wakes a different thread, with cold caches, for every call.
 
