@@ -174,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         call_sizes = []
     if not call_sizes or min(call_sizes) < 1:
-        print(f"bench_reward: error: --batches {ours.batches!r}: positive integers, e.g. 256,64")
+        print(
+            f"bench_reward: error: --batches {ours.batches!r}: positive integers, e.g. 256,64",
+            file=sys.stderr,
+        )
         return 2
     backend_parser = argparse.ArgumentParser(prog="backend flags")
     cli.configure(backend_parser)
