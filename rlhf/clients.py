@@ -79,6 +79,8 @@ class RewardClient:
         self.deadlines = deadlines or Deadlines()
         self.channel = open_channel(address)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+        self.max_samples_per_call = 0
+        """Samples per Score call, from info(); 0 until info() has been called: one call."""
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         wait_until_serving(self.channel, "rlhf.v1.RewardService", timeout_s)
@@ -88,9 +90,6 @@ class RewardClient:
         info = self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=self.deadlines.info_s)
         self.max_samples_per_call = info.max_samples_per_request
         return info
-
-    max_samples_per_call = 0
-    """Samples per Score call; 0 (until info() has been called): all in one call."""
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """One score per (prompt, response), in order. A batch larger than the service's
