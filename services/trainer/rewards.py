@@ -83,9 +83,8 @@ class RewardMixer:
         self.connect = connect
         self._sources: list[RewardSource] = []
         self._retired: list[RewardSource] = []
-        self._in_step = False
-        self._step = 0
-        """The number of the step in progress, or of the last one begun."""
+        self._step_in_progress: int | None = None
+        """Between begin_step(N) and end_step(): N; else None."""
         self._lock = threading.Lock()
 
     @property
@@ -98,14 +97,13 @@ class RewardMixer:
         with self._lock:
             snapshot, retired = list(self._sources), self._retired
             self._retired = []
-            self._in_step = True
-            self._step = step
+            self._step_in_progress = step
         self._close_unused(retired, snapshot)
         return snapshot
 
     def end_step(self) -> None:
         with self._lock:
-            self._in_step = False
+            self._step_in_progress = None
 
     def probe(self, specs: Sequence[EndpointSpec]) -> list[RewardSource]:
         """Connects to each endpoint and checks it speaks the reward contract.
@@ -150,7 +148,7 @@ class RewardMixer:
         with self._lock:
             self._retired.extend(self._sources)
             self._sources = sources
-            in_step = self._step if self._in_step else None
+            in_step = self._step_in_progress
             retired = [] if in_step is not None else self._retired
             if in_step is None:
                 self._retired = []
