@@ -45,19 +45,26 @@ def open_channel(address: str, max_attempts: int = 5) -> grpc.Channel:
     return grpc.insecure_channel(address, options=options)
 
 
+def check_health(channel: grpc.Channel, service: str = "", timeout_s: float = 2.0) -> str:
+    """One grpc.health.v1 Check of `service` ("" = the whole server): the status's name
+    (SERVING, NOT_SERVING, SERVICE_UNKNOWN, ...). A failed call raises grpc.RpcError."""
+    reply = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+    )
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
 def wait_until_serving(channel: grpc.Channel, service: str = "", timeout_s: float = 60.0) -> None:
     """Blocks until the health service reports SERVING for `service`; raises TimeoutError."""
     import time
 
-    stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            last = check_health(channel, service)
+            if last == "SERVING":
                 return
-            last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.RpcError as err:
             last = f"{err.code().name}: {err.details()}"
         time.sleep(0.2)

@@ -34,7 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from rlhf.channels import check_health
 
     address = args.address
     if not address:
@@ -44,15 +45,10 @@ def run(args: argparse.Namespace) -> int:
             return 1
         address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = stub.Check(
-                health_pb2.HealthCheckRequest(service=args.service),
-                timeout=args.health_timeout_s,
-            )
+            status = check_health(channel, args.service, args.health_timeout_s)
         except grpc.RpcError as err:
             print(f"{address}: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{address} {args.service or '(server)'}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if status == "SERVING" else 1
