@@ -25,18 +25,20 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.measure import alternate, speed_ratio  # noqa: E402
 
 TARGET = 0.95
 PHASES = ["time/generate", "time/score", "time/ref_values", "time/update", "time/weight_sync"]
 
 
 def _measure_alternating(
-    loops: dict,
-    steps: int,  # noqa: ANN001
+    loops: dict, steps: int
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
     """One warm-up step per side, then `steps` timed steps alternating between the sides (ABBA),
     so that whatever else loads the machine loads both alike. Returns ({side: seconds of each
@@ -44,13 +46,16 @@ def _measure_alternating(
     for loop in loops.values():
         loop.run_step()  # warm-up: first-touch allocations, lazy initialisation
     rows: dict[str, list[dict[str, float]]] = {side: [] for side in loops}
-    seconds: dict[str, list[float]] = {side: [] for side in loops}
-    sides = list(loops)
-    for step in range(steps):
-        for side in sides if step % 2 == 0 else sides[::-1]:
+
+    def timed_step(side: str) -> Callable[[], float]:
+        def run() -> float:
             started = time.perf_counter()
             rows[side].append(loops[side].run_step().stats)
-            seconds[side].append(time.perf_counter() - started)
+            return time.perf_counter() - started
+
+        return run
+
+    seconds = alternate({side: timed_step(side) for side in loops}, steps)
     phases = {
         side: {k: statistics.median(r[k] for r in rows[side]) for k in PHASES + ["time/step"]}
         for side in loops
@@ -115,7 +120,7 @@ def main() -> int:
     episodes = loops["local"].config.ppo.batch_size
     local_rate = episodes / statistics.median(seconds["local"])
     grpc_rate = episodes / statistics.median(seconds["grpc"])
-    ratio = statistics.median(a / b for a, b in zip(seconds["local"], seconds["grpc"]))
+    ratio = speed_ratio(seconds["grpc"], seconds["local"])
     print(f"\nPPO loop, {args.steps} timed steps per side, model {Path(model).name}")
     print(f"{'phase (median s/step)':<22}{'in-process':>12}{'services':>12}")
     for key in PHASES + ["time/step"]:

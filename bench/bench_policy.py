@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from bench.measure import alternate, speed_ratio  # noqa: E402
 from rlhf.models import DEFAULT_POLICY  # noqa: E402
 
 if TYPE_CHECKING:
@@ -202,7 +203,7 @@ def paired(
     """(service rate, baseline rate, ratio) of `amount` per round: each side's median round,
     and the median of the per-round ratios (round i of one side ran right beside round i of
     the other, under the same load)."""
-    ratio = statistics.median(b / a for a, b in zip(service_s, baseline_s))
+    ratio = speed_ratio(service_s, baseline_s)
     return amount / statistics.median(service_s), amount / statistics.median(baseline_s), ratio
 
 
@@ -258,16 +259,6 @@ def run_client(args: argparse.Namespace, model: str, server: subprocess.Popen[st
         return 1
     missed = any(r.ratio < r.target for r in rows)
     return 1 if args.strict and missed else 0
-
-
-def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each side per round, in ABBA order."""
-    seconds: dict[str, list[float]] = {side: [] for side in sides}
-    names = list(sides)
-    for round_ in range(rounds):
-        for side in names if round_ % 2 == 0 else names[::-1]:
-            seconds[side].append(sides[side]())
-    return seconds
 
 
 def _times(label: str, values: list[float]) -> str:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,9 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from bench.measure import speed_ratio  # noqa: E402
 from rlhf.channels import open_channel, wait_until_serving  # noqa: E402
+from rlhf.launch import free_port  # noqa: E402
 from rlhf.v1 import reward_pb2, reward_pb2_grpc  # noqa: E402
 from services.reward import cli  # noqa: E402
 from services.reward.backends import build_backend  # noqa: E402
@@ -111,12 +112,6 @@ def make_samples(count: int, seed: int = 0, words: int = 0) -> tuple[list[str], 
 
 def _words(sentences: list[str]) -> int:
     return sum(len(sentence.split()) for sentence in sentences)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def batches(items: list, size: int) -> list[list]:
@@ -264,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         remote_rate = ours.samples / statistics.median(remote)
         # Each round's two sides ran interleaved under the same load: the median of the
         # per-round ratios is steadier than a ratio of medians on a busy machine.
-        ratio = statistics.median(a / b for a, b in zip(local, remote))
+        ratio = speed_ratio(remote, local)
         calls = len(workloads[size, call].requests)
         overhead_ms = statistics.median((b - a) / calls * 1000 for a, b in zip(local, remote))
         target_row = size == "seed-length" and call == TARGET_BATCH

@@ -7,7 +7,6 @@ import argparse
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from rlhf.channels import wait_until_serving
 from rlhf.clients import RewardClient
+from rlhf.launch import free_port
 from rlhf.server import GrpcService, ServerConfig
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.reward import cli
@@ -347,12 +347,6 @@ def test_bad_flag_combinations_are_refused(tiny_classifier: Path) -> None:
         build_backend(args_for(*model, "--logit"))
     with pytest.raises(ValueError, match="choose one with --label"):
         build_backend(args_for(*model))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rlhf_command(*argv: str) -> list[str]:
