@@ -51,11 +51,11 @@ models: install
 	$(VENV)/bin/rlhf models prepare
 
 run: install
-	$(PY) -m services.trainer.main_job
+	$(PY) -m tools.main_job
 
 # The serving halves alone: start policy + reward on the defaults, one Generate, one Score.
 smoke: install
-	$(PY) -m rlhf.demo
+	$(PY) -m tools.demo
 
 # SFT -> reward model -> PPO on the defaults (outputs in runs/pipeline; finished stages skipped).
 .PHONY: pipeline

@@ -1,7 +1,7 @@
 """The PPO loop through the services vs the same loop in one process without gRPC.
 
-Both sides run the very same TrainingLoop (services/trainer/loop.py) on the same config, seed
-and prompts; only the transports differ:
+Both sides run the very same TrainingLoop (services/trainer/orchestrator/loop.py) on the same
+config, seed and prompts; only the transports differ:
   services:   GrpcPolicy -> `rlhf policy serve` (own process), GrpcReward -> `rlhf reward
               serve` (own process); weights go over UpdateWeights each step.
   in-process: LocalPolicy (the same PolicyEngine in this process), LocalReward (the same VADER
@@ -70,19 +70,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny random model")
     args = parser.parse_args()
 
-    from rlhf.launch import running_services
+    from bench.local_transports import LocalPolicy, LocalReward
     from rlhf.logs import setup_logging
     from rlhf.models import prepare_default_policy
     from services.reward.backends.vader import VaderBackend
-    from services.trainer.loop import TrainingLoop
-    from services.trainer.rewards import EndpointSpec, RewardMixer
-    from services.trainer.run_config_io import load_train_config
-    from services.trainer.transports import GrpcPolicy, GrpcReward, LocalPolicy, LocalReward
+    from services.trainer.config_io import load_train_config
+    from services.trainer.orchestrator.loop import TrainingLoop
+    from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
+    from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
+    from tools.launch import running_services
 
     setup_logging("bench", "WARNING")
     work = Path(tempfile.mkdtemp(prefix="bench-loop-"))
     if args.quick:
-        from tests.tiny import make_causal_lm
+        from tools.tiny import make_causal_lm
 
         model = str(make_causal_lm(work / "tiny"))
     else:

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="bench-policy-")
     model = args.model
     if args.quick:
-        from tests.tiny import make_causal_lm
+        from tools.tiny import make_causal_lm
 
         model = str(make_causal_lm(Path(tmp.name) / "tiny-lm"))
         args.max_new_tokens = min(args.max_new_tokens, 16)

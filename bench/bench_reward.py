@@ -52,11 +52,11 @@ import grpc  # noqa: E402
 
 from bench.measure import speed_ratio  # noqa: E402
 from rlhf.channels import open_channel, wait_until_serving  # noqa: E402
-from rlhf.launch import free_port  # noqa: E402
 from rlhf.v1 import reward_pb2, reward_pb2_grpc  # noqa: E402
 from services.reward import cli  # noqa: E402
 from services.reward.backends import build_backend  # noqa: E402
 from services.reward.server import texts_to_score  # noqa: E402
+from tools.launch import free_port  # noqa: E402
 
 TARGET = 0.9
 TARGET_BATCH = 256

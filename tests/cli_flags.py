@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rlhf.cli import build_parser
-from services.k8s.manifests import flag_env_name
+from tools.k8s.manifests import flag_env_name
 
 
 def subparser(parser: argparse.ArgumentParser, args: list[str]) -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import make_causal_lm, make_classifier
+from tools.tiny import make_causal_lm, make_classifier
 
 # Tiny models run fastest on one thread, and on a shared 2-core machine torch's second OpenMP
 # thread spin-waits on a descheduled sibling (a 1 s test took 34 s under load). Services the

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from services.k8s import manifests as m
 from tests.cli_flags import env_flags
+from tools.k8s import manifests as m
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = ROOT / "deploy" / "compose"

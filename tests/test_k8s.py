@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from services.k8s import manifests as m
 from tests.cli_flags import env_flags
+from tools.k8s import manifests as m
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = ["cpu", "gpu", "reward-swap"]

@@ -28,7 +28,7 @@ from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from rlhf.weights import decode_chunk, encode_weight_frames, encode_weights
 from services.policy.engine import EngineLimits, PolicyEngine
 from services.policy.server import PolicyServicer, build_server, params_from_proto
-from tests.tiny import make_causal_lm
+from tools.tiny import make_causal_lm
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = EngineLimits(max_new_tokens_cap=64, max_batch_size=8, max_prompt_chars=600)

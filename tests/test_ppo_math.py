@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from services.trainer.config import (
+from services.trainer.learner.config import (
     PPOConfig,
     add_config_arguments,
     config_from_args,
     field_docs,
 )
-from services.trainer.kl_control import AdaptiveKLController, FixedKLController
-from services.trainer.ppo import (
+from services.trainer.learner.kl_control import AdaptiveKLController, FixedKLController
+from services.trainer.learner.ppo import (
     compute_advantages,
     compute_rewards,
     kl_penalty,

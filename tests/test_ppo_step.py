@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.trainer.config import PPOConfig
-from services.trainer.ppo_trainer import PPOTrainer
-from services.trainer.value_head import VALUE_HEAD_FILE, PolicyWithValueHead
+from services.trainer.learner.config import PPOConfig
+from services.trainer.learner.ppo_trainer import PPOTrainer
+from services.trainer.learner.value_head import VALUE_HEAD_FILE, PolicyWithValueHead
 
 STAT_NAMES = """
 objective/kl objective/kl_coef objective/entropy objective/logprobs objective/ref_logprobs

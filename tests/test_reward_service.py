@@ -27,7 +27,6 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from rlhf.channels import wait_until_serving
 from rlhf.clients import RewardClient
-from rlhf.launch import free_port
 from rlhf.server import GrpcService, ServerConfig
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.reward import cli
@@ -37,6 +36,7 @@ from services.reward.backends.keyword import KeywordBackend
 from services.reward.backends.length import LengthBackend
 from services.reward.backends.vader import VaderBackend
 from services.reward.server import RewardServicer, ScoreSettings, build_server
+from tools.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [

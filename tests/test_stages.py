@@ -25,23 +25,23 @@ from services.policy.server import build_server as build_policy_server
 from services.reward.backends.hf_classifier import HFClassifierBackend
 from services.reward.server import ScoreSettings
 from services.reward.server import build_server as build_reward_server
-from services.trainer import main_job
-from services.trainer.stages import make_demo_preferences
-from services.trainer.stages.pipeline import PPO_DONE, PipelineConfig, run_pipeline
-from services.trainer.stages.reward_model import (
+from tools import main_job
+from tools.stages import make_demo_preferences
+from tools.stages.pipeline import PPO_DONE, PipelineConfig, run_pipeline
+from tools.stages.reward_model import (
     DEMO_DATA as RM_DEMO,
 )
-from services.trainer.stages.reward_model import (
+from tools.stages.reward_model import (
     RMStageConfig,
     load_pairs,
     resolve_backbone,
     split_pairs,
     train_reward_model,
 )
-from services.trainer.stages.sft import DEMO_DATA as SFT_DEMO
-from services.trainer.stages.sft import SFTStageConfig, load_sft_rows, train_sft
+from tools.stages.sft import DEMO_DATA as SFT_DEMO
+from tools.stages.sft import SFTStageConfig, load_sft_rows, train_sft
 
-# Words of the tiny tokenizer's vocabulary (tests/tiny.py), so the tiny models see real tokens.
+# Words of the tiny tokenizer's vocabulary (tools/tiny.py), so the tiny models see real tokens.
 SFT_ROWS = [
     ("tell me about the day", "what a wonderful day !"),
     ("write a short poem about a robot", "the robot is very happy and i love it !"),

@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from rlhf.clients import PolicyClient
-from rlhf.launch import free_port, running_services
 from rlhf.v1 import policy_pb2, trainer_pb2
-from services.trainer.client import TrainerClient
+from services.trainer.api.client import TrainerClient
+from tools.launch import free_port, running_services
 
 pytestmark = pytest.mark.slow
 

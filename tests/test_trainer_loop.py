@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.local_transports import LocalPolicy, LocalReward
 from services.reward.backends.vader import VaderBackend
-from services.trainer.loop import StepFailed, TrainConfig, TrainingLoop
-from services.trainer.rewards import EndpointSpec, RewardMixer
-from services.trainer.run_config_io import load_train_config
-from services.trainer.transports import LocalPolicy, LocalReward
+from services.trainer.config import TrainConfig
+from services.trainer.config_io import load_train_config
+from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
+from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 
 
 class ScriptedReward:

@@ -37,10 +37,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from rlhf.launch import free_port
 from rlhf.v1 import trainer_pb2
-from services.trainer.client import TrainerClient
-from tests.tiny import make_causal_lm, make_classifier
+from services.trainer.api.client import TrainerClient
+from tools.launch import free_port
+from tools.tiny import make_causal_lm, make_classifier
 
 pytestmark = pytest.mark.compose
 

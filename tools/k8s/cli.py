@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from services.k8s import manifests
+from tools.k8s import manifests
 
 FIELD_MANAGER = "rlhf"
 PART_OF = "app.kubernetes.io/part-of=rlhf"
@@ -147,7 +147,7 @@ def _run_status(address: str, run_id: str) -> int:
     import grpc
 
     from rlhf.v1 import trainer_pb2
-    from services.trainer.client import TrainerClient
+    from services.trainer.api.client import TrainerClient
 
     trainer = TrainerClient(address, timeout_s=10.0)
     try:
@@ -186,7 +186,7 @@ class SwapReward:
     def run(args: argparse.Namespace) -> int:
         import grpc
 
-        from services.trainer.client import TrainerClient
+        from services.trainer.api.client import TrainerClient
 
         endpoints = [manifests.with_default_port(e) for e in args.endpoints]
         trainer = TrainerClient(args.trainer)

@@ -1,8 +1,8 @@
 """How the trainer reaches the policy and the reward sources: small swappable classes.
 
-`GrpcPolicy` / `GrpcReward` talk to the services; `LocalPolicy` / `LocalReward` run the same
-engine and backend in the trainer's own process. The loop cannot tell them apart, which is what
-lets the benchmark compare the loop through the services with the loop without gRPC.
+`GrpcPolicy` / `GrpcReward` talk to the services. The benchmark's in-process twins
+(bench/local_transports.py) run the same engine and backend in one process; the loop cannot
+tell them apart.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from rlhf.clients import PolicyClient, RewardClient
 from rlhf.models import parse_dtype
 from rlhf.v1 import policy_pb2
-from services.trainer.run_config import GenerationConfig
+from services.trainer.config import GenerationConfig
 
 
 @dataclass
@@ -88,50 +88,6 @@ class GrpcPolicy:
         self.client.close()
 
 
-class LocalPolicy:
-    """The policy engine in this process (no gRPC): the benchmark's baseline."""
-
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32") -> None:
-        from services.policy.engine import PolicyEngine
-
-        self.engine = PolicyEngine(model, device=device, dtype=dtype)
-
-    def facts(self) -> PolicyFacts:
-        info = self.engine.info()
-        return PolicyFacts(info.model, info.weight_version, parse_dtype(info.dtype))
-
-    def generate(self, prompts: list[str], gen: GenerationConfig, seed: int) -> Rollout:
-        from services.policy.engine import SamplingParams
-
-        params = SamplingParams(
-            max_new_tokens=gen.max_new_tokens,
-            min_new_tokens=gen.min_new_tokens,
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            top_p=gen.top_p,
-            do_sample=gen.do_sample,
-            seed=seed,
-            apply_chat_template=gen.apply_chat_template,
-        )
-        completions = self.engine.generate(prompts, params)
-        return Rollout(
-            query_ids=[c.prompt_token_ids for c in completions],
-            response_ids=[c.response_token_ids for c in completions],
-            response_texts=[c.response_text for c in completions],
-            weight_version=completions[0].weight_version,
-        )
-
-    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
-        dtype = self.engine.dtype
-        cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-        # The engine keeps its own copy, as the service does: copy, never alias, the trainer's.
-        self.engine.apply_weights({k: v.detach().clone() for k, v in cast.items()}, version)
-        return self.engine.weight_version
-
-    def close(self) -> None:
-        pass
-
-
 class GrpcReward:
     def __init__(self, address: str) -> None:
         self.address = address
@@ -145,25 +101,3 @@ class GrpcReward:
 
     def close(self) -> None:
         self.client.close()
-
-
-class LocalReward:
-    """A reward backend in this process (no gRPC): the benchmark's baseline."""
-
-    def __init__(
-        self, backend: object, input_mode: str = "response", address: str = "local"
-    ) -> None:
-        self.backend = backend
-        self.input_mode = input_mode
-        self.address = address
-
-    def name(self) -> str:
-        return str(getattr(self.backend, "name", "local"))
-
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from services.reward.server import texts_to_score
-
-        return self.backend.score(texts_to_score(prompts, responses, self.input_mode))  # type: ignore[attr-defined]
-
-    def close(self) -> None:
-        pass

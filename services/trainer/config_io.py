@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from services.trainer.config import coerce_value
-from services.trainer.loop import TrainConfig
+from services.trainer.config import TrainConfig
+from services.trainer.learner.config import coerce_value
 
 SECTIONS = ("ppo", "generation", "run")
 

@@ -18,10 +18,10 @@ import grpc
 
 from rlhf.errors import RpcError, handle_errors, invalid, precondition
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-from services.trainer.loop import StepResult, TrainConfig, TrainingLoop
-from services.trainer.rewards import EndpointSpec, RewardError, RewardMixer
-from services.trainer.run_config import DEFAULT_POLICY_ADDRESS, DEFAULT_REWARD_ADDRESS
-from services.trainer.run_config_io import load_train_config
+from services.trainer.config import DEFAULT_POLICY_ADDRESS, DEFAULT_REWARD_ADDRESS, TrainConfig
+from services.trainer.config_io import load_train_config
+from services.trainer.orchestrator.loop import StepResult, TrainingLoop
+from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
 
 log = logging.getLogger("rlhf.trainer.service")
 State = trainer_pb2.RunState
@@ -152,7 +152,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return run.status()
 
     def _run(self, run: Run, config: TrainConfig, resume: bool) -> None:
-        from services.trainer.transports import GrpcPolicy, GrpcReward
+        from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
 
         mixer = RewardMixer(GrpcReward)
         policy = GrpcPolicy(config.run.policy)

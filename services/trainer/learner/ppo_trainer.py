@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.trainer.config import PPOConfig
-from services.trainer.kl_control import make_kl_controller
-from services.trainer.ppo import (
+from services.trainer.learner.config import PPOConfig
+from services.trainer.learner.kl_control import make_kl_controller
+from services.trainer.learner.ppo import (
     compute_advantages,
     compute_rewards,
     kl_penalty,
@@ -33,7 +33,7 @@ from services.trainer.ppo import (
     masked_mean,
     ppo_loss,
 )
-from services.trainer.value_head import PolicyWithValueHead, causal_lm_logits
+from services.trainer.learner.value_head import PolicyWithValueHead, causal_lm_logits
 
 log = logging.getLogger("rlhf.trainer.ppo")
 

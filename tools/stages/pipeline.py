@@ -19,11 +19,11 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from services.trainer.stages.common import STAGE_FILE, write_json
-from services.trainer.stages.reward_model import DEFAULT_BACKBONE
-from services.trainer.stages.reward_model import DEMO_DATA as RM_DEMO_DATA
-from services.trainer.stages.sft import DEFAULT_POLICY
-from services.trainer.stages.sft import DEMO_DATA as SFT_DEMO_DATA
+from tools.stages.common import STAGE_FILE, write_json
+from tools.stages.reward_model import DEFAULT_BACKBONE
+from tools.stages.reward_model import DEMO_DATA as RM_DEMO_DATA
+from tools.stages.sft import DEFAULT_POLICY
+from tools.stages.sft import DEMO_DATA as SFT_DEMO_DATA
 
 DEFAULT_PPO_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "default.yaml"
 PPO_RUN_ID = "run"
@@ -96,9 +96,9 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
     """Runs the stages in order, skipping those whose output is complete."""
     import json
 
-    from services.trainer import main_job
-    from services.trainer.stages.reward_model import RMStageConfig, train_reward_model
-    from services.trainer.stages.sft import SFTStageConfig, train_sft
+    from tools import main_job
+    from tools.stages.reward_model import RMStageConfig, train_reward_model
+    from tools.stages.sft import SFTStageConfig, train_sft
 
     root = Path(config.output)
     sft_dir, rm_dir, ppo_dir = root / "sft", root / "rm", root / "ppo"
@@ -201,7 +201,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
             },
         )
         if result.metrics:
-            from services.trainer.report import summarize
+            from tools.report import summarize
 
             print(summarize(result.metrics, run_dir / "summary.png", result.seconds))
     final = run_dir / "checkpoints"

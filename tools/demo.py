@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from rlhf.clients import PolicyClient, RewardClient
-from rlhf.launch import running_services
 from rlhf.v1 import policy_pb2
+from tools.launch import running_services
 
 PROMPTS = [
     "Write one sentence about a rainy Monday morning.",

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from rlhf.channels import open_channel
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-from services.trainer.rewards import EndpointSpec
+from services.trainer.orchestrator.rewards import EndpointSpec
 
 
 class TrainerClient:

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,25 +19,21 @@ import grpc
 import torch
 
 from rlhf.logs import ContextLogger
-from services.trainer.checkpoint import latest_checkpoint, save_checkpoint
-from services.trainer.config import PPOConfig
-from services.trainer.data import PromptSampler, load_prompts
-from services.trainer.metrics import MetricsLog
-from services.trainer.rewards import EndpointSpec, RewardError, RewardMixer, RewardSource
-from services.trainer.run_config import GenerationConfig, RunConfig
-from services.trainer.transports import PolicyTransport
+from services.trainer.config import TrainConfig
+from services.trainer.orchestrator.checkpoint import latest_checkpoint, save_checkpoint
+from services.trainer.orchestrator.data import PromptSampler, load_prompts
+from services.trainer.orchestrator.metrics import MetricsLog
+from services.trainer.orchestrator.progress import ProgressTracker
+from services.trainer.orchestrator.rewards import (
+    EndpointSpec,
+    RewardError,
+    RewardMixer,
+    RewardSource,
+)
+from services.trainer.orchestrator.transports import PolicyTransport
 
 log = logging.getLogger("rlhf.trainer.loop")
 T = TypeVar("T")
-
-
-@dataclass
-class TrainConfig:
-    """A run's whole configuration: the three sections of its YAML file."""
-
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 @dataclass
@@ -66,8 +62,8 @@ class TrainingLoop:
         rewards: RewardMixer,
         resume: bool = False,
     ) -> None:
-        from services.trainer.ppo_trainer import PPOTrainer
-        from services.trainer.value_head import PolicyWithValueHead
+        from services.trainer.learner.ppo_trainer import PPOTrainer
+        from services.trainer.learner.value_head import PolicyWithValueHead
 
         self.config = config
         self.policy = policy
@@ -81,6 +77,7 @@ class TrainingLoop:
         self.weight_version = 0
         self.last_stats: dict[str, float] = {}
         self.log = ContextLogger(log, {"run": run.run_id})
+        self.progress = ProgressTracker()
 
         ppo = config.ppo
         self.model = PolicyWithValueHead.from_config(ppo)
@@ -142,6 +139,7 @@ class TrainingLoop:
         try:
             # 1. Rollout: the policy service samples a response per prompt.
             prompts = self.sampler.next_batch(ppo.batch_size)
+            self.progress.enter("generating", step)
             t = time.perf_counter()
             rollout = self._retrying(
                 "generate",
@@ -156,6 +154,7 @@ class TrainingLoop:
 
             # 2. Reward: every source scores every (prompt, response); the reward is their
             #    weighted sum. Sources are fixed for the whole step (a swap applies next step).
+            self.progress.enter("scoring", step)
             t = time.perf_counter()
             scores, per_source = self._retrying(
                 "score", lambda: self.rewards.score(prompts, rollout.response_texts, sources)
@@ -169,6 +168,7 @@ class TrainingLoop:
         queries = [torch.tensor(q, dtype=torch.long) for q in rollout.query_ids]
         responses = [torch.tensor(r, dtype=torch.long) for r in rollout.response_ids]
         score_tensors = torch.tensor(scores, dtype=torch.float32)
+        self.progress.enter("updating", step)
         t = time.perf_counter()
         batch = self.trainer.prepare(queries, responses, score_tensors)
         timings["time/ref_values"] = time.perf_counter() - t
@@ -180,6 +180,7 @@ class TrainingLoop:
 
         # 5. Weight sync: the next Generate must use the new policy.
         self.step = step
+        self.progress.enter("syncing", step)
         t = time.perf_counter()
         if step % run.sync_every == 0 or step == run.steps:
             self._push_weights()
@@ -198,6 +199,7 @@ class TrainingLoop:
         stats["weight_version"] = float(self.weight_version)
         self.metrics.write(step, self.weight_version, stats)
         self.last_stats = stats
+        self.progress.enter("idle", step)
         self.log.info(
             "step done",
             extra={
@@ -249,6 +251,7 @@ class TrainingLoop:
                     raise StepFailed(
                         f"step {self.step + 1}: {what} failed {attempt} times; last: {detail}"
                     ) from err
+                self.progress.retried()
                 self.log.warning(
                     f"{what} failed; retrying",
                     extra={"step": self.step + 1, "attempt": attempt, "reason": detail},
@@ -278,6 +281,7 @@ class TrainingLoop:
                 folder / "trainer_state.pt",
             )
 
+        self.progress.enter("checkpointing", self.step)
         path = save_checkpoint(self.checkpoints, self.step, write, self.config.run.keep_checkpoints)
         self.log.info("checkpoint written", extra={"step": self.step, "path": str(path)})
         return path
@@ -296,7 +300,7 @@ class TrainingLoop:
 
 def connect_rewards(specs: list[EndpointSpec]) -> RewardMixer:
     """A mixer over gRPC reward endpoints, each probed first."""
-    from services.trainer.transports import GrpcReward
+    from services.trainer.orchestrator.transports import GrpcReward
 
     mixer = RewardMixer(GrpcReward)
     mixer.set_endpoints(specs)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 BUILTIN = "builtin"
-"""Name of the shipped prompt set (services/trainer/prompts/default.jsonl)."""
+"""Name of the shipped prompt set (services/trainer/orchestrator/prompts/default.jsonl)."""
 BUILTIN_PATH = Path(__file__).parent / "prompts" / "default.jsonl"
 PROMPT_FIELDS = ("prompt", "query", "text")
 

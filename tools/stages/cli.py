@@ -11,9 +11,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from services.trainer.stages.pipeline import PipelineConfig
-from services.trainer.stages.reward_model import INPUTS, RMStageConfig
-from services.trainer.stages.sft import SFTStageConfig
+from tools.stages.pipeline import PipelineConfig
+from tools.stages.reward_model import INPUTS, RMStageConfig
+from tools.stages.sft import SFTStageConfig
 
 _EXPECTED = (FileExistsError, FileNotFoundError, ValueError, RuntimeError)
 """Errors with a message that says what to fix: printed as one line, no traceback."""
@@ -68,7 +68,7 @@ class Sft:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from services.trainer.stages.sft import train_sft
+        from tools.stages.sft import train_sft
 
         config = SFTStageConfig(
             model=args.model,
@@ -113,7 +113,7 @@ class Rm:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from services.trainer.stages.reward_model import train_reward_model
+        from tools.stages.reward_model import train_reward_model
 
         config = RMStageConfig(
             model=args.model,
@@ -169,7 +169,7 @@ class Pipeline:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from services.trainer.stages.pipeline import run_pipeline
+        from tools.stages.pipeline import run_pipeline
 
         config = PipelineConfig(
             output=args.output,

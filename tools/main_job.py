@@ -51,11 +51,11 @@ def run_ppo_job(
     a trainer service, starts the run (PPOConfig.model_name = `model`) through the trainer's
     API, follows it with a progress bar and stops the services. `overrides` are KEY=VALUE
     config fields (e.g. run.steps=2)."""
-    from rlhf.launch import running_services
     from rlhf.v1 import trainer_pb2
-    from services.trainer.cli import _watch
-    from services.trainer.client import TrainerClient
-    from services.trainer.metrics import read_metrics
+    from services.trainer.api.client import TrainerClient
+    from services.trainer.api.commands import watch_run
+    from services.trainer.orchestrator.metrics import read_metrics
+    from tools.launch import running_services
 
     run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S")
     logs = output_dir / run_id / "logs"
@@ -94,7 +94,7 @@ def run_ppo_job(
                 request.overrides[key] = value
             status = client.start(request)
             print(f"run {status.run_id}: {status.total_steps} PPO steps on {config.name}")
-            code = _watch(client, status.run_id, from_step=1)
+            code = watch_run(client, status.run_id, from_step=1)
             client.close()
     folder = output_dir / run_id
     path = folder / "metrics.jsonl"
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf.logs import setup_logging
     from rlhf.models import prepare_default_policy
-    from services.trainer.report import summarize
+    from tools.report import summarize
 
     setup_logging("main", "WARNING")
     print("preparing the embedded SmolLM2-135M-Instruct (converted once, then cached) ...")

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.trainer.data import read_jsonl
-from services.trainer.stages.common import (
+from services.trainer.orchestrator.data import read_jsonl
+from tools.stages.common import (
     LOSS_FILE,
     STAGE_FILE,
     common_training_args,

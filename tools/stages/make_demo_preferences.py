@@ -1,6 +1,6 @@
 """Writes the shipped demo preference set, data/preferences_demo.jsonl, deterministically.
 
-    python -m services.trainer.stages.make_demo_preferences [--pairs 384] [--seed 0] [--output F]
+    python -m tools.stages.make_demo_preferences [--pairs 384] [--seed 0] [--output F]
 
 Each row is {"prompt", "chosen", "rejected"}: an everyday question, a friendly, upbeat, helpful
 answer (chosen) and a negative, dismissive or rude one (rejected). Answers are assembled from
