@@ -255,11 +255,14 @@ def run_client(args: argparse.Namespace, model: str, server: subprocess.Popen[st
     return 1 if args.strict and missed else 0
 
 
-def _times(*sides: tuple[str, list[float]]) -> str:
-    """ "seconds: A 1.00, 1.10; B 0.90, 0.95": each side's rounds."""
-    return "seconds: " + "; ".join(
-        f"{name} " + ", ".join(f"{s:.2f}" for s in values) for name, values in sides
-    )
+def _rounds_detail(
+    head: str, unit: str, amount: float, digits: int, sides: dict[str, list[float]], extra: str = ""
+) -> str:
+    """ "HEAD; best round UNIT A 9.9, B 9.9; EXTRA;" and, on a line of its own, each side's
+    seconds per round."""
+    best = ", ".join(f"{name} {amount / min(s):.{digits}f}" for name, s in sides.items())
+    rounds = "; ".join(f"{name} " + ", ".join(f"{t:.2f}" for t in s) for name, s in sides.items())
+    return f"{head}; best round {unit} {best};{f' {extra};' if extra else ''}\n  seconds: {rounds}"
 
 
 def measure_generation(
@@ -295,12 +298,8 @@ def measure_generation(
     same = sampled["in-process"] == sampled["service"]  # every round samples the same tokens
     tokens = sum(map(len, sampled["service"]))
     service_s, local_s = seconds["service"], seconds["in-process"]
-    detail = (
-        f"{tokens} tokens per call, the same on both sides: {'yes' if same else 'NO'}; "
-        f"best round tok/s service {tokens / min(service_s):.1f}, "
-        f"in-process {tokens / min(local_s):.1f};\n  "
-        + _times(("service", service_s), ("in-process", local_s))
-    )
+    head = f"{tokens} tokens per call, the same on both sides: {'yes' if same else 'NO'}"
+    detail = _rounds_detail(head, "tok/s", tokens, 1, {"service": service_s, "in-process": local_s})
     measure = f"Generate tok/s (batch {args.batch}, {args.max_new_tokens} new)"
     row = paired_row(measure, tokens, service_s, local_s, "in-process", GEN_TARGET, detail)
     return row, same
@@ -383,12 +382,9 @@ def _update_row(
         return f"{client_s + server_s:.2f} (client {client_s:.2f} + server {server_s:.2f})"
 
     update_s, raw_s = seconds["update"], seconds["raw"]
-    detail = (
-        f"{tensors} tensors; best round MB/s UpdateWeights "
-        f"{mb / min(update_s):.0f}, raw {mb / min(raw_s):.0f}; "
-        f"CPU seconds per GB: UpdateWeights {per_gb('update')}, raw {per_gb('raw')};\n  "
-        + _times(("UpdateWeights", update_s), ("raw", raw_s))
-    )
+    cpu_per_gb = f"CPU seconds per GB: UpdateWeights {per_gb('update')}, raw {per_gb('raw')}"
+    sides = {"UpdateWeights": update_s, "raw": raw_s}
+    detail = _rounds_detail(f"{tensors} tensors", "MB/s", mb, 0, sides, cpu_per_gb)
     measure = f"UpdateWeights MB/s ({mb:.3g} MB, 1 MiB chunks)"
     return paired_row(measure, mb, update_s, raw_s, "raw stream", UPDATE_TARGET, detail)
 

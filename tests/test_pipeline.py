@@ -20,27 +20,13 @@ from tools import main_job
 from tools.stages.pipeline import PPO_DONE, PipelineConfig, run_pipeline
 
 
-@pytest.fixture()
-def sft_data(tmp_path: Path) -> Path:
-    return write_sft_data(tmp_path)
-
-
-@pytest.fixture()
-def pair_data(tmp_path: Path) -> Path:
-    return write_pair_data(tmp_path)
-
-
 # --- commands ------------------------------------------------------------------------------------
 def test_commands_wire_the_stages(
-    tiny_lm: Path,
-    tiny_reward_model: Path,
-    sft_data: Path,
-    pair_data: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    tiny_lm: Path, tiny_reward_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from rlhf.cli import main
 
+    sft_data, pair_data = write_sft_data(tmp_path), write_pair_data(tmp_path)
     sft = ["sft", "--model", str(tiny_lm), "--data", str(sft_data), "--output", str(tmp_path / "s")]
     assert main([*sft, "--max-steps", "1", "--batch-size", "2", "--seed", "1"]) == 0
     stage = json.loads((tmp_path / "s" / "stage.json").read_text())
@@ -100,15 +86,11 @@ def ppo_config(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def pipeline_config(
-    tiny_lm: Path,
-    tiny_reward_model: Path,
-    sft_data: Path,
-    pair_data: Path,
-    ppo_config: Path,
-    tmp_path: Path,
+    tiny_lm: Path, tiny_reward_model: Path, ppo_config: Path, tmp_path: Path
 ) -> Callable[..., PipelineConfig]:
     """Makes a PipelineConfig of the tiny models, data and PPO run into tmp_path/pipe; keywords
     set further fields."""
+    sft_data, pair_data = write_sft_data(tmp_path), write_pair_data(tmp_path)
 
     def make(**kw: object) -> PipelineConfig:
         return PipelineConfig(

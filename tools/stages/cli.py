@@ -22,7 +22,10 @@ _EXPECTED = (FileExistsError, FileNotFoundError, ValueError, RuntimeError)
 _Config = TypeVar("_Config", SFTStageConfig, RMStageConfig, PipelineConfig)
 
 
-def _training_flags(parser: argparse.ArgumentParser, d: SFTStageConfig | RMStageConfig) -> None:
+def _training_flags(
+    parser: argparse.ArgumentParser, d: SFTStageConfig | RMStageConfig, model_help: str
+) -> None:
+    parser.add_argument("--model", default=d.model, help=model_help)
     parser.add_argument("--data", default=d.data, help="JSONL data (default: the demo set)")
     parser.add_argument("--output", default=d.output, help=f"model folder (default: {d.output})")
     parser.add_argument("--epochs", type=float, default=d.epochs, help=f"default {d.epochs:g}")
@@ -64,12 +67,7 @@ class Sft:
     def configure(parser: argparse.ArgumentParser) -> None:
         parser.description = "Supervised fine-tuning with TRL's SFTTrainer."
         d = SFTStageConfig()
-        parser.add_argument(
-            "--model",
-            default=d.model,
-            help=f"base causal LM folder or hub name (default: {d.model})",
-        )
-        _training_flags(parser, d)
+        _training_flags(parser, d, f"base causal LM folder or hub name (default: {d.model})")
         parser.add_argument(
             "--no-chat-template",
             action="store_true",
@@ -89,12 +87,8 @@ class Rm:
     def configure(parser: argparse.ArgumentParser) -> None:
         parser.description = "Reward-model training with TRL's RewardTrainer."
         d = RMStageConfig()
-        parser.add_argument(
-            "--model",
-            default=d.model,
-            help=f"backbone folder or hub name (default: {d.model}, the embedded MiniLM)",
-        )
-        _training_flags(parser, d)
+        model_help = f"backbone folder or hub name (default: {d.model}, the embedded MiniLM)"
+        _training_flags(parser, d, model_help)
         parser.add_argument(
             "--eval-fraction",
             type=float,

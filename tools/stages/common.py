@@ -60,6 +60,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def start_stage(device: str, output: Path, force: bool) -> str:
+    """What a stage checks before it reads any data or model: the device it trains on (returned,
+    "cpu" or "cuda") and an output folder that is free or --force; and no HF progress bars."""
+    kind = training_device(device)
+    refuse_existing(output, force)
+    quiet_hf()
+    return kind
+
+
 def training_device(name: str) -> str:
     """ "cpu" or "cuda". The HF Trainer places the model itself, on the first visible GPU; it
     cannot be pointed at cuda:N, so that is refused rather than silently run elsewhere."""
@@ -155,9 +164,10 @@ def log_losses(trainer: Any, path: Path) -> None:
     trainer.add_callback(LossLog())
 
 
-def read_losses(path: Path) -> list[dict[str, float]]:
-    """The rows of a stage's loss.jsonl."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def logged_losses(folder: Path) -> list[float]:
+    """The loss of each logged step, from the loss.jsonl in `folder`."""
+    lines = (folder / LOSS_FILE).read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if line.strip()]
 
 
 def quiet_hf() -> None:

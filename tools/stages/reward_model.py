@@ -25,15 +25,12 @@ from typing import Any
 from rlhf.defaults import REWARD_INPUT_MODES
 from services.trainer.orchestrator.data import read_jsonl
 from tools.stages.common import (
-    LOSS_FILE,
     STAGE_FILE,
+    logged_losses,
     make_trainer,
-    quiet_hf,
-    read_losses,
-    refuse_existing,
     save_trained,
     staged_output,
-    training_device,
+    start_stage,
     write_json,
 )
 
@@ -198,10 +195,8 @@ def train_reward_model(config: RMStageConfig) -> RMResult:
     if config.input not in REWARD_INPUT_MODES:
         modes = ", ".join(REWARD_INPUT_MODES)
         raise ValueError(f"--input must be one of {modes}, got {config.input!r}")
-    device = training_device(config.device)
     output = Path(config.output)
-    refuse_existing(output, config.force)
-    quiet_hf()
+    device = start_stage(config.device, output, config.force)
     pairs = load_pairs(Path(config.data))
     train, heldout = split_pairs(pairs, config.eval_fraction, config.seed)
     model, tokenizer, source = load_backbone(config.model, config.seed)
@@ -216,7 +211,7 @@ def train_reward_model(config: RMStageConfig) -> RMResult:
         train_seconds = time.monotonic() - started
         del model  # the accuracy is measured on the saved folder, not on this
         train_accuracy, heldout_accuracy = _served_accuracies(staging, config, train, heldout)
-        losses = [row["loss"] for row in read_losses(staging / LOSS_FILE)]
+        losses = logged_losses(staging)
         metrics = {
             "heldout_accuracy": heldout_accuracy,
             "heldout_pairs": len(heldout),

@@ -24,15 +24,12 @@ from typing import Any
 from rlhf.defaults import DEFAULT_POLICY_MODEL
 from services.trainer.orchestrator.data import read_jsonl
 from tools.stages.common import (
-    LOSS_FILE,
     STAGE_FILE,
+    logged_losses,
     make_trainer,
-    quiet_hf,
-    read_losses,
-    refuse_existing,
     save_trained,
     staged_output,
-    training_device,
+    start_stage,
     write_json,
 )
 
@@ -144,10 +141,8 @@ def load_causal_lm(name: str) -> tuple[Any, Any, str]:
 
 def train_sft(config: SFTStageConfig) -> SFTResult:
     """Fine-tunes config.model on config.data and writes the model folder config.output."""
-    device = training_device(config.device)
     output = Path(config.output)
-    refuse_existing(output, config.force)
-    quiet_hf()
+    device = start_stage(config.device, output, config.force)
     rows, kind = load_sft_rows(Path(config.data), config.chat_template)
     model, tokenizer, source = load_causal_lm(config.model)
     _require_chat_template(tokenizer, source, kind, config.chat_template)
@@ -155,7 +150,7 @@ def train_sft(config: SFTStageConfig) -> SFTResult:
     started = time.monotonic()
     with staged_output(output, config.force) as staging:
         steps = _fine_tune(config, device, staging, model, tokenizer, rows)
-        losses = [row["loss"] for row in read_losses(staging / LOSS_FILE)]
+        losses = logged_losses(staging)
         seconds = time.monotonic() - started
         write_json(
             staging / STAGE_FILE,
