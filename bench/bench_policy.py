@@ -50,10 +50,12 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
-from bench.measure import alternate, speed_ratio  # noqa: E402
-from rlhf.models import DEFAULT_POLICY  # noqa: E402
+from bench.measure import alternate, speed_ratio, stop  # noqa: E402
+from rlhf.defaults import DEFAULT_POLICY_MODEL, LOOPBACK  # noqa: E402
 
 if TYPE_CHECKING:
+    import torch
+
     from rlhf.clients import PolicyClient
     from services.policy.engine import PolicyEngine
 
@@ -62,15 +64,11 @@ UPDATE_TARGET = 0.8
 MiB = 1024 * 1024
 RAW_METHOD = "/bench.RawStream/Upload"
 PROMPTS = [
-    "Write a short poem about a robot.",
-    "Explain KL divergence in simple terms.",
-    "What are the stages of RLHF?",
-    "Tell me about your favourite movie.",
-    "Name three friendly animals.",
-    "How do I bake bread?",
-    "Why is the sky blue?",
+    "Write a short poem about a robot.", "Explain KL divergence in simple terms.",
+    "What are the stages of RLHF?", "Tell me about your favourite movie.",
+    "Name three friendly animals.", "How do I bake bread?", "Why is the sky blue?",
     "Give me a fun fact about space.",
-]
+]  # fmt: skip
 
 
 # --- the server process ------------------------------------------------------------------------
@@ -115,34 +113,31 @@ def serve(model: str) -> int:
 
 
 # --- the client process --------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def parse_flags(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=DEFAULT_POLICY, help="causal LM folder or hub name")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a tiny random model and short runs (smoke test)",
-    )
-    parser.add_argument("--batch", type=int, default=8, help="prompts per Generate call")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=5, help="measured Generate rounds per side")
-    parser.add_argument(
-        "--update-rounds", type=int, default=15, help="measured UpdateWeights rounds per side"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--model", default=DEFAULT_POLICY_MODEL, help="causal LM folder or hub name")
+    add("--quick", action="store_true", help="a tiny random model and short runs (smoke test)")
+    add("--batch", type=int, default=8, help="prompts per Generate call")
+    add("--max-new-tokens", type=int, default=48)
+    add("--seed", type=int, default=0)
+    add("--rounds", type=int, default=5, help="measured Generate rounds per side")
+    add("--update-rounds", type=int, default=15, help="measured UpdateWeights rounds per side")
+    add(
         "--threads",
         type=int,
         default=1,
         help="torch CPU threads in each process (0: torch's default, one per core)",
     )
-    parser.add_argument(
-        "--only", choices=["generate", "update"], help="measure one of the two parts only"
-    )
-    parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
-    parser.add_argument("--server-log", help="keep the server process's log (INFO) in this file")
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    add("--only", choices=["generate", "update"], help="measure one of the two parts only")
+    add("--strict", action="store_true", help="exit 1 if a target is missed")
+    add("--server-log", help="keep the server process's log (INFO) in this file")
+    add("--serve", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_flags(argv)
     if args.threads:
         import torch
 
@@ -158,15 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         model = str(make_causal_lm(Path(tmp.name) / "tiny-lm"))
         args.max_new_tokens = min(args.max_new_tokens, 16)
     server_log = Path(args.server_log or Path(tmp.name) / "server.log")
-    command = [
-        sys.executable,
-        __file__,
-        "--serve",
-        "--model",
-        model,
-        "--threads",
-        str(args.threads),
-    ]
+    command = [sys.executable, __file__, "--serve", "--model", model]
+    command += ["--threads", str(args.threads)]
     with server_log.open("w") as log_file:
         server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True)
     try:
@@ -175,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server log: {server_log}\n{server_log.read_text()[-4000:]}", file=sys.stderr)
         raise
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
         tmp.cleanup()
 
 
@@ -197,14 +181,24 @@ class Row:
     detail: str
 
 
-def paired(
-    amount: float, service_s: list[float], baseline_s: list[float]
-) -> tuple[float, float, float]:
-    """(service rate, baseline rate, ratio) of `amount` per round: each side's median round,
-    and the median of the per-round ratios (round i of one side ran right beside round i of
-    the other, under the same load)."""
+def paired_row(
+    measure: str,
+    amount: float,
+    service_s: list[float],
+    baseline_s: list[float],
+    baseline_name: str,
+    target: float,
+    detail: str,
+) -> Row:
+    """The row of `amount` per round: each side's median round's rate, and the median of the
+    per-round ratios (round i of one side ran right beside round i of the other, under the same
+    load)."""
+    service, baseline = (
+        amount / statistics.median(service_s),
+        amount / statistics.median(baseline_s),
+    )
     ratio = speed_ratio(service_s, baseline_s)
-    return amount / statistics.median(service_s), amount / statistics.median(baseline_s), ratio
+    return Row(measure, service, baseline, baseline_name, ratio, target, detail)
 
 
 def run_client(args: argparse.Namespace, model: str, server: subprocess.Popen[str]) -> int:
@@ -219,7 +213,7 @@ def run_client(args: argparse.Namespace, model: str, server: subprocess.Popen[st
     line = server.stdout.readline()
     if not line.startswith("PORT "):
         raise RuntimeError(f"the server process did not start (exit {server.poll()})")
-    client = PolicyClient(f"127.0.0.1:{int(line.split()[1])}")
+    client = PolicyClient(f"{LOOPBACK}:{int(line.split()[1])}")
     client.wait_ready(timeout_s=120)
     info = client.info()
     print(
@@ -261,8 +255,14 @@ def run_client(args: argparse.Namespace, model: str, server: subprocess.Popen[st
     return 1 if args.strict and missed else 0
 
 
-def _times(label: str, values: list[float]) -> str:
-    return f"{label} " + ", ".join(f"{s:.2f}" for s in values)
+def _rounds_detail(
+    head: str, unit: str, amount: float, digits: int, sides: dict[str, list[float]], extra: str = ""
+) -> str:
+    """ "HEAD; best round UNIT A 9.9, B 9.9; EXTRA;" and, on a line of its own, each side's
+    seconds per round."""
+    best = ", ".join(f"{name} {amount / min(s):.{digits}f}" for name, s in sides.items())
+    rounds = "; ".join(f"{name} " + ", ".join(f"{t:.2f}" for t in s) for name, s in sides.items())
+    return f"{head}; best round {unit} {best};{f' {extra};' if extra else ''}\n  seconds: {rounds}"
 
 
 def measure_generation(
@@ -297,23 +297,11 @@ def measure_generation(
     seconds = alternate({"service": through_service, "in-process": in_process}, args.rounds)
     same = sampled["in-process"] == sampled["service"]  # every round samples the same tokens
     tokens = sum(map(len, sampled["service"]))
-    service, baseline, ratio = paired(tokens, seconds["service"], seconds["in-process"])
-    detail = (
-        f"{tokens} tokens per call, the same on both sides: {'yes' if same else 'NO'}; "
-        f"best round tok/s service {tokens / min(seconds['service']):.1f}, "
-        f"in-process {tokens / min(seconds['in-process']):.1f};\n  "
-        + _times("seconds: service", seconds["service"])
-        + _times("; in-process", seconds["in-process"])
-    )
-    row = Row(
-        measure=f"Generate tok/s (batch {args.batch}, {args.max_new_tokens} new)",
-        service=service,
-        baseline=baseline,
-        baseline_name="in-process",
-        ratio=ratio,
-        target=GEN_TARGET,
-        detail=detail,
-    )
+    service_s, local_s = seconds["service"], seconds["in-process"]
+    head = f"{tokens} tokens per call, the same on both sides: {'yes' if same else 'NO'}"
+    detail = _rounds_detail(head, "tok/s", tokens, 1, {"service": service_s, "in-process": local_s})
+    measure = f"Generate tok/s (batch {args.batch}, {args.max_new_tokens} new)"
+    row = paired_row(measure, tokens, service_s, local_s, "in-process", GEN_TARGET, detail)
     return row, same
 
 
@@ -329,12 +317,7 @@ def measure_update(
     """MB/s of UpdateWeights (full state dict) against a raw stream of as many bytes."""
     import torch
 
-    weights: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in engine.model.state_dict().items():
-        if tensor.data_ptr() not in seen:  # tied tensors (lm_head = embeddings) travel once
-            seen.add(tensor.data_ptr())
-            weights[name] = tensor
+    weights = _sent_tensors(engine)
     total = sum(t.numel() * t.element_size() for t in weights.values())
     payload = b"".join(bytes(t.contiguous().view(torch.uint8).numpy()) for t in weights.values())
     raw_stub = client.channel.stream_unary(RAW_METHOD)
@@ -369,6 +352,27 @@ def measure_update(
     update(), update(), raw()
     cpu = {"update": [], "raw": []}
     seconds = alternate({"update": update, "raw": raw}, args.update_rounds)
+    return _update_row(len(weights), total, seconds, cpu)
+
+
+def _sent_tensors(engine: PolicyEngine) -> dict[str, torch.Tensor]:
+    """The model's state dict as a trainer sends it: tied tensors (lm_head = embeddings) once."""
+    weights = {}
+    seen: set[int] = set()
+    for name, tensor in engine.model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            weights[name] = tensor
+    return weights
+
+
+def _update_row(
+    tensors: int,
+    total: int,
+    seconds: dict[str, list[float]],
+    cpu: dict[str, list[tuple[float, float]]],
+) -> Row:
+    """The UpdateWeights row from each round's seconds and (client, server) CPU seconds."""
     mb = total / 1e6
     gb = total / 1e9
 
@@ -377,23 +381,12 @@ def measure_update(
         server_s = statistics.median(s for _, s in cpu[side]) / gb
         return f"{client_s + server_s:.2f} (client {client_s:.2f} + server {server_s:.2f})"
 
-    service, baseline, ratio = paired(mb, seconds["update"], seconds["raw"])
-    detail = (
-        f"{len(weights)} tensors; best round MB/s UpdateWeights "
-        f"{mb / min(seconds['update']):.0f}, raw {mb / min(seconds['raw']):.0f}; "
-        f"CPU seconds per GB: UpdateWeights {per_gb('update')}, raw {per_gb('raw')};\n  "
-        + _times("seconds: UpdateWeights", seconds["update"])
-        + _times("; raw", seconds["raw"])
-    )
-    return Row(
-        measure=f"UpdateWeights MB/s ({mb:.3g} MB, 1 MiB chunks)",
-        service=service,
-        baseline=baseline,
-        baseline_name="raw stream",
-        ratio=ratio,
-        target=UPDATE_TARGET,
-        detail=detail,
-    )
+    update_s, raw_s = seconds["update"], seconds["raw"]
+    cpu_per_gb = f"CPU seconds per GB: UpdateWeights {per_gb('update')}, raw {per_gb('raw')}"
+    sides = {"UpdateWeights": update_s, "raw": raw_s}
+    detail = _rounds_detail(f"{tensors} tensors", "MB/s", mb, 0, sides, cpu_per_gb)
+    measure = f"UpdateWeights MB/s ({mb:.3g} MB, 1 MiB chunks)"
+    return paired_row(measure, mb, update_s, raw_s, "raw stream", UPDATE_TARGET, detail)
 
 
 if __name__ == "__main__":

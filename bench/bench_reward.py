@@ -50,8 +50,10 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
-from bench.measure import speed_ratio  # noqa: E402
+from bench.measure import speed_ratio, stop  # noqa: E402
 from rlhf.channels import open_channel, wait_until_serving  # noqa: E402
+from rlhf.defaults import ENV_PREFIX, LOOPBACK  # noqa: E402
+from rlhf.protocol import REWARD_SERVICE  # noqa: E402
 from rlhf.v1 import reward_pb2, reward_pb2_grpc  # noqa: E402
 from services.reward import cli  # noqa: E402
 from services.reward.backends import build_backend  # noqa: E402
@@ -152,7 +154,63 @@ def paired_round(
     return local, remote, scores
 
 
+Row = tuple[tuple[str, int], int]
+"""One table row: (text size, samples per call) and the calls in flight."""
+
+
+class BadFlags(Exception):
+    """A flag the bench cannot run with; its message says which and why."""
+
+
+@dataclass
+class Timings:
+    """Seconds per round of each row's two sides, and the empty call's round trip."""
+
+    local_s: dict[Row, list[float]]
+    remote_s: dict[Row, list[float]]
+    floor_ms: dict[float, float]
+    """Median ms of an empty Score call, by the seconds the caller works between calls."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        ours, backend_args, backend_argv, call_sizes = parse_flags(argv)
+    except BadFlags as err:
+        print(f"bench_reward: error: {err}", file=sys.stderr)
+        return 2
+    backend = build_backend(backend_args)
+    sizes = {"seed-length": SEED_WORDS, "short": 0}
+    workloads = {
+        (name, call): Workload.build(ours.samples, call, backend_args.input, words, backend.score)
+        for name, words in sizes.items()
+        for call in call_sizes
+    }
+    rows = [(work, mode) for work in workloads for mode in (1, ours.in_flight)]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    command = [sys.executable, "-m", "rlhf.cli", "reward", "serve", *backend_argv]
+    command += ["--host", LOOPBACK, "--port", str(port), "--grace-s", "1"]
+    command += ["--max-samples", str(max(call_sizes + [1024]))]
+    with tempfile.TemporaryFile(mode="w+") as log:
+        # The service's JSON log goes to a file: an unread pipe would fill and stall it.
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+        try:
+            timings = measure(server, port, workloads, rows, ours.rounds, backend.score)
+        except Exception as err:
+            log.seek(0)
+            tail = log.read()[-4000:]
+            print(f"bench_reward: error: {type(err).__name__}: {err}\n{tail}", file=sys.stderr)
+            return 1
+        finally:
+            stop(server)
+    print_table(ours, backend_args, workloads, rows, timings)
+    return 0
+
+
+def parse_flags(
+    argv: list[str] | None,
+) -> tuple[argparse.Namespace, argparse.Namespace, list[str], list[int]]:
+    """(the bench's flags, the backend's flags, the backend's argv, the Score call sizes)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=4096, help="texts scored per round")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 512 texts, 2 rounds")
@@ -169,80 +227,69 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         call_sizes = []
     if not call_sizes or min(call_sizes) < 1:
-        print(
-            f"bench_reward: error: --batches {ours.batches!r}: positive integers, e.g. 256,64",
-            file=sys.stderr,
-        )
-        return 2
+        raise BadFlags(f"--batches {ours.batches!r}: positive integers, e.g. 256,64")
     backend_parser = argparse.ArgumentParser(prog="backend flags")
     cli.configure(backend_parser)
     backend_args = backend_parser.parse_args(backend_argv)
     problem = cli.check_flags(backend_args)
     if problem:
-        print(f"bench_reward: error: {problem}", file=sys.stderr)
-        return 2
+        raise BadFlags(problem)
     if ours.quick:
         ours.samples, ours.rounds = 512, 2
+    return ours, backend_args, backend_argv, call_sizes
 
-    backend = build_backend(backend_args)
-    sizes = {"seed-length": SEED_WORDS, "short": 0}
-    workloads = {
-        (name, call): Workload.build(ours.samples, call, backend_args.input, words, backend.score)
-        for name, words in sizes.items()
-        for call in call_sizes
-    }
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
-    command = [sys.executable, "-m", "rlhf.cli", "reward", "serve", *backend_argv]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--grace-s", "1"]
-    command += ["--max-samples", str(max(call_sizes + [1024]))]
-    modes = [1, ours.in_flight]
-    rows = [(work, mode) for work in workloads for mode in modes]
-    local_s: dict[tuple[tuple[str, int], int], list[float]] = {row: [] for row in rows}
-    remote_s: dict[tuple[tuple[str, int], int], list[float]] = {row: [] for row in rows}
-    with tempfile.TemporaryFile(mode="w+") as log:
-        # The service's JSON log goes to a file: an unread pipe would fill and stall it.
-        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+def measure(
+    server: subprocess.Popen,
+    port: int,
+    workloads: dict[tuple[str, int], Workload],
+    rows: list[Row],
+    rounds: int,
+    score: Callable[[list[str]], list[float]],
+) -> Timings:
+    """Waits for the service, warms it up, then runs `rounds` paired rounds of every row."""
+    channel = open_channel(f"{LOOPBACK}:{port}")
+    wait_for_service(server, channel)
+    stub = reward_pb2_grpc.RewardServiceStub(channel)
+    for work in workloads.values():  # warm-up: connection, lazy imports, first passes
+        for request in work.requests[:4]:
+            stub.Score(request, timeout=120)
+    floor_ms = {busy: empty_call_ms(stub, busy) for busy in (0.0, 0.015)}
+    timings = Timings({row: [] for row in rows}, {row: [] for row in rows}, floor_ms)
+    for _ in range(rounds):
+        for key, mode in rows:
+            work = workloads[key]
+            local, remote, got = paired_round(
+                score, stub, work.text_batches, work.requests, in_flight=mode
+            )
+            check(got, work.expected)
+            timings.local_s[key, mode].append(local)
+            timings.remote_s[key, mode].append(remote)
+    channel.close()
+    return timings
+
+
+def wait_for_service(server: subprocess.Popen, channel: grpc.Channel) -> None:
+    """Until the reward service is SERVING; raises if its process exits or 300 s pass."""
+    deadline = time.monotonic() + 300
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the reward service exited with {server.returncode}")
         try:
-            channel = open_channel(f"127.0.0.1:{port}")
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError(f"the reward service exited with {server.returncode}")
-                try:
-                    wait_until_serving(channel, "rlhf.v1.RewardService", timeout_s=1)
-                    break
-                except TimeoutError:
-                    if time.monotonic() > deadline:
-                        raise
-            stub = reward_pb2_grpc.RewardServiceStub(channel)
-            for work in workloads.values():  # warm-up: connection, lazy imports, first passes
-                for request in work.requests[:4]:
-                    stub.Score(request, timeout=120)
-            floor_ms = {busy: empty_call_ms(stub, busy) for busy in (0.0, 0.015)}
-            for _ in range(ours.rounds):
-                for key, mode in rows:
-                    work = workloads[key]
-                    local, remote, got = paired_round(
-                        backend.score, stub, work.text_batches, work.requests, in_flight=mode
-                    )
-                    check(got, work.expected)
-                    local_s[key, mode].append(local)
-                    remote_s[key, mode].append(remote)
-            channel.close()
-        except Exception as err:
-            log.seek(0)
-            tail = log.read()[-4000:]
-            print(f"bench_reward: error: {type(err).__name__}: {err}\n{tail}", file=sys.stderr)
-            return 1
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            wait_until_serving(channel, REWARD_SERVICE, timeout_s=1)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
 
+
+def print_table(
+    ours: argparse.Namespace,
+    backend_args: argparse.Namespace,
+    workloads: dict[tuple[str, int], Workload],
+    rows: list[Row],
+    timings: Timings,
+) -> None:
     name = backend_args.name or backend_args.backend
     detail = f" ({backend_args.model})" if backend_args.model else ""
     print(
@@ -254,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'overhead':>12}{'ratio':>7}  target >= {TARGET} (seed-length, {TARGET_BATCH} per call)"
     )
     for (size, call), mode in rows:
-        local, remote = local_s[(size, call), mode], remote_s[(size, call), mode]
+        local, remote = timings.local_s[(size, call), mode], timings.remote_s[(size, call), mode]
         local_rate = ours.samples / statistics.median(local)
         remote_rate = ours.samples / statistics.median(remote)
         # Each round's two sides ran interleaved under the same load: the median of the
@@ -270,12 +317,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{f'{size} (~{words:.0f} words)':<24}{call:>9}  {label:<19}{local_rate:>13.0f}"
             f"{remote_rate:>10.0f}{f'{overhead_ms:.2f} ms':>12}{ratio:>7.2f}  {verdict}"
         )
+    floor_ms = timings.floor_ms
     print(
         f"an empty Score call (no samples, no scoring), median round trip: "
         f"{floor_ms[0.0]:.2f} ms back to back, {floor_ms[0.015]:.2f} ms when the caller works "
         "15 ms between calls (the in-process side's rhythm): the transport's share of `overhead`"
     )
-    return 0
 
 
 def empty_call_ms(

@@ -1,4 +1,5 @@
-"""What the benchmarks share: the two sides' rounds in ABBA order, and their ratio.
+"""What the benchmarks share: the two sides' rounds in ABBA order, their ratio, and stopping the
+server process a benchmark measures.
 
 On a shared machine other work comes and goes; alternating the sides round by round lets it
 slow both alike, and the median of the per-round ratios (round i of one side ran right beside
@@ -8,6 +9,7 @@ round i of the other, under the same load) is steadier than best-of or mean on e
 from __future__ import annotations
 
 import statistics
+import subprocess
 from collections.abc import Callable
 
 
@@ -26,3 +28,12 @@ def speed_ratio(seconds: list[float], baseline_seconds: list[float]) -> float:
     """Speed relative to the baseline's (> 1: faster) for the same work per round: the median
     over rounds of baseline_seconds[i] / seconds[i]."""
     return statistics.median(b / a for a, b in zip(seconds, baseline_seconds))
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within 30 s."""
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()

@@ -37,6 +37,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from rlhf.defaults import REWARD_PORT, TRAINER_ADDRESS
 from rlhf.v1 import trainer_pb2
 from services.trainer.api.client import TrainerClient
 from tools.launch import free_port
@@ -207,16 +208,34 @@ def test_ppo_run_through_compose_with_swap_and_reward_restart(stack: Stack) -> N
 
 
 def _scenario(stack: Stack) -> None:
-    # Every service is healthy through the image's gRPC HEALTHCHECK.
+    _assert_all_healthy(stack)
+    client_proc = stack.popen("run", "--rm", "-T", "client")
+    trainer = TrainerClient(stack.trainer_address)
+    policy_id = stack.container("policy")
+    reward_b_id = stack.container("reward-b")
+    effective = _swap_and_crash_mid_run(stack, client_proc, trainer, policy_id, reward_b_id)
+    final, steps = _assert_every_step_once(trainer, effective)
+    _assert_reward_b_restarted_and_waited_for(stack, reward_b_id, steps, effective)
+    _assert_last_step_served_and_saved(stack, final)
+
+
+def _assert_all_healthy(stack: Stack) -> None:
+    """Every service is healthy through the image's gRPC HEALTHCHECK."""
     for service in ("policy", "reward", "reward-b", "trainer"):
         health = docker("inspect", "-f", "{{.State.Health.Status}}", stack.container(service))
         assert health == "healthy", (service, health)
 
-    client_proc = stack.popen("run", "--rm", "-T", "client")
-    trainer = TrainerClient(stack.trainer_address)
+
+def _swap_and_crash_mid_run(
+    stack: Stack,
+    client_proc: subprocess.Popen,
+    trainer: TrainerClient,
+    policy_id: str,
+    reward_b_id: str,
+) -> int:
+    """Step 3 of the scenario: the run held after step 1, swapped to reward-b, reward-b killed,
+    then released; waits for the client to finish. Returns the swap's first step."""
     paused = False
-    policy_id = stack.container("policy")
-    reward_b_id = stack.container("reward-b")
     try:
         status = _wait_for_step(trainer, 1, timeout_s=240)
         assert status.state == trainer_pb2.RUN_STATE_RUNNING, status
@@ -226,11 +245,11 @@ def _scenario(stack: Stack) -> None:
         docker("pause", policy_id)
         paused = True
         swap = stack.run(
-            "exec", "-T", "trainer", "rlhf", "swap-reward", "--trainer", "127.0.0.1:50053",
-            "--run-id", RUN_ID, "reward-b:50052",
+            "exec", "-T", "trainer", "rlhf", "swap-reward", "--trainer", TRAINER_ADDRESS,
+            "--run-id", RUN_ID, f"reward-b:{REWARD_PORT}",
             timeout=120,
         )  # fmt: skip
-        assert "rewards from step" in swap and "rm @ reward-b:50052" in swap, swap
+        assert "rewards from step" in swap and f"rm @ reward-b:{REWARD_PORT}" in swap, swap
         effective = int(swap.split("rewards from step")[1].split(":")[0])
         # Step 1 was done before the swap; the held run got at most a step or two further.
         assert 2 <= effective < STEPS, swap
@@ -251,12 +270,18 @@ def _scenario(stack: Stack) -> None:
         if client_proc.poll() is None:
             client_proc.kill()
             print(f"--- the client's output ---\n{client_proc.communicate()[0][-4000:]}")
+    return effective
 
+
+def _assert_every_step_once(
+    trainer: TrainerClient, effective: int
+) -> tuple[trainer_pb2.RunStatus, list[trainer_pb2.StepMetrics]]:
+    """The run completed; every step once, in order, one weight version each; the reward
+    sources switch at the swap. Returns the final status and the steps."""
     final = trainer.get(RUN_ID)
     assert final.state == trainer_pb2.RUN_STATE_COMPLETED, final.error
     assert final.step == final.total_steps == STEPS
 
-    # Every step once, in order, one weight version each; sources switch at the swap.
     steps = list(trainer.watch(RUN_ID, from_step=1))
     trainer.close()
     assert [m.step for m in steps] == list(range(1, STEPS + 1))
@@ -267,8 +292,13 @@ def _scenario(stack: Stack) -> None:
         sources = {k for k in m.metrics if k.startswith("env/reward/")}
         expected = {"env/reward/rm"} if m.step >= effective else {"env/reward/vader"}
         assert sources == expected, (m.step, sources)
+    return final, steps
 
-    # reward-b crashed once and docker brought it back; the trainer waited for it.
+
+def _assert_reward_b_restarted_and_waited_for(
+    stack: Stack, reward_b_id: str, steps: list[trainer_pb2.StepMetrics], effective: int
+) -> None:
+    """reward-b crashed once and docker brought it back; the trainer waited for it."""
     restarts = docker("inspect", "-f", "{{.RestartCount}}", reward_b_id)
     assert restarts == "1", restarts
     deadline = time.monotonic() + 120
@@ -283,6 +313,8 @@ def _scenario(stack: Stack) -> None:
     assert waited > 1.0, (effective, waited)
     assert all(r["run"] == RUN_ID and r["step"] == effective for r in retries), retries
 
+
+def _assert_last_step_served_and_saved(stack: Stack, final: trainer_pb2.RunStatus) -> None:
     # The policy container serves what the trainer pushed last.
     updates = stack.log_records("policy", "weights updated")
     assert [u["weight_version"] for u in updates][-1] == final.weight_version, updates

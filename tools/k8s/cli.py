@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from rlhf.defaults import REWARD_PORT, TRAINER_PORT
 from tools.k8s import manifests
 
 FIELD_MANAGER = "rlhf"
 PART_OF = "app.kubernetes.io/part-of=rlhf"
+_Rendered = TypeVar("_Rendered")
 
 
 def _add_overlay(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +52,16 @@ def _api_client(context: str | None) -> tuple[Any, str]:
     return client.ApiClient(), namespace
 
 
+def _rendered(render: Callable[[str], _Rendered], overlay: str) -> _Rendered | None:
+    """The overlay rendered (as text or objects), or None once a bad overlay's error has been
+    printed."""
+    try:
+        return render(overlay)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(err, file=sys.stderr)
+        return None
+
+
 class Render:
     @staticmethod
     def configure(parser: argparse.ArgumentParser) -> None:
@@ -56,11 +69,10 @@ class Render:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        try:
-            sys.stdout.write(manifests.render(args.overlay))
-        except (ValueError, RuntimeError, FileNotFoundError) as err:
-            print(err, file=sys.stderr)
+        text = _rendered(manifests.render, args.overlay)
+        if text is None:
             return 1
+        sys.stdout.write(text)
         return 0
 
 
@@ -84,10 +96,8 @@ class Apply:
         from kubernetes import dynamic
         from kubernetes.client.exceptions import ApiException
 
-        try:
-            objects = manifests.render_objects(args.overlay)
-        except (ValueError, RuntimeError, FileNotFoundError) as err:
-            print(err, file=sys.stderr)
+        objects = _rendered(manifests.render_objects, args.overlay)
+        if objects is None:
             return 1
         api, namespace = _api_client(args.context)
         namespace = args.namespace or namespace
@@ -120,8 +130,8 @@ class Status:
         parser.add_argument(
             "--trainer",
             default="",
-            help="trainer host:port (e.g. after `kubectl port-forward svc/trainer 50053`): "
-            "also show the run's step",
+            help="trainer host:port (e.g. after "
+            f"`kubectl port-forward svc/trainer {TRAINER_PORT}`): also show the run's step",
         )
         parser.add_argument("--run-id", default="", help="the run (default: the latest)")
 
@@ -172,13 +182,13 @@ class SwapReward:
             nargs="+",
             metavar="ADDR[=WEIGHT]",
             help="reward services as the trainer reaches them in the cluster, e.g. reward-b or "
-            "reward-b:50052=0.5 (port default 50052)",
+            f"reward-b:{REWARD_PORT}=0.5 (port default {REWARD_PORT})",
         )
         parser.add_argument(
             "--trainer",
             required=True,
-            help="trainer host:port reachable from here (trainer:50053 in the cluster; "
-            "localhost:50053 through `kubectl port-forward svc/trainer 50053`)",
+            help=f"trainer host:port reachable from here (trainer:{TRAINER_PORT} in the cluster; "
+            f"localhost:{TRAINER_PORT} through `kubectl port-forward svc/trainer {TRAINER_PORT}`)",
         )
         parser.add_argument("--run-id", default="", help="the run (default: the latest)")
 

@@ -9,17 +9,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from dataclasses import fields
+from typing import Any, TypeVar
 
+from rlhf.defaults import REWARD_INPUT_MODES
 from tools.stages.pipeline import PipelineConfig
-from tools.stages.reward_model import INPUTS, RMStageConfig
+from tools.stages.reward_model import RMStageConfig
 from tools.stages.sft import SFTStageConfig
 
 _EXPECTED = (FileExistsError, FileNotFoundError, ValueError, RuntimeError)
 """Errors with a message that says what to fix: printed as one line, no traceback."""
+_Config = TypeVar("_Config", SFTStageConfig, RMStageConfig, PipelineConfig)
 
 
-def _training_flags(parser: argparse.ArgumentParser, d: SFTStageConfig | RMStageConfig) -> None:
+def _training_flags(
+    parser: argparse.ArgumentParser, d: SFTStageConfig | RMStageConfig, model_help: str
+) -> None:
+    parser.add_argument("--model", default=d.model, help=model_help)
     parser.add_argument("--data", default=d.data, help="JSONL data (default: the demo set)")
     parser.add_argument("--output", default=d.output, help=f"model folder (default: {d.output})")
     parser.add_argument("--epochs", type=float, default=d.epochs, help=f"default {d.epochs:g}")
@@ -40,6 +46,13 @@ def _training_flags(parser: argparse.ArgumentParser, d: SFTStageConfig | RMStage
     parser.add_argument("--force", action="store_true", help="overwrite an existing --output")
 
 
+def _from_args(config_class: type[_Config], args: argparse.Namespace, **named: Any) -> _Config:
+    """A stage's config from its flags: each field from the flag of its name, except those
+    given in `named` (flags named otherwise than their field)."""
+    names = [f.name for f in fields(config_class) if f.name not in named]
+    return config_class(**{name: getattr(args, name) for name in names}, **named)
+
+
 def _run(command: str, work: Callable[[], Any]) -> int:
     try:
         work()
@@ -54,12 +67,7 @@ class Sft:
     def configure(parser: argparse.ArgumentParser) -> None:
         parser.description = "Supervised fine-tuning with TRL's SFTTrainer."
         d = SFTStageConfig()
-        parser.add_argument(
-            "--model",
-            default=d.model,
-            help=f"base causal LM folder or hub name (default: {d.model})",
-        )
-        _training_flags(parser, d)
+        _training_flags(parser, d, f"base causal LM folder or hub name (default: {d.model})")
         parser.add_argument(
             "--no-chat-template",
             action="store_true",
@@ -70,20 +78,7 @@ class Sft:
     def run(args: argparse.Namespace) -> int:
         from tools.stages.sft import train_sft
 
-        config = SFTStageConfig(
-            model=args.model,
-            data=args.data,
-            output=args.output,
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            learning_rate=args.learning_rate,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            seed=args.seed,
-            device=args.device,
-            chat_template=not args.no_chat_template,
-            force=args.force,
-        )
+        config = _from_args(SFTStageConfig, args, chat_template=not args.no_chat_template)
         return _run("sft", lambda: train_sft(config))
 
 
@@ -92,12 +87,8 @@ class Rm:
     def configure(parser: argparse.ArgumentParser) -> None:
         parser.description = "Reward-model training with TRL's RewardTrainer."
         d = RMStageConfig()
-        parser.add_argument(
-            "--model",
-            default=d.model,
-            help=f"backbone folder or hub name (default: {d.model}, the embedded MiniLM)",
-        )
-        _training_flags(parser, d)
+        model_help = f"backbone folder or hub name (default: {d.model}, the embedded MiniLM)"
+        _training_flags(parser, d, model_help)
         parser.add_argument(
             "--eval-fraction",
             type=float,
@@ -107,7 +98,7 @@ class Rm:
         parser.add_argument(
             "--input",
             default=d.input,
-            choices=INPUTS,
+            choices=REWARD_INPUT_MODES,
             help=f"what the model reads, as the reward service's --input (default: {d.input})",
         )
 
@@ -115,21 +106,7 @@ class Rm:
     def run(args: argparse.Namespace) -> int:
         from tools.stages.reward_model import train_reward_model
 
-        config = RMStageConfig(
-            model=args.model,
-            data=args.data,
-            output=args.output,
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            learning_rate=args.learning_rate,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            eval_fraction=args.eval_fraction,
-            seed=args.seed,
-            device=args.device,
-            input=args.input,
-            force=args.force,
-        )
+        config = _from_args(RMStageConfig, args)
         return _run("rm", lambda: train_reward_model(config))
 
 
@@ -171,24 +148,7 @@ class Pipeline:
     def run(args: argparse.Namespace) -> int:
         from tools.stages.pipeline import run_pipeline
 
-        config = PipelineConfig(
-            output=args.output,
-            base_model=args.base_model,
-            sft_data=args.sft_data,
-            sft_epochs=args.sft_epochs,
-            sft_max_steps=args.sft_max_steps,
-            rm_backbone=args.rm_backbone,
-            rm_data=args.rm_data,
-            rm_epochs=args.rm_epochs,
-            rm_max_steps=args.rm_max_steps,
-            ppo_config=args.config,
-            ppo_steps=args.ppo_steps,
-            overrides=list(args.set),
-            vader_weight=args.vader_weight,
-            seed=args.seed,
-            device=args.device,
-            force=args.force,
-        )
+        config = _from_args(PipelineConfig, args, ppo_config=args.config, overrides=list(args.set))
         codes: list[int] = []
         failed = _run("pipeline", lambda: codes.append(run_pipeline(config).code))
         return failed or codes[0]

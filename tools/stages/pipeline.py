@@ -15,17 +15,20 @@ trainer services as separate processes, driven through the trainer's API.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from rlhf.defaults import DEFAULT_POLICY_MODEL
+from tools import main_job
 from tools.stages.common import STAGE_FILE, write_json
-from tools.stages.reward_model import DEFAULT_BACKBONE
+from tools.stages.reward_model import DEFAULT_BACKBONE, RMStageConfig, train_reward_model
 from tools.stages.reward_model import DEMO_DATA as RM_DEMO_DATA
-from tools.stages.sft import DEFAULT_POLICY
 from tools.stages.sft import DEMO_DATA as SFT_DEMO_DATA
+from tools.stages.sft import SFTStageConfig, train_sft
 
-DEFAULT_PPO_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "default.yaml"
 PPO_RUN_ID = "run"
 PPO_DONE = "completed.json"
 
@@ -36,7 +39,7 @@ class PipelineConfig:
 
     output: str = "runs/pipeline"
     """Root folder of the three stages' outputs."""
-    base_model: str = DEFAULT_POLICY
+    base_model: str = DEFAULT_POLICY_MODEL
     """SFT's starting point (default: the embedded SmolLM2-135M-Instruct)."""
     sft_data: str = str(SFT_DEMO_DATA)
     """SFT data (default: the shipped demo set)."""
@@ -50,7 +53,7 @@ class PipelineConfig:
     rm_epochs: float = 2.0
     rm_max_steps: int = -1
     """> 0 overrides rm_epochs."""
-    ppo_config: str = str(DEFAULT_PPO_CONFIG)
+    ppo_config: str = str(main_job.DEFAULT_CONFIG)
     """The PPO run's config YAML (default: configs/default.yaml, what `make run` uses)."""
     ppo_steps: int = 0
     """PPO steps; 0 keeps the config's run.steps."""
@@ -94,119 +97,110 @@ def _stage_needed(name: str, folder: Path, done: Path, force: bool) -> bool:
 
 def run_pipeline(config: PipelineConfig) -> PipelineResult:
     """Runs the stages in order, skipping those whose output is complete."""
-    import json
-
-    from tools import main_job
-    from tools.stages.reward_model import RMStageConfig, train_reward_model
-    from tools.stages.sft import SFTStageConfig, train_sft
-
     root = Path(config.output)
     sft_dir, rm_dir, ppo_dir = root / "sft", root / "rm", root / "ppo"
-    ran: list[str] = []
-
-    if _stage_needed("sft", sft_dir, sft_dir / STAGE_FILE, config.force):
-        train_sft(
-            SFTStageConfig(
-                model=config.base_model,
-                data=config.sft_data,
-                output=str(sft_dir),
-                epochs=config.sft_epochs,
-                max_steps=config.sft_max_steps,
-                seed=config.seed,
-                device=config.device,
-                force=True,  # _stage_needed has decided that what is there is replaced
-            )
-        )
-        ran.append("sft")
-
-    if _stage_needed("rm", rm_dir, rm_dir / STAGE_FILE, config.force):
-        train_reward_model(
-            RMStageConfig(
-                model=config.rm_backbone,
-                data=config.rm_data,
-                output=str(rm_dir),
-                epochs=config.rm_epochs,
-                max_steps=config.rm_max_steps,
-                seed=config.seed,
-                device=config.device,
-                force=True,
-            )
-        )
-        ran.append("rm")
-
     run_dir = ppo_dir / PPO_RUN_ID
-    if ran:
-        # New SFT weights or a new reward model make an earlier PPO run stale.
-        rerun_ppo = True
-        if ppo_dir.exists():
-            print(f"ppo: {ppo_dir} is older than the new {' and '.join(ran)} output, rerun")
-    else:
-        rerun_ppo = _stage_needed("ppo", ppo_dir, ppo_dir / PPO_DONE, config.force)
-    if rerun_ppo:
-        if ppo_dir.exists():
-            shutil.rmtree(ppo_dir)
-        # The reward model is served reading what it was trained on (stage.json's input).
-        rm_input = json.loads((rm_dir / STAGE_FILE).read_text())["config"]["input"]
-        rewards = [
-            main_job.RewardServiceSpec(
-                "rm",
-                [
-                    "reward",
-                    "serve",
-                    "--backend",
-                    "hf-classifier",
-                    "--model",
-                    str(rm_dir),
-                    "--input",
-                    rm_input,
-                    "--name",
-                    "rm",
-                ],
-            )  # fmt: skip
-        ]
-        if config.vader_weight > 0:
-            rewards.append(
-                main_job.RewardServiceSpec(
-                    "vader",
-                    ["reward", "serve", "--backend", "vader", "--name", "vader"],
-                    config.vader_weight,
-                )
-            )
-        overrides = list(config.overrides)
-        if config.ppo_steps > 0:
-            overrides.append(f"run.steps={config.ppo_steps}")
-        print(f"ppo: policy {sft_dir}, reward model {rm_dir}", flush=True)
-        result = main_job.run_ppo_job(
-            str(sft_dir),
-            rewards,
-            Path(config.ppo_config),
-            ppo_dir,
-            run_id=PPO_RUN_ID,
-            overrides=overrides,
-        )
+    ran: list[str] = []
+    if _stage_needed("sft", sft_dir, sft_dir / STAGE_FILE, config.force):
+        data, epochs, steps = config.sft_data, config.sft_epochs, config.sft_max_steps
+        sft = _stage_fields(config, sft_dir, config.base_model, data, epochs, steps)
+        train_sft(SFTStageConfig(**sft))
+        ran.append("sft")
+    if _stage_needed("rm", rm_dir, rm_dir / STAGE_FILE, config.force):
+        data, epochs, steps = config.rm_data, config.rm_epochs, config.rm_max_steps
+        rm = _stage_fields(config, rm_dir, config.rm_backbone, data, epochs, steps)
+        train_reward_model(RMStageConfig(**rm))
+        ran.append("rm")
+    if _ppo_needed(ppo_dir, ran, config.force):
+        code = _run_ppo(config, sft_dir, rm_dir, ppo_dir)
         ran.append("ppo")
-        if result.code != 0:
+        if code != 0:
             print(f"ppo: the run failed; see {run_dir} and its logs/", flush=True)
-            return PipelineResult(sft_dir, rm_dir, run_dir, ran, result.code)
-        ppo_dir.mkdir(parents=True, exist_ok=True)
-        write_json(
-            ppo_dir / PPO_DONE,
-            {
-                "config": asdict(config),
-                "policy": str(sft_dir),
-                "reward_model": str(rm_dir),
-                "run_dir": str(run_dir),
-                "steps": len(result.metrics),
-                "seconds": round(result.seconds, 1),
-            },
-        )
-        if result.metrics:
-            from tools.report import summarize
-
-            print(summarize(result.metrics, run_dir / "summary.png", result.seconds))
-    final = run_dir / "checkpoints"
-    latest = final / "latest"
-    if latest.is_file():
-        final = final / latest.read_text().strip() / "policy"
-        print(f"pipeline: final policy in {final} (serve it: rlhf policy serve --model {final})")
+            return PipelineResult(sft_dir, rm_dir, run_dir, ran, code)
+    _print_final_policy(run_dir / "checkpoints")
     return PipelineResult(sft_dir, rm_dir, run_dir, ran, 0)
+
+
+def _stage_fields(
+    config: PipelineConfig, output: Path, model: str, data: str, epochs: float, max_steps: int
+) -> dict[str, Any]:
+    """The fields of a training stage's config (SFTStageConfig, RMStageConfig) that the
+    pipeline sets; the others keep the stage's defaults."""
+    return dict(
+        model=model,
+        data=data,
+        output=str(output),
+        epochs=epochs,
+        max_steps=max_steps,
+        seed=config.seed,
+        device=config.device,
+        force=True,  # _stage_needed has decided that what is there is replaced
+    )
+
+
+def _ppo_needed(ppo_dir: Path, ran: list[str], force: bool) -> bool:
+    if not ran:
+        return _stage_needed("ppo", ppo_dir, ppo_dir / PPO_DONE, force)
+    # New SFT weights or a new reward model make an earlier PPO run stale.
+    if ppo_dir.exists():
+        print(f"ppo: {ppo_dir} is older than the new {' and '.join(ran)} output, rerun")
+    return True
+
+
+def _reward_specs(config: PipelineConfig, rm_dir: Path) -> list[main_job.RewardServiceSpec]:
+    """The reward services of the PPO run: the reward model, and VADER when it has a weight."""
+    # The reward model is served reading what it was trained on (stage.json's input).
+    rm_input = json.loads((rm_dir / STAGE_FILE).read_text())["config"]["input"]
+    rm_args = ["reward", "serve", "--backend", "hf-classifier", "--model", str(rm_dir)]
+    rewards = [main_job.RewardServiceSpec("rm", [*rm_args, "--input", rm_input, "--name", "rm"])]
+    if config.vader_weight > 0:
+        vader_args = ["reward", "serve", "--backend", "vader", "--name", "vader"]
+        rewards.append(main_job.RewardServiceSpec("vader", vader_args, config.vader_weight))
+    return rewards
+
+
+def _run_ppo(config: PipelineConfig, sft_dir: Path, rm_dir: Path, ppo_dir: Path) -> int:
+    """PPO as `make run` runs it, from the SFT folder against the reward model; on success
+    completed.json and the run's summary. Returns the run's exit code."""
+    if ppo_dir.exists():
+        shutil.rmtree(ppo_dir)
+    rewards = _reward_specs(config, rm_dir)
+    overrides = list(config.overrides)
+    if config.ppo_steps > 0:
+        overrides.append(f"run.steps={config.ppo_steps}")
+    print(f"ppo: policy {sft_dir}, reward model {rm_dir}", flush=True)
+    result = main_job.run_ppo_job(
+        str(sft_dir),
+        rewards,
+        Path(config.ppo_config),
+        ppo_dir,
+        run_id=PPO_RUN_ID,
+        overrides=overrides,
+    )
+    if result.code != 0:
+        return result.code
+    run_dir = ppo_dir / PPO_RUN_ID
+    ppo_dir.mkdir(parents=True, exist_ok=True)
+    write_json(
+        ppo_dir / PPO_DONE,
+        {
+            "config": asdict(config),
+            "policy": str(sft_dir),
+            "reward_model": str(rm_dir),
+            "run_dir": str(run_dir),
+            "steps": len(result.metrics),
+            "seconds": round(result.seconds, 1),
+        },
+    )
+    if result.metrics:
+        from tools.report import summarize
+
+        print(summarize(result.metrics, run_dir / "summary.png", result.seconds))
+    return 0
+
+
+def _print_final_policy(checkpoints: Path) -> None:
+    latest = checkpoints / "latest"
+    if latest.is_file():
+        final = checkpoints / latest.read_text().strip() / "policy"
+        print(f"pipeline: final policy in {final} (serve it: rlhf policy serve --model {final})")

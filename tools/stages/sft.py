@@ -21,22 +21,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.defaults import DEFAULT_POLICY_MODEL
 from services.trainer.orchestrator.data import read_jsonl
 from tools.stages.common import (
-    LOSS_FILE,
     STAGE_FILE,
-    common_training_args,
-    log_losses,
-    quiet_hf,
-    read_losses,
+    logged_losses,
+    make_trainer,
+    save_trained,
     staged_output,
-    training_device,
+    start_stage,
     write_json,
 )
 
-# rlhf.models.DEFAULT_POLICY, spelt out because rlhf.models imports torch and the `rlhf`
-# command imports this module for its flags (a test checks the two agree).
-DEFAULT_POLICY = "smollm2-135m-instruct"
 DEMO_DATA = Path(__file__).parent / "data" / "sft_demo.jsonl"
 """80 hand-written everyday questions with short, upbeat, helpful answers (see data/README.md)."""
 
@@ -45,7 +41,7 @@ DEMO_DATA = Path(__file__).parent / "data" / "sft_demo.jsonl"
 class SFTStageConfig:
     """`rlhf sft`: what to fine-tune, on what, and how."""
 
-    model: str = DEFAULT_POLICY
+    model: str = DEFAULT_POLICY_MODEL
     """Base causal LM: a folder, a hub name, or the alias of the embedded SmolLM2-135M-Instruct."""
     data: str = str(DEMO_DATA)
     """JSONL of prompt/completion or messages rows (default: the shipped demo set)."""
@@ -145,52 +141,17 @@ def load_causal_lm(name: str) -> tuple[Any, Any, str]:
 
 def train_sft(config: SFTStageConfig) -> SFTResult:
     """Fine-tunes config.model on config.data and writes the model folder config.output."""
-    from trl import SFTConfig, SFTTrainer
-
-    device = training_device(config.device)
     output = Path(config.output)
-    if output.exists() and not config.force:
-        raise FileExistsError(f"{output} already exists: pass --force to overwrite it")
-    quiet_hf()
+    device = start_stage(config.device, output, config.force)
     rows, kind = load_sft_rows(Path(config.data), config.chat_template)
     model, tokenizer, source = load_causal_lm(config.model)
-    if kind != "prompt-completion" or config.chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                f"{source}: the tokenizer has no chat template, which {kind} data needs"
-                + (" (or pass --no-chat-template)" if kind == "prompt-completion" else "")
-            )
-    from datasets import Dataset
-
-    dataset = Dataset.from_list(rows)
+    _require_chat_template(tokenizer, source, kind, config.chat_template)
     print(f"sft: {source} on {len(rows)} {kind} rows from {config.data}", flush=True)
     started = time.monotonic()
     with staged_output(output, config.force) as staging:
-        args = SFTConfig(
-            **common_training_args(
-                staging,
-                device,
-                config.epochs,
-                config.max_steps,
-                config.learning_rate,
-                config.batch_size,
-                config.seed,
-            ),
-            max_length=config.max_length,
-        )
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
-        log_losses(trainer, staging / LOSS_FILE)
-        trainer.train()
-        trainer.save_model(str(staging))  # the model, its tokenizer and chat template
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; stage.json says it
-        losses = [row["loss"] for row in read_losses(staging / LOSS_FILE)]
+        steps = _fine_tune(config, device, staging, model, tokenizer, rows)
+        losses = logged_losses(staging)
         seconds = time.monotonic() - started
-        steps = int(trainer.state.global_step)
         write_json(
             staging / STAGE_FILE,
             {
@@ -212,3 +173,35 @@ def train_sft(config: SFTStageConfig) -> SFTResult:
         flush=True,
     )
     return SFTResult(output=output, steps=steps, losses=losses, seconds=seconds)
+
+
+def _require_chat_template(tokenizer: Any, source: str, kind: str, chat_template: bool) -> None:
+    """Conversational data, and plain rows rendered as a conversation, need the template."""
+    if kind == "prompt-completion" and not chat_template:
+        return
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{source}: the tokenizer has no chat template, which {kind} data needs"
+            + (" (or pass --no-chat-template)" if kind == "prompt-completion" else "")
+        )
+
+
+def _fine_tune(
+    config: SFTStageConfig,
+    device: str,
+    staging: Path,
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+) -> int:
+    """SFTTrainer over the rows, the result saved into `staging`; returns the steps taken."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = Dataset.from_list(rows)
+    trainer = make_trainer(
+        SFTTrainer, SFTConfig, config, device, staging, model, tokenizer, dataset
+    )
+    trainer.train()
+    save_trained(trainer, staging)
+    return int(trainer.state.global_step)
