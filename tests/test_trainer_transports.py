@@ -21,7 +21,7 @@ from services.policy.engine import PolicyEngine
 from services.policy.server import build_server
 from services.trainer.config_io import load_train_config
 from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
-from services.trainer.orchestrator.peers import FatalError, TransientError
+from services.trainer.orchestrator.peers import FatalError, TransientError, VersionConflict
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
 
@@ -179,6 +179,9 @@ def test_policy_facts_are_read_once_per_connection(tiny_lm: Path) -> None:
         for version in (1, 2, 3):
             assert policy.push_weights(weights, version) == version
         assert reads == 1
+        # A version the service already passed: FAILED_PRECONDITION, for the loop to renumber.
+        with pytest.raises(VersionConflict, match="FAILED_PRECONDITION: version 2 is not newer"):
+            policy.push_weights(weights, 2)
         assert policy.facts(fresh=True).weight_version == 3 and reads == 2
     finally:
         policy.close()

@@ -271,18 +271,20 @@ class TrainingLoop:
         With LoRA only the adapted layers change, so a step's sync sends just those; the first
         push of a run (`everything`) sends the whole model, whatever the service held before.
         """
-        version = self.weight_version + 1
         tensors = self.model.policy_state_dict_for_serving(trained_only=not everything)
+        what = f"step {self.step + 1}: update weights"
+        version = self.weight_version + 1
         try:
             self.weight_version = self._retrying(
-                f"step {self.step + 1}: update weights",
-                lambda: self.policy.push_weights(tensors, version),
+                what, lambda: self.policy.push_weights(tensors, version)
             )
         except VersionConflict:
             # The service serves a newer version than we know of (a restart of this trainer):
             # continue numbering above it.
-            served = self.policy.facts(fresh=True).weight_version
-            self.weight_version = self.policy.push_weights(tensors, served + 1)
+            served = self._retrying(what, lambda: self.policy.facts(fresh=True)).weight_version
+            self.weight_version = self._retrying(
+                what, lambda: self.policy.push_weights(tensors, served + 1)
+            )
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         """Calls `call`, retrying a TransientError with backoff (the one retry layer)."""
