@@ -5,6 +5,8 @@ weights: the service's from its sampling pass, the trainer's from its own forwar
 update. Their gap measures how far the sampler is from the policy PPO assumes it sampled from
 (another dtype, a stale weight version, a different kernel): verl logs it as
 rollout_probs_diff. A statistic only: the PPO math uses the trainer's log-probs, as TRL does.
+The service's log-probs are of the temperature-scaled distribution and the trainer's (as TRL
+0.11's) of the unscaled one, so with generation.temperature != 1 the drift includes that gap.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from rlhf.models import parse_dtype
 from services.trainer.config import GenerationConfig
 
 
@@ -68,8 +69,6 @@ class PolicyFacts:
 
 def policy_facts(info: Any) -> PolicyFacts:
     """PolicyFacts from a PolicyInfo message or the engine's EngineInfo (same field names)."""
-    from rlhf.models import parse_dtype
-
     tok = info.tokenizer
     model = ModelFacts(
         name=info.model,
