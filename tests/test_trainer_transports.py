@@ -196,3 +196,41 @@ def test_the_orchestrator_imports_no_grpc() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_the_policy_services_log_probs_reach_the_loop(tiny_lm: Path, tmp_path: Path) -> None:
+    """Through the wire the sampled log-probs still match the trainer's to float32 rounding
+    (the bound of test_policy_and_trainer_log_probs_agree_in_process), before and after a
+    weight push: the log-probs travel with their tokens, in order."""
+    from bench.local_transports import LocalReward
+    from services.reward.backends.vader import VaderBackend
+
+    service = build_server(PolicyEngine(str(tiny_lm)), ServerConfig(host="127.0.0.1", port=0))
+    service.start()
+    service.set_serving()
+    config = load_train_config(
+        None,
+        [
+            f"model_name={tiny_lm}",
+            "batch_size=2",
+            "mini_batch_size=1",
+            "ppo_epochs=1",
+            "learning_rate=1e-3",
+            "log_with=jsonl",
+            "max_new_tokens=6",
+            f"run.output_dir={tmp_path}",
+            "run.run_id=wire",
+        ],
+    )
+    mixer = RewardMixer(lambda address: LocalReward(VaderBackend(), address=address))
+    mixer.set_endpoints([EndpointSpec("local:1")])
+    policy = GrpcPolicy(f"127.0.0.1:{service.port}")
+    try:
+        loop = TrainingLoop(config, policy, mixer)
+        for step in (1, 2):
+            stats = loop.run_step().stats
+            assert stats["weight_version"] == step
+            assert stats["rollout/logprob_diff_max"] < 1e-4, (step, stats)
+    finally:
+        policy.close()
+        service.stop(grace_s=0)
