@@ -234,3 +234,39 @@ def test_the_policy_services_log_probs_reach_the_loop(tiny_lm: Path, tmp_path: P
     finally:
         policy.close()
         service.stop(grace_s=0)
+
+
+def test_a_policy_refusal_fails_the_step_at_once(tiny_lm: Path, tmp_path: Path) -> None:
+    """Generate refused (RESOURCE_EXHAUSTED: more new tokens than the service's cap): the same
+    call would be refused again, so the step fails on its first attempt with the service's own
+    message."""
+    from bench.local_transports import LocalReward
+    from services.policy.engine import EngineLimits
+    from services.reward.backends.vader import VaderBackend
+
+    engine = PolicyEngine(str(tiny_lm), limits=EngineLimits(max_new_tokens_cap=2))
+    service = build_server(engine, ServerConfig(host="127.0.0.1", port=0))
+    service.start()
+    service.set_serving()
+    config = load_train_config(
+        None,
+        [f"model_name={tiny_lm}", "batch_size=2", "mini_batch_size=1", "log_with=jsonl"]
+        + ["max_new_tokens=4", f"run.output_dir={tmp_path}", "run.step_retries=3"],
+    )
+    mixer = RewardMixer(lambda address: LocalReward(VaderBackend(), address=address))
+    mixer.set_endpoints([EndpointSpec("local:1")])
+    address = f"127.0.0.1:{service.port}"
+    policy = GrpcPolicy(address)
+    try:
+        loop = TrainingLoop(config, policy, mixer)
+        retries: list[int] = []
+        loop.progress.listeners.append(lambda p: retries.append(p.retries))
+        with pytest.raises(StepFailed) as caught:
+            loop.run_step()
+        message = str(caught.value)
+        assert message.startswith(f"step 1: Generate on {address} failed: RESOURCE_EXHAUSTED: ")
+        assert "max_new_tokens 4 is above this server's cap 2" in message
+        assert max(retries) == 0 and loop.step == 0
+    finally:
+        policy.close()
+        service.stop(grace_s=0)
