@@ -1,7 +1,10 @@
 """In-process transports: the policy engine and a reward backend in the trainer's own process.
 
 The loop cannot tell them from the gRPC transports, which is what lets bench_loop.py compare the
-loop through the services with the loop without gRPC (and lets tests run the loop fast).
+loop through the services with the loop without gRPC (and lets tests run the loop fast). The
+sampling settings take the very path they take to the service: the run's GenerationConfig ->
+GenerationParams (transports.generation_params) -> the engine's SamplingParams (the policy
+service's own params_from_proto).
 """
 
 from __future__ import annotations
@@ -10,40 +13,33 @@ from collections.abc import Mapping
 
 import torch
 
-from rlhf.models import parse_dtype
 from services.trainer.config import GenerationConfig
-from services.trainer.orchestrator.transports import PolicyFacts, Rollout
+from services.trainer.orchestrator.peers import PolicyFacts, Rollout, policy_facts
 
 
 class LocalPolicy:
     """The policy engine in this process (no gRPC): the benchmark's baseline."""
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(
+        self, model: str, device: str = "cpu", dtype: str = "float32", address: str = "local"
+    ) -> None:
         from services.policy.engine import PolicyEngine
 
         self.engine = PolicyEngine(model, device=device, dtype=dtype)
+        self.address = address
 
-    def facts(self) -> PolicyFacts:
-        info = self.engine.info()
-        return PolicyFacts(info.model, info.weight_version, parse_dtype(info.dtype))
+    def facts(self, fresh: bool = False) -> PolicyFacts:
+        return policy_facts(self.engine.info())  # in-process: always fresh, and cheap
 
     def generate(self, prompts: list[str], gen: GenerationConfig, seed: int) -> Rollout:
-        from services.policy.engine import SamplingParams
+        from services.policy.server import params_from_proto
+        from services.trainer.orchestrator.transports import generation_params
 
-        params = SamplingParams(
-            max_new_tokens=gen.max_new_tokens,
-            min_new_tokens=gen.min_new_tokens,
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            top_p=gen.top_p,
-            do_sample=gen.do_sample,
-            seed=seed,
-            apply_chat_template=gen.apply_chat_template,
-        )
-        completions = self.engine.generate(prompts, params)
+        completions = self.engine.generate(prompts, params_from_proto(generation_params(gen, seed)))
         return Rollout(
             query_ids=[c.prompt_token_ids for c in completions],
             response_ids=[c.response_token_ids for c in completions],
+            response_logprobs=[c.response_logprobs for c in completions],
             response_texts=[c.response_text for c in completions],
             weight_version=completions[0].weight_version,
         )

@@ -1,12 +1,12 @@
-"""Client channels: message limits for chunked weights, and retries of UNAVAILABLE.
+"""Client channels: message limits for chunked weights; no retries of their own.
 
-Retries are done by gRPC itself through the service config (transparent to the caller); every
-call still passes its own deadline (`timeout=`), which bounds the retries too.
+A call fails at once with the peer's status (UNAVAILABLE when nothing listens), and every call
+passes its own deadline (`timeout=`). Who retries decides that in one place: the trainer's loop
+retries transient failures with backoff; a command-line client reports the failure and exits;
+the launcher waits on health (wait_until_serving).
 """
 
 from __future__ import annotations
-
-import json
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,35 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rlhf.server import GRPC_OPTIONS
 
 
-def retry_service_config(max_attempts: int = 5) -> str:
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{}],  # every method of every service
-                    "retryPolicy": {
-                        "maxAttempts": max_attempts,
-                        "initialBackoff": "0.2s",
-                        "maxBackoff": "5s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
-        }
-    )
-
-
-def open_channel(address: str, max_attempts: int = 5) -> grpc.Channel:
-    """An insecure channel to host:port with large message limits and UNAVAILABLE retries."""
-    options = [
-        *GRPC_OPTIONS,
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", retry_service_config(max_attempts)),
-        # Streams of weights are large; let a retry buffer hold a few chunks only.
-        ("grpc.per_rpc_retry_buffer_size", 8 * 1024 * 1024),
-    ]
-    return grpc.insecure_channel(address, options=options)
+def open_channel(address: str) -> grpc.Channel:
+    """An insecure channel to host:port with large message limits and gRPC's retries off."""
+    # Off altogether (not only unconfigured): no call is replayed behind its caller's back,
+    # and a weight stream is never buffered for a replay.
+    return grpc.insecure_channel(address, options=[*GRPC_OPTIONS, ("grpc.enable_retries", 0)])
 
 
 def check_health(channel: grpc.Channel, service: str = "", timeout_s: float = 2.0) -> str:

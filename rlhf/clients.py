@@ -1,7 +1,8 @@
 """Typed clients of the policy and reward services: one channel each, a deadline on every call.
 
-Retries of UNAVAILABLE come from the channel's service config (rlhf.channels); a call that
-still fails raises grpc.RpcError with the server's status and message.
+Nothing here retries (rlhf.channels): a failed call raises grpc.RpcError with the server's
+status and message, and the caller decides (the trainer's transports translate it into
+transient or fatal errors for the loop's one retry layer).
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import grpc
 import torch
 
 from rlhf.channels import open_channel, wait_until_serving
+from rlhf.protocol import POLICY_SERVICE, REWARD_SERVICE
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 from rlhf.weights import CHUNK_BYTES, encode_weight_frames
 
@@ -37,13 +38,13 @@ class PolicyClient:
         # UpdateWeights fed with encode_weight_frames' ready-serialized chunks (same wire bytes
         # as stub.UpdateWeights with WeightChunk messages, two copies fewer per payload byte).
         self._update_frames = self.channel.stream_unary(
-            "/rlhf.v1.PolicyService/UpdateWeights",
+            f"/{POLICY_SERVICE}/UpdateWeights",
             request_serializer=None,
             response_deserializer=policy_pb2.UpdateWeightsResponse.FromString,
         )
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        wait_until_serving(self.channel, "rlhf.v1.PolicyService", timeout_s)
+        wait_until_serving(self.channel, POLICY_SERVICE, timeout_s)
 
     def info(self) -> policy_pb2.PolicyInfo:
         return self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=self.deadlines.info_s)
@@ -83,7 +84,7 @@ class RewardClient:
         """Samples per Score call, from info(); 0 until info() has been called: one call."""
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        wait_until_serving(self.channel, "rlhf.v1.RewardService", timeout_s)
+        wait_until_serving(self.channel, REWARD_SERVICE, timeout_s)
 
     def info(self) -> reward_pb2.RewardInfo:
         """The service's RewardInfo; also remembers its max_samples_per_request for score()."""
@@ -105,7 +106,3 @@ class RewardClient:
 
     def close(self) -> None:
         self.channel.close()
-
-
-def is_unavailable(err: grpc.RpcError) -> bool:
-    return err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

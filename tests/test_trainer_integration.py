@@ -106,6 +106,9 @@ def test_ppo_run_across_processes_with_a_reward_swap(
             expected = after if m.step >= swap.effective_from_step else {"env/reward/vader"}
             assert names == expected, (m.step, names)
             assert "objective/kl" in m.metrics and "ppo/loss/policy" in m.metrics
+            # The policy service's sampled log-probs match the trainer's (the same model and
+            # dtype in two processes: float32 rounding only, see test_trainer_loop's bound).
+            assert m.metrics["rollout/logprob_diff_max"] < 1e-4, (m.step, m.metrics)
         # The step's reward is the weighted sum of the sources' means: 1.0 x rm + 0.2 x length.
         last = steps[-1].metrics
         weighted = last["env/reward/rm"] + 0.2 * last["env/reward/length"]

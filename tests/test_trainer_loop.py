@@ -1,5 +1,7 @@
 """The coordinating loop in one process (in-process transports, tiny model): resume is exact,
-bad reward answers fail the step without applying anything, configs load and override."""
+bad reward answers fail the step without applying anything, a step that fails in any phase
+leaves no metrics row or checkpoint claiming it, the sampler's and the trainer's log-probs
+agree, configs load and override."""
 
 from __future__ import annotations
 
@@ -13,7 +15,11 @@ from bench.local_transports import LocalPolicy, LocalReward
 from services.reward.backends.vader import VaderBackend
 from services.trainer.config import TrainConfig
 from services.trainer.config_io import load_train_config
+from services.trainer.orchestrator.checkpoint import latest_checkpoint
+from services.trainer.orchestrator.drift import logprob_drift
 from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
+from services.trainer.orchestrator.metrics import read_metrics
+from services.trainer.orchestrator.peers import FatalError
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 
 
@@ -152,3 +158,93 @@ def test_a_swap_names_the_first_step_that_uses_it() -> None:
     assert [s.spec.address for s in mixer.begin_step(8)] == ["local:2"]
     mixer.end_step()
     assert mixer.set_endpoints([EndpointSpec("local:3")])[1] is None
+
+
+class FailingPolicy(LocalPolicy):
+    """LocalPolicy whose generate or push_weights fails (fatally) from a given step on."""
+
+    def __init__(self, model: str, phase: str, at_step: int) -> None:
+        super().__init__(model)
+        self.phase, self.at_step, self.step = phase, at_step, 0
+
+    def generate(self, prompts: list[str], gen: object, seed: int):  # noqa: ANN201
+        self.step += 1
+        if self.phase == "generate" and self.step >= self.at_step:
+            raise FatalError("Generate on local failed: INTERNAL: injected", "local")
+        return super().generate(prompts, gen, seed)  # type: ignore[arg-type]
+
+    def push_weights(self, tensors: dict, version: int) -> int:  # type: ignore[override]
+        if self.phase == "push" and self.step >= self.at_step:
+            raise FatalError("UpdateWeights on local failed: INTERNAL: injected", "local")
+        return super().push_weights(tensors, version)
+
+
+@pytest.mark.parametrize("phase", ["generate", "score", "update", "push"])
+def test_a_failed_step_leaves_no_metrics_row_or_checkpoint_claiming_it(
+    tiny_lm: Path, tmp_path: Path, phase: str
+) -> None:
+    """Step 2 of 3 fails in `phase`. Before the update nothing changed: the run's end writes
+    the boundary checkpoint of step 1. In the update or the push the learner changed: no
+    checkpoint at all (the last boundary one, none here, stays the latest) and no more steps."""
+    config = _config(tiny_lm, tmp_path, 3, f"fail-{phase}")
+    policy = FailingPolicy(str(tiny_lm), phase, at_step=2)
+    scripted = ScriptedReward(lambda r: [0.5] * len(r))
+    mixer = RewardMixer(lambda address: scripted)
+    mixer.set_endpoints([EndpointSpec("scripted:0")])
+    loop = TrainingLoop(config, policy, mixer)
+    after_step_1: dict[str, torch.Tensor] = {}
+
+    def on_step(result: object) -> None:
+        after_step_1.update({k: v.clone() for k, v in loop.model.trainable_state_dict().items()})
+        if phase == "score":
+            scripted.answer = lambda r: [0.5] * (len(r) + 1)  # a wrong count: fatal
+        if phase == "update":
+            real = loop.trainer.update
+
+            def update_then_fail(batch: object) -> dict:
+                real(batch)  # the learner's state changes, then the update fails
+                raise RuntimeError("injected failure inside the update")
+
+            loop.trainer.update = update_then_fail  # type: ignore[method-assign]
+
+    failure = RuntimeError if phase == "update" else StepFailed
+    with pytest.raises(failure, match="injected|returned 5 scores for 4 samples"):
+        loop.run(on_step=on_step)
+    assert loop.step == 1
+    rows = read_metrics(tmp_path / f"fail-{phase}" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1]
+    checkpoints = loop.checkpoints
+    assert not (checkpoints / "step-000002").exists()
+    if phase in ("generate", "score"):
+        assert latest_checkpoint(checkpoints) == checkpoints / "step-000001"
+        state = torch.load(checkpoints / "step-000001" / "trainer_state.pt", weights_only=False)
+        assert state["step"] == 1
+        saved = state["trainer"]["model"]
+        assert all(torch.equal(saved[k], after_step_1[k]) for k in after_step_1)
+    else:
+        assert latest_checkpoint(checkpoints) is None
+        with pytest.raises(StepFailed, match="step 2 failed after its update"):
+            loop.run_step()
+
+
+def test_policy_and_trainer_log_probs_agree_in_process(tiny_lm: Path, tmp_path: Path) -> None:
+    """The same model in the same dtype: the engine's sampling log-probs and the trainer's old
+    log-probs of the same tokens differ only by float32 rounding (another batch shape, left vs
+    right padding, a KV cache vs one full forward reorder the sums): measured at most 4.8e-7
+    (a few ulps of values near -4). 1e-4 leaves room for that and stays far below what a real
+    fault gives: in this random 72-token model neighbouring tokens' log-probs differ by 0.1 to
+    1 nat, so a token off by one position shows at once."""
+    loop = _loop(_config(tiny_lm, tmp_path, 2, "drift"), tiny_lm)
+    for step in (1, 2):  # step 2 samples from the pushed weights
+        stats = loop.run_step().stats
+        assert 0.0 <= stats["rollout/logprob_diff_mean"] <= stats["rollout/logprob_diff_max"]
+        assert stats["rollout/logprob_diff_max"] < 1e-4, (step, stats)
+
+
+def test_log_prob_drift_counts_real_tokens_only() -> None:
+    trainer = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -7.0, -7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    drift = logprob_drift([[-1.5, -2.0], [-0.25]], trainer, mask)
+    assert drift == {"rollout/logprob_diff_mean": 0.25, "rollout/logprob_diff_max": 0.5}
+    with pytest.raises(ValueError, match="sample 1: 2 sampled log-probs for 1 tokens"):
+        logprob_drift([[-1.5, -2.0], [-0.25, -1.0]], trainer, mask)

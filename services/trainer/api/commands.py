@@ -75,9 +75,9 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlhf.logs import setup_logging
     from services.trainer.config import DEFAULT_POLICY_ADDRESS, DEFAULT_REWARD_ADDRESS
     from services.trainer.config_io import load_train_config
-    from services.trainer.orchestrator.loop import TrainingLoop, connect_rewards
+    from services.trainer.orchestrator.loop import TrainingLoop
     from services.trainer.orchestrator.rewards import EndpointSpec
-    from services.trainer.orchestrator.transports import GrpcPolicy
+    from services.trainer.orchestrator.transports import GrpcPolicy, connect_rewards
 
     setup_logging("trainer")
     config = load_train_config(args.config or None, overrides)

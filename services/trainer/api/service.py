@@ -21,7 +21,9 @@ from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.config import DEFAULT_POLICY_ADDRESS, DEFAULT_REWARD_ADDRESS, TrainConfig
 from services.trainer.config_io import load_train_config
 from services.trainer.orchestrator.loop import StepResult, TrainingLoop
+from services.trainer.orchestrator.model_check import ModelMismatch
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
+from services.trainer.orchestrator.transports import served_model_check
 
 log = logging.getLogger("rlhf.trainer.service")
 State = trainer_pb2.RunState
@@ -139,6 +141,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.StartRunRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.RunStatus:
         config = self._config(request)
+        try:  # the model check before the run starts (the run's TrainingLoop checks again)
+            served_model_check(config.run.policy, config.ppo.model_name)
+        except ModelMismatch as err:
+            raise precondition(str(err)) from None
         with self._lock:
             if self.latest is not None and self.latest.active:
                 raise precondition(f"run {self.latest.run_id} is still active; StopRun it first")

@@ -1,8 +1,15 @@
 """The coordinating loop: generate -> score -> PPO step -> push weights -> log, step after step.
 
 Read it top to bottom in `TrainingLoop.run_step`; everything else is set-up, checkpoints and
-retries. The policy and reward sources are reached through transports (transports.py), so the
-same loop runs against the gRPC services or, for the benchmark, in one process.
+retries. The policy and reward sources are reached through transports (peers.py says what the
+loop needs of them; transports.py speaks gRPC, bench/local_transports.py runs in one process),
+so the loop never sees the wire.
+
+What a step leaves behind: the step counter, the metrics row and a checkpoint advance only
+when the whole step (push included) succeeded. A failure before the update leaves nothing
+changed (the prompts are drawn again next time); a failure in the update or the push leaves
+the learner mid-step, so the run stops without writing a checkpoint: the last boundary
+checkpoint stays the latest, and a resume redoes the step exactly.
 """
 
 from __future__ import annotations
@@ -15,22 +22,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
 import torch
 
 from rlhf.logs import ContextLogger
 from services.trainer.config import TrainConfig
 from services.trainer.orchestrator.checkpoint import latest_checkpoint, save_checkpoint
 from services.trainer.orchestrator.data import PromptSampler, load_prompts
+from services.trainer.orchestrator.drift import logprob_drift
 from services.trainer.orchestrator.metrics import MetricsLog
-from services.trainer.orchestrator.progress import ProgressTracker
-from services.trainer.orchestrator.rewards import (
-    EndpointSpec,
-    RewardError,
-    RewardMixer,
-    RewardSource,
+from services.trainer.orchestrator.model_check import check_served_model, trainer_model_facts
+from services.trainer.orchestrator.peers import (
+    FatalError,
+    PolicyTransport,
+    Rollout,
+    TransientError,
+    VersionConflict,
 )
-from services.trainer.orchestrator.transports import PolicyTransport
+from services.trainer.orchestrator.progress import ProgressTracker
+from services.trainer.orchestrator.rewards import RewardMixer, RewardSource
 
 log = logging.getLogger("rlhf.trainer.loop")
 T = TypeVar("T")
@@ -44,12 +53,21 @@ class StepResult:
 
 
 class StepFailed(RuntimeError):
-    """A step could not be completed (after retries); nothing of it was applied."""
+    """A step could not be completed; it was not counted, logged or checkpointed."""
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     t = torch.tensor(values, dtype=torch.float64)
     return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
+
+
+@dataclass
+class _Sampled:
+    """A step's rollout and its rewards: all of the step that happens outside the learner."""
+
+    rollout: Rollout
+    scores: list[float]
+    per_source: dict[str, list[float]]
 
 
 class TrainingLoop:
@@ -74,12 +92,19 @@ class TrainingLoop:
         self.folder = Path(run.output_dir or "runs") / run.run_id
         self.checkpoints = self.folder / "checkpoints"
         self.step = 0
+        """The last step finished completely (its weights pushed, its metrics row written)."""
+        self._mid_step: int | None = None
+        """A step whose update changed the learner but did not finish: the run cannot go on."""
         self.weight_version = 0
         self.last_stats: dict[str, float] = {}
         self.log = ContextLogger(log, {"run": run.run_id})
         self.progress = ProgressTracker()
 
         ppo = config.ppo
+        # The model check comes before loading the model: a wrong policy is refused at once.
+        facts = self._retrying("reading the policy service's facts", self.policy.facts)
+        check_served_model(trainer_model_facts(ppo.model_name), facts.model, policy.address)
+        self.weight_version = facts.weight_version
         self.model = PolicyWithValueHead.from_config(ppo)
         self.tokenizer = self.model.tokenizer
         # The reference: the base with LoRA adapters off, or a frozen copy (PPOTrainer decides).
@@ -87,8 +112,6 @@ class TrainingLoop:
         self.sampler = PromptSampler(load_prompts(run.prompts), seed=ppo.seed)
         self.metrics = MetricsLog(self.folder, ppo.log_with)
 
-        facts = self.policy.facts()
-        self.weight_version = facts.weight_version
         if resume:
             self._restore()
         if resume or facts.weight_version != 0:
@@ -102,7 +125,11 @@ class TrainingLoop:
         stop: threading.Event | None = None,
         on_step: Callable[[StepResult], None] | None = None,
     ) -> str:
-        """Runs steps until run.steps or `stop`; checkpoints at the end. Returns why it ended."""
+        """Runs steps until run.steps or `stop`; checkpoints at the end. Returns why it ended.
+
+        A step that fails ends the run (the exception propagates); the state is checkpointed
+        only if it is a step boundary's (the failure came before the update).
+        """
         stop = stop or threading.Event()
         reason = "completed"
         try:
@@ -117,85 +144,110 @@ class TrainingLoop:
                 if every and self.step % every == 0 and self.step < self.config.run.steps:
                     self.save()
         finally:
-            if self.step > 0 and latest_checkpoint(self.checkpoints) != self._step_folder():
-                self.save()
+            at_boundary = self._mid_step is None
+            if at_boundary and self.step > 0:
+                if latest_checkpoint(self.checkpoints) != self._step_folder():
+                    self.save()
             self.metrics.close()
         return reason
 
     def run_step(self) -> StepResult:
-        """One PPO step. Nothing is applied unless every phase succeeds."""
+        """One PPO step. Nothing is counted, logged or checkpointed unless every phase succeeds."""
+        if self._mid_step is not None:
+            raise StepFailed(
+                f"step {self._mid_step} failed after its update changed the learner; the run "
+                f"cannot go on: resume it from its last checkpoint"
+            )
         step = self.step + 1
         sources = self.rewards.begin_step(step)  # a swap during this step applies from the next
         try:
             return self._run_step(step, sources)
+        except FatalError as err:
+            raise StepFailed(f"step {step}: {err}") from err
         finally:
             self.rewards.end_step()
 
     def _run_step(self, step: int, sources: list[RewardSource]) -> StepResult:
-        ppo, gen, run = self.config.ppo, self.config.generation, self.config.run
-        sampler_state = self.sampler.state_dict()
+        run = self.config.run
         timings: dict[str, float] = {}
         t_step = time.perf_counter()
+        sampler_state = self.sampler.state_dict()
         try:
-            # 1. Rollout: the policy service samples a response per prompt.
-            prompts = self.sampler.next_batch(ppo.batch_size)
-            self.progress.enter("generating", step)
-            t = time.perf_counter()
-            rollout = self._retrying(
-                "generate",
-                lambda: self.policy.generate(prompts, gen, seed=ppo.seed * 100_003 + step),
-            )
-            timings["time/generate"] = time.perf_counter() - t
-            if rollout.weight_version != self.weight_version:
-                raise StepFailed(
-                    f"the policy service generated with weight version {rollout.weight_version}, "
-                    f"expected {self.weight_version}: another writer is updating it"
-                )
+            sampled = self._sample_and_score(step, sources, timings)
 
-            # 2. Reward: every source scores every (prompt, response); the reward is their
-            #    weighted sum. Sources are fixed for the whole step (a swap applies next step).
-            self.progress.enter("scoring", step)
+            # 3. Old log-probs, values and reference log-probs (the trainer's forward passes).
+            queries = [torch.tensor(q, dtype=torch.long) for q in sampled.rollout.query_ids]
+            responses = [torch.tensor(r, dtype=torch.long) for r in sampled.rollout.response_ids]
+            self.progress.enter("updating", step)
             t = time.perf_counter()
-            scores, per_source = self._retrying(
-                "score", lambda: self.rewards.score(prompts, rollout.response_texts, sources)
+            batch = self.trainer.prepare(
+                queries, responses, torch.tensor(sampled.scores, dtype=torch.float32)
             )
-            timings["time/score"] = time.perf_counter() - t
+            timings["time/ref_values"] = time.perf_counter() - t
+            drift = logprob_drift(sampled.rollout.response_logprobs, batch.logprobs, batch.mask)
         except BaseException:
             self.sampler.load_state_dict(sampler_state)  # the same prompts again next time
             raise
 
-        # 3. Old log-probs, values and reference log-probs (the trainer's forward passes).
-        queries = [torch.tensor(q, dtype=torch.long) for q in rollout.query_ids]
-        responses = [torch.tensor(r, dtype=torch.long) for r in rollout.response_ids]
-        score_tensors = torch.tensor(scores, dtype=torch.float32)
-        self.progress.enter("updating", step)
-        t = time.perf_counter()
-        batch = self.trainer.prepare(queries, responses, score_tensors)
-        timings["time/ref_values"] = time.perf_counter() - t
-
-        # 4. The PPO update (ppo_epochs over shuffled mini-batches), KL controller update.
+        # 4. The PPO update (ppo_epochs over shuffled mini-batches), KL controller update. From
+        #    here until the push succeeds the learner is mid-step.
+        self._mid_step = step
         t = time.perf_counter()
         stats = self.trainer.update(batch)
         timings["time/update"] = time.perf_counter() - t
 
         # 5. Weight sync: the next Generate must use the new policy.
-        self.step = step
         self.progress.enter("syncing", step)
         t = time.perf_counter()
         if step % run.sync_every == 0 or step == run.steps:
             self._push_weights()
         timings["time/weight_sync"] = time.perf_counter() - t
         timings["time/step"] = time.perf_counter() - t_step
+        self._mid_step = None
+        self.step = step
 
-        # 6. Statistics under the classic names, plus each reward source's mean.
-        mean, std = _mean_std(scores)
+        # 6. Statistics under the classic names, plus each reward source's mean and the drift.
         stats.update(timings)
-        stats["env/reward_mean"], stats["env/reward_std"] = mean, std
-        for name, values in per_source.items():
-            stats[f"env/reward/{name}"] = _mean_std(values)[0]
-        stats["env/response_length"] = float(
-            sum(len(r) for r in rollout.response_ids) / len(rollout.response_ids)
+        stats.update(drift)
+        return self._finish(step, stats, sampled)
+
+    def _sample_and_score(
+        self, step: int, sources: list[RewardSource], timings: dict[str, float]
+    ) -> _Sampled:
+        ppo, gen = self.config.ppo, self.config.generation
+        # 1. Rollout: the policy service samples a response per prompt.
+        prompts = self.sampler.next_batch(ppo.batch_size)
+        self.progress.enter("generating", step)
+        t = time.perf_counter()
+        rollout = self._retrying(
+            f"step {step}: generate",
+            lambda: self.policy.generate(prompts, gen, seed=ppo.seed * 100_003 + step),
         )
+        timings["time/generate"] = time.perf_counter() - t
+        if rollout.weight_version != self.weight_version:
+            raise StepFailed(
+                f"the policy service generated with weight version {rollout.weight_version}, "
+                f"expected {self.weight_version}: another writer is updating it"
+            )
+
+        # 2. Reward: every source scores every (prompt, response); the reward is their
+        #    weighted sum. Sources are fixed for the whole step (a swap applies next step).
+        self.progress.enter("scoring", step)
+        t = time.perf_counter()
+        scores, per_source = self._retrying(
+            f"step {step}: score",
+            lambda: self.rewards.score(prompts, rollout.response_texts, sources),
+        )
+        timings["time/score"] = time.perf_counter() - t
+        return _Sampled(rollout, scores, per_source)
+
+    def _finish(self, step: int, stats: dict[str, float], sampled: _Sampled) -> StepResult:
+        """The finished step's metrics row and log line."""
+        stats["env/reward_mean"], stats["env/reward_std"] = _mean_std(sampled.scores)
+        for name, values in sampled.per_source.items():
+            stats[f"env/reward/{name}"] = _mean_std(values)[0]
+        response_ids = sampled.rollout.response_ids
+        stats["env/response_length"] = float(sum(len(r) for r in response_ids) / len(response_ids))
         stats["weight_version"] = float(self.weight_version)
         self.metrics.write(step, self.weight_version, stats)
         self.last_stats = stats
@@ -205,9 +257,9 @@ class TrainingLoop:
             extra={
                 "step": step,
                 "weight_version": self.weight_version,
-                "reward_mean": round(mean, 4),
+                "reward_mean": round(stats["env/reward_mean"], 4),
                 "kl": round(stats.get("objective/kl", float("nan")), 4),
-                "step_s": round(timings["time/step"], 2),
+                "step_s": round(stats["time/step"], 2),
             },
         )
         return StepResult(step, self.weight_version, stats)
@@ -219,42 +271,35 @@ class TrainingLoop:
         With LoRA only the adapted layers change, so a step's sync sends just those; the first
         push of a run (`everything`) sends the whole model, whatever the service held before.
         """
-        version = self.weight_version + 1
         tensors = self.model.policy_state_dict_for_serving(trained_only=not everything)
+        what = f"step {self.step + 1}: update weights"
+        version = self.weight_version + 1
         try:
             self.weight_version = self._retrying(
-                "update weights", lambda: self.policy.push_weights(tensors, version)
+                what, lambda: self.policy.push_weights(tensors, version)
             )
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
+        except VersionConflict:
             # The service serves a newer version than we know of (a restart of this trainer):
             # continue numbering above it.
-            served = self.policy.facts().weight_version
-            self.weight_version = self.policy.push_weights(tensors, served + 1)
+            served = self._retrying(what, lambda: self.policy.facts(fresh=True)).weight_version
+            self.weight_version = self._retrying(
+                what, lambda: self.policy.push_weights(tensors, served + 1)
+            )
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
-        """Retries a call whose peer is unreachable or answered unusably, with backoff."""
+        """Calls `call`, retrying a TransientError with backoff (the one retry layer)."""
         run = self.config.run
         pause = run.retry_backoff_s
         for attempt in range(1, run.step_retries + 1):
             try:
                 return call()
-            except (RewardError, grpc.RpcError) as err:
-                if isinstance(err, grpc.RpcError) and err.code() not in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                ):
-                    raise
-                detail = err.details() if isinstance(err, grpc.RpcError) else str(err)
+            except TransientError as err:
                 if attempt == run.step_retries:
-                    raise StepFailed(
-                        f"step {self.step + 1}: {what} failed {attempt} times; last: {detail}"
-                    ) from err
+                    raise StepFailed(f"{what} failed {attempt} times; last: {err}") from err
                 self.progress.retried()
                 self.log.warning(
                     f"{what} failed; retrying",
-                    extra={"step": self.step + 1, "attempt": attempt, "reason": detail},
+                    extra={"attempt": attempt, "reason": str(err)},
                 )
                 time.sleep(pause)
                 pause *= 2
@@ -296,12 +341,3 @@ class TrainingLoop:
         self.step = state["step"]
         self.metrics.truncate_after(self.step)
         self.log.info("resumed", extra={"step": self.step, "path": str(folder)})
-
-
-def connect_rewards(specs: list[EndpointSpec]) -> RewardMixer:
-    """A mixer over gRPC reward endpoints, each probed first."""
-    from services.trainer.orchestrator.transports import GrpcReward
-
-    mixer = RewardMixer(GrpcReward)
-    mixer.set_endpoints(specs)
-    return mixer

@@ -2,8 +2,9 @@
 
 The trainer's reward for a sample is sum_i weight_i * score_i over the endpoints in force.
 Each source's scores are kept apart for the statistics (env/reward/<name>). A source that
-answers with the wrong count or a non-finite score fails the step (RewardError): nothing is
-applied for that step, the caller decides whether to retry.
+cannot be reached raises its transport's TransientError (the loop retries the step's scoring);
+one that refuses the call, or answers with the wrong count or a non-finite score, fails the
+step at once (FatalError, RewardError): nothing is applied for that step.
 """
 
 from __future__ import annotations
@@ -12,23 +13,12 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+
+from services.trainer.orchestrator.peers import FatalError, PeerError, RewardTransport
 
 
-class RewardError(RuntimeError):
-    """A reward source gave an unusable answer, or could not be reached."""
-
-
-class RewardTransport(Protocol):
-    """How the trainer talks to one reward source: over gRPC, or in-process (benchmarks)."""
-
-    address: str
-
-    def name(self) -> str: ...
-
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
-
-    def close(self) -> None: ...
+class RewardError(FatalError):
+    """A reward source gave an unusable answer, failed its probe, or none is set."""
 
 
 @dataclass
@@ -123,11 +113,13 @@ class RewardMixer:
                     probe = transport.score(["probe"], ["This is a probe."])
                 except Exception as err:  # noqa: BLE001 - reported with the endpoint's name
                     raise RewardError(
-                        f"reward endpoint {spec.address} failed its probe: {err}"
+                        f"reward endpoint {spec.address} failed its probe: {err}", spec.address
                     ) from err
                 if len(probe) != 1 or not math.isfinite(probe[0]):
                     raise RewardError(
-                        f"reward endpoint {spec.address} answered a one-sample Score with {probe!r}"
+                        f"reward endpoint {spec.address} answered a one-sample Score with "
+                        f"{probe!r}",
+                        spec.address,
                     )
                 if not spec.name:
                     spec.name = service_name or spec.address
@@ -183,22 +175,28 @@ class RewardMixer:
         total = [0.0] * count
         per_source: dict[str, list[float]] = {}
         for source in sources:
+            address = source.spec.address
             try:
                 scores = [float(s) for s in source.transport.score(prompts, responses)]
-            except RewardError:
-                raise
-            except Exception as err:  # noqa: BLE001 - reported with the source's name
+            except PeerError:
+                raise  # transient stays transient; a refusal carries the service's own message
+            except Exception as err:  # noqa: BLE001 - an in-process source's own failure
                 raise RewardError(
-                    f"reward source {source.name} ({source.spec.address}): {err}"
+                    f"reward source {source.name} ({address}): {type(err).__name__}: {err}",
+                    address,
                 ) from err
             if len(scores) != count:
                 raise RewardError(
-                    f"reward source {source.name} returned {len(scores)} scores for {count} samples"
+                    f"reward source {source.name} ({address}) returned {len(scores)} scores "
+                    f"for {count} samples",
+                    address,
                 )
             bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
             if bad:
                 raise RewardError(
-                    f"reward source {source.name} returned non-finite scores at samples {bad[:5]}"
+                    f"reward source {source.name} ({address}) returned non-finite scores at "
+                    f"samples {bad[:5]}",
+                    address,
                 )
             per_source[source.name] = scores
             total = [t + source.spec.weight * s for t, s in zip(total, scores)]

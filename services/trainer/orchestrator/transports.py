@@ -1,55 +1,40 @@
-"""How the trainer reaches the policy and the reward sources: small swappable classes.
+"""The loop's peers over gRPC: the only module of the orchestrator that knows the wire.
 
-`GrpcPolicy` / `GrpcReward` talk to the services. The benchmark's in-process twins
-(bench/local_transports.py) run the same engine and backend in one process; the loop cannot
-tell them apart.
+`GrpcPolicy` / `GrpcReward` implement the protocols of peers.py and translate every failed call
+into TransientError (UNAVAILABLE, DEADLINE_EXCEEDED) or FatalError (any other status), with a
+message that names the peer and quotes its own status message. They do not retry: the loop's
+retry with backoff is the one retry layer. The benchmark's in-process twins live in
+bench/local_transports.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
+import grpc
 import torch
 
 from rlhf.clients import PolicyClient, RewardClient
-from rlhf.models import parse_dtype
 from rlhf.v1 import policy_pb2
 from services.trainer.config import GenerationConfig
+from services.trainer.orchestrator.peers import (
+    FatalError,
+    PeerError,
+    PolicyFacts,
+    Rollout,
+    TransientError,
+    VersionConflict,
+    policy_facts,
+)
+from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
+
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+"""Statuses that say the peer was not reached or did not answer in time."""
 
 
-@dataclass
-class Rollout:
-    """One batch of generations, as the PPO step needs them."""
-
-    query_ids: list[list[int]]
-    response_ids: list[list[int]]
-    response_texts: list[str]
-    weight_version: int
-    """The weight version that produced every response."""
-
-
-@dataclass
-class PolicyFacts:
-    model: str
-    weight_version: int
-    dtype: torch.dtype
-
-
-class PolicyTransport(Protocol):
-    def facts(self) -> PolicyFacts: ...
-
-    def generate(self, prompts: list[str], gen: GenerationConfig, seed: int) -> Rollout: ...
-
-    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
-        """Makes `version` the served weights; returns the version served after."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def _params(gen: GenerationConfig, seed: int) -> policy_pb2.GenerationParams:
+def generation_params(gen: GenerationConfig, seed: int) -> policy_pb2.GenerationParams:
+    """The run's generation settings as the wire's GenerationParams (the one mapping)."""
     return policy_pb2.GenerationParams(
         max_new_tokens=gen.max_new_tokens,
         min_new_tokens=gen.min_new_tokens,
@@ -62,42 +47,125 @@ def _params(gen: GenerationConfig, seed: int) -> policy_pb2.GenerationParams:
     )
 
 
+def translate(
+    err: grpc.RpcError,
+    peer: str,
+    call: str,
+    special: Mapping[grpc.StatusCode, type[FatalError]] | None = None,
+) -> PeerError:
+    """A failed call as a transport-neutral error: `call` on `peer`, the status, its message.
+
+    `special` maps a status to a narrower FatalError for the caller to act on.
+    """
+    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    message = f"{call} on {peer} failed: {code.name}: {details}"
+    if code in TRANSIENT:
+        return TransientError(message, peer)
+    return (special or {}).get(code, FatalError)(message, peer)
+
+
+@contextmanager
+def _calling(
+    peer: str, call: str, special: Mapping[grpc.StatusCode, type[FatalError]] | None = None
+) -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise translate(err, peer, call, special) from None
+
+
 class GrpcPolicy:
+    """The policy service; its facts are read once per connection."""
+
     def __init__(self, address: str) -> None:
         self.address = address
         self.client = PolicyClient(address)
+        self._facts: PolicyFacts | None = None
 
-    def facts(self) -> PolicyFacts:
-        info = self.client.info()
-        return PolicyFacts(info.model, info.weight_version, parse_dtype(info.dtype))
+    def facts(self, fresh: bool = False) -> PolicyFacts:
+        if self._facts is None or fresh:
+            with _calling(self.address, "GetInfo"):
+                self._facts = policy_facts(self.client.info())
+        return self._facts
 
     def generate(self, prompts: list[str], gen: GenerationConfig, seed: int) -> Rollout:
-        reply = self.client.generate(prompts, _params(gen, seed))
-        return Rollout(
+        with _calling(self.address, "Generate"):
+            reply = self.client.generate(prompts, generation_params(gen, seed))
+        rollout = Rollout(
             query_ids=[list(c.prompt_token_ids) for c in reply.completions],
             response_ids=[list(c.response_token_ids) for c in reply.completions],
+            response_logprobs=[list(c.response_logprobs) for c in reply.completions],
             response_texts=[c.response_text for c in reply.completions],
             weight_version=reply.weight_version,
         )
+        if len(rollout.response_ids) != len(prompts):
+            raise FatalError(
+                f"Generate on {self.address} returned {len(rollout.response_ids)} completions "
+                f"for {len(prompts)} prompts",
+                self.address,
+            )
+        for i, (ids, logprobs) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
+            if len(ids) != len(logprobs):
+                raise FatalError(
+                    f"Generate on {self.address}: completion {i} has {len(ids)} tokens but "
+                    f"{len(logprobs)} log-probs (the contract: one per token)",
+                    self.address,
+                )
+        return rollout
 
     def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
         dtype = self.facts().dtype
-        return self.client.update_weights(tensors, version, dtype=dtype).version
+        conflict = {grpc.StatusCode.FAILED_PRECONDITION: VersionConflict}
+        with _calling(self.address, "UpdateWeights", conflict):
+            return self.client.update_weights(tensors, version, dtype=dtype).version
 
     def close(self) -> None:
         self.client.close()
 
 
 class GrpcReward:
+    """One reward service."""
+
     def __init__(self, address: str) -> None:
         self.address = address
         self.client = RewardClient(address)
 
     def name(self) -> str:
-        return self.client.info().name
+        with _calling(self.address, "GetInfo"):
+            return self.client.info().name
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return self.client.score(prompts, responses)
+        with _calling(self.address, "Score"):
+            return self.client.score(prompts, responses)
 
     def close(self) -> None:
         self.client.close()
+
+
+def connect_rewards(specs: list[EndpointSpec]) -> RewardMixer:
+    """A mixer over gRPC reward endpoints, each probed first."""
+    mixer = RewardMixer(GrpcReward)
+    mixer.set_endpoints(specs)
+    return mixer
+
+
+def served_model_check(address: str, model_name: str) -> None:
+    """StartRun's pre-flight: raises ModelMismatch when the policy service at `address` serves
+    another model than `model_name`. Where a side's facts cannot be had (the service does not
+    answer GetInfo, the model folder cannot be read) nothing is judged here: the run itself
+    checks again (TrainingLoop, with retries) and fails with that side's own error."""
+    from services.trainer.orchestrator.model_check import check_served_model, trainer_model_facts
+
+    policy = GrpcPolicy(address)
+    try:
+        served = policy.facts().model
+    except PeerError:
+        return
+    finally:
+        policy.close()
+    try:
+        trained = trainer_model_facts(model_name)
+    except (OSError, ValueError):
+        return
+    check_served_model(trained, served, address)
