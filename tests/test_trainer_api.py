@@ -17,8 +17,14 @@ from rlhf.server import GrpcService, ServerConfig
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.reward.backends.vader import VaderBackend
 from services.trainer.api.client import TrainerClient, TrainerError
-from services.trainer.api.service import TrainerDefaults, TrainerServicer, Transports
+from services.trainer.api.service import (
+    TrainerDefaults,
+    TrainerServicer,
+    Transports,
+    progress_to_proto,
+)
 from services.trainer.config import GenerationConfig
+from services.trainer.orchestrator.progress import PHASES, Progress
 from services.trainer.orchestrator.transports import Rollout
 
 END = trainer_pb2.WATCH_EVENT_END
@@ -161,3 +167,11 @@ def test_unknown_run_is_one_line(
         assert main([*command, "--trainer", trainer.address, "--run-id", "nope"]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "NOT_FOUND" in err and "nope" in err, err
+
+
+def test_every_phase_of_the_loop_has_a_wire_value() -> None:
+    """The loop's phases all cross the wire (a new phase without a RunPhase would fail GetRun)."""
+    for phase in PHASES:
+        wire = progress_to_proto(Progress(phase=phase, step=2, since=time.time() - 5, retries=1))
+        assert trainer_pb2.RunPhase.Name(wire.phase) == f"RUN_PHASE_{phase.upper()}"
+        assert wire.step == 2 and wire.retries == 1 and wire.phase_elapsed_s >= 5
