@@ -93,11 +93,8 @@ def run_ppo_job(
                 config_yaml=config.read_text(),
                 policy_address=services["policy"].address,
                 rewards=endpoints,
+                overrides=_overrides(model, overrides),
             )
-            request.overrides["ppo.model_name"] = model
-            for item in overrides:
-                key, _, value = item.partition("=")
-                request.overrides[key] = value
             status = client.start(request)
             print(f"run {status.run_id}: {status.total_steps} PPO steps on {config.name}")
             code = watch_run(client, status.run_id, from_step=1)
@@ -106,6 +103,15 @@ def run_ppo_job(
     path = folder / "metrics.jsonl"
     rows = read_metrics(path) if path.exists() else []
     return PPOJobResult(code, folder, time.monotonic() - started, rows)
+
+
+def _overrides(model: str, items: Sequence[str]) -> dict[str, str]:
+    """StartRunRequest.overrides: the model to train, then each KEY=VALUE item."""
+    overrides = {"ppo.model_name": model}
+    for item in items:
+        key, _, value = item.partition("=")
+        overrides[key] = value
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
