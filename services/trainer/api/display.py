@@ -1,5 +1,6 @@
 """The progress bar of a run: steps done, the last step's reward and KL, and the phase of the
-step in progress with its elapsed time, ticking every second so a slow step is visibly alive.
+step in progress with its elapsed time, ticking every second on a terminal so a slow step is
+visibly alive.
 
 `rlhf train`, `rlhf watch` and `make run` show it; it is fed neutral values (phase names,
 seconds), so the loop in this process and a trainer's WatchRun stream drive it alike.
@@ -7,6 +8,7 @@ seconds), so the loop in this process and a trainer's WatchRun stream drive it a
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -25,7 +27,9 @@ class ProgressDisplay:
         self._detail = ""
         self._phase_began = time.monotonic()  # this machine's clock: no skew with the trainer
         self._ticker = threading.Thread(target=self._tick, name="progress-tick", daemon=True)
-        self._ticker.start()
+        # On a terminal the elapsed time ticks; in a log file each change is one line enough.
+        if sys.stderr.isatty():
+            self._ticker.start()
 
     def phase(
         self, phase: str, step: int, elapsed_s: float, retries: int = 0, note: str = ""
@@ -53,7 +57,8 @@ class ProgressDisplay:
 
     def close(self) -> None:
         self._closed.set()
-        self._ticker.join()
+        if self._ticker.is_alive():
+            self._ticker.join()
         with self._lock:
             self.bar.close()
 
