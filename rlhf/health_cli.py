@@ -1,16 +1,17 @@
 """`rlhf health`: one grpc.health.v1 Check, as an exit code (a container's HEALTHCHECK).
 
 Exit 0 when the server (or the named service) reports SERVING, 1 otherwise, with one line that
-says what it saw. Kubernetes probes the same health service natively (`grpc:` probes); docker
-and docker-compose have no gRPC probe, so the image's HEALTHCHECK runs this.
+says what it saw (a failure is a CommandError, which the `rlhf` entry point prints).
+Kubernetes probes the same health service natively (`grpc:` probes); docker and docker-compose
+have no gRPC probe, so the image's HEALTHCHECK runs this.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+from rlhf.command_errors import CommandError
 from rlhf.config import add_env_argument
 
 
@@ -41,14 +42,12 @@ def run(args: argparse.Namespace) -> int:
     if not address:
         port = os.environ.get("RLHF_PORT", "")
         if not port:
-            print("rlhf health: no --address and RLHF_PORT is not set", file=sys.stderr)
-            return 1
+            raise CommandError("no --address and RLHF_PORT is not set")
         address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:
         try:
             status = check_health(channel, args.service, args.health_timeout_s)
         except grpc.RpcError as err:
-            print(f"{address}: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 1
+            raise CommandError(f"{address}: {err.code().name}: {err.details()}") from err
     print(f"{address} {args.service or '(server)'}: {status}")
     return 0 if status == "SERVING" else 1

@@ -5,20 +5,19 @@ single-logit classifier served by hf-classifier) plus a length rule; one trainer
 starts on A; after a step it is swapped to the weighted composition 1.0 x B + 0.2 x length:
 the weight version advances every step, the step counter and the KL controller carry on, the
 per-source statistics show the switch, a swap to a dead endpoint is refused, and StopRun
-finishes the step in progress and checkpoints.
+answers at once while the run finishes the step in progress and checkpoints.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 import pytest
 import yaml
 
 from rlhf.clients import PolicyClient
 from rlhf.v1 import policy_pb2, trainer_pb2
-from services.trainer.api.client import TrainerClient
+from services.trainer.api.client import TrainerClient, TrainerError
 from tools.launch import free_port, running_services
 
 pytestmark = pytest.mark.slow
@@ -73,29 +72,35 @@ def test_ppo_run_across_processes_with_a_reward_swap(
             steps: list[trainer_pb2.StepMetrics] = []
             swap: trainer_pb2.SetRewardEndpointsResponse | None = None
             stopped: trainer_pb2.RunStatus | None = None
+            end: trainer_pb2.StepMetrics | None = None
             for metrics in client.watch("it", from_step=1):
+                if metrics.event == trainer_pb2.WATCH_EVENT_END:
+                    end = metrics
+                    break
+                if metrics.event != trainer_pb2.WATCH_EVENT_STEP:
+                    continue
                 steps.append(metrics)
                 if metrics.step == 1:
                     # A dead endpoint is refused and the run keeps its rewards ...
-                    with pytest.raises(grpc.RpcError) as refused:
+                    with pytest.raises(TrainerError) as refused:
                         client.swap("it", [f"127.0.0.1:{free_port()}"])
-                    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                    assert "probe" in refused.value.details()
+                    assert refused.value.code == "FAILED_PRECONDITION"
+                    assert "probe" in refused.value.details
                     # ... a live one is taken from the next step that starts.
                     swap = client.swap(
                         "it",
                         [services["rm"].address + "=1.0", services["length"].address + "=0.2"],
                     )
                 if swap is not None and metrics.step == swap.effective_from_step + 1:
-                    stopped = client.stop("it")  # returns after the step and the checkpoint
-                    break
+                    stopped = client.stop("it")  # answers at once; the stream's END follows
             final = client.get("it")
             client.close()
 
-        assert stopped.state == final.state == trainer_pb2.RUN_STATE_STOPPED, final.error
+        assert stopped is not None and stopped.state == trainer_pb2.RUN_STATE_STOPPING
+        assert end is not None and end.state == final.state == trainer_pb2.RUN_STATE_STOPPED
         last_step = final.step
         assert [m.step for m in steps] == list(range(1, len(steps) + 1))
-        assert last_step >= steps[-1].step
+        assert last_step == end.step == steps[-1].step  # the step in progress was finished
         versions = [m.weight_version for m in steps]
         assert versions == list(range(versions[0], versions[0] + len(steps))), versions
         assert swap is not None and [r.name for r in swap.rewards] == ["rm", "length"]

@@ -17,7 +17,7 @@ from rlhf.server import ServerConfig
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.policy.engine import PolicyEngine
 from services.policy.server import build_server
-from services.trainer.api.client import TrainerClient
+from services.trainer.api.client import TrainerClient, TrainerError
 from services.trainer.api.service import TrainerDefaults, TrainerServicer
 from services.trainer.config_io import load_train_config
 from services.trainer.orchestrator.model_check import ModelMismatch, trainer_model_facts
@@ -101,15 +101,15 @@ def test_start_run_refuses_with_failed_precondition(
     server.start()
     client = TrainerClient(f"127.0.0.1:{port}")
     try:
-        with pytest.raises(grpc.RpcError) as caught:
+        with pytest.raises(TrainerError) as caught:
             client.start(
                 trainer_pb2.StartRunRequest(run_id="b", overrides={"ppo.model_name": str(model_b)})
             )
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        _assert_names_both_sides(caught.value.details(), tiny_lm, model_b)
-        with pytest.raises(grpc.RpcError) as missing:  # refused: no run was registered
+        assert caught.value.code == "FAILED_PRECONDITION"
+        _assert_names_both_sides(caught.value.details, tiny_lm, model_b)
+        with pytest.raises(TrainerError) as missing:  # refused: no run was registered
             client.get("b")
-        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert missing.value.code == "NOT_FOUND"
     finally:
         client.close()
         server.stop(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rlhf.clients import PolicyClient, RewardClient
 from rlhf.v1 import policy_pb2
-from tools.launch import running_services
+from tools.launch import describe, running_services
 
 PROMPTS = [
     "Write one sentence about a rainy Monday morning.",
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         ("reward", ["reward", "serve", "--backend", "vader", "--input", "response"]),
     ]
     with running_services(specs, args.log_dir) as services:
+        print(f"services up:\n{describe(services.values())}", flush=True)
         policy = PolicyClient(services["policy"].address)
         reward = RewardClient(services["reward"].address)
         info = policy.info()

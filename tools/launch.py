@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +98,11 @@ def start_service(
                     ) from None
     finally:
         channel.close()
+
+
+def describe(services: Iterable[ServiceProcess]) -> str:
+    """One line per service: its name, the address it listens on, its log."""
+    return "\n".join(f"  {s.name:<8} {s.address:<16} log {s.log_path}" for s in services)
 
 
 @contextmanager

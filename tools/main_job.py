@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf.command_errors import CommandError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
@@ -51,11 +53,12 @@ def run_ppo_job(
     a trainer service, starts the run (PPOConfig.model_name = `model`) through the trainer's
     API, follows it with a progress bar and stops the services. `overrides` are KEY=VALUE
     config fields (e.g. run.steps=2)."""
+    from rlhf.protocol import TRAINER_SERVICE
     from rlhf.v1 import trainer_pb2
     from services.trainer.api.client import TrainerClient
     from services.trainer.api.commands import watch_run
     from services.trainer.orchestrator.metrics import read_metrics
-    from tools.launch import running_services
+    from tools.launch import describe, running_services
 
     run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S")
     logs = output_dir / run_id / "logs"
@@ -79,7 +82,10 @@ def run_ppo_job(
             str(output_dir),
         ]
         with running_services([("trainer", trainer_args)], logs) as trainer:
-            client = TrainerClient(trainer["trainer"].address)
+            address = trainer["trainer"].address
+            print(f"services up:\n{describe([*services.values(), trainer['trainer']])}")
+            print(f"  e.g. grpcurl -plaintext {address} {TRAINER_SERVICE}/GetRun", flush=True)
+            client = TrainerClient(address)
             # The addresses travel in the request too: a config's run.policy / run.rewards
             # would otherwise win over the trainer's defaults.
             request = trainer_pb2.StartRunRequest(
@@ -87,11 +93,8 @@ def run_ppo_job(
                 config_yaml=config.read_text(),
                 policy_address=services["policy"].address,
                 rewards=endpoints,
+                overrides=_overrides(model, overrides),
             )
-            request.overrides["ppo.model_name"] = model
-            for item in overrides:
-                key, _, value = item.partition("=")
-                request.overrides[key] = value
             status = client.start(request)
             print(f"run {status.run_id}: {status.total_steps} PPO steps on {config.name}")
             code = watch_run(client, status.run_id, from_step=1)
@@ -102,13 +105,39 @@ def run_ppo_job(
     return PPOJobResult(code, folder, time.monotonic() - started, rows)
 
 
+def _overrides(model: str, items: Sequence[str]) -> dict[str, str]:
+    """StartRunRequest.overrides: the model to train, then each KEY=VALUE item."""
+    overrides = {"ppo.model_name": model}
+    for item in items:
+        key, _, value = item.partition("=")
+        overrides[key] = value
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from rlhf.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="make run",
+        description="PPO on the embedded defaults (SmolLM2-135M-Instruct, VADER), as three "
+        "services on localhost: policy, reward and trainer; ends with a per-step table and "
+        "<output-dir>/<run>/summary.png.",
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="run config YAML")
     parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="run folders")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
     args = parser.parse_args(argv)
+    try:
+        return _main(args)
+    except CommandError as err:  # e.g. the trainer went away: one line, as `rlhf` says it
+        print(f"make run: {err}", file=sys.stderr)
+        return 1
 
+
+def _main(args: argparse.Namespace) -> int:
     from rlhf.logs import setup_logging
     from rlhf.models import prepare_default_policy
     from tools.report import summarize

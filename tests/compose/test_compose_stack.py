@@ -34,12 +34,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from rlhf.defaults import REWARD_PORT, TRAINER_ADDRESS
 from rlhf.v1 import trainer_pb2
-from services.trainer.api.client import TrainerClient
+from services.trainer.api.client import TrainerClient, TrainerError
 from tools.launch import free_port
 from tools.tiny import make_causal_lm, make_classifier
 
@@ -191,8 +190,8 @@ def _wait_for_step(client: TrainerClient, step: int, timeout_s: float) -> traine
                 trainer_pb2.RUN_STATE_FAILED,
             ):
                 return status
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: the client has not started
+        except TrainerError as err:
+            if err.code != "NOT_FOUND":  # NOT_FOUND: the client has not started
                 raise
         if time.monotonic() > deadline:
             raise AssertionError(f"run {RUN_ID} did not reach step {step} in {timeout_s} s")
@@ -282,7 +281,10 @@ def _assert_every_step_once(
     assert final.state == trainer_pb2.RUN_STATE_COMPLETED, final.error
     assert final.step == final.total_steps == STEPS
 
-    steps = list(trainer.watch(RUN_ID, from_step=1))
+    # Every step once, in order, one weight version each; sources switch at the swap.
+    messages = list(trainer.watch(RUN_ID, from_step=1))
+    assert messages[-1].event == trainer_pb2.WATCH_EVENT_END, messages[-1]
+    steps = [m for m in messages if m.event == trainer_pb2.WATCH_EVENT_STEP]
     trainer.close()
     assert [m.step for m in steps] == list(range(1, STEPS + 1))
     versions = [m.weight_version for m in steps]

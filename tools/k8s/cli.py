@@ -154,17 +154,12 @@ class Status:
 
 
 def _run_status(address: str, run_id: str) -> int:
-    import grpc
-
     from rlhf.v1 import trainer_pb2
     from services.trainer.api.client import TrainerClient
 
     trainer = TrainerClient(address, timeout_s=10.0)
     try:
-        status = trainer.get(run_id)
-    except grpc.RpcError as err:
-        print(f"trainer {address}: {err.code().name}: {err.details()}", file=sys.stderr)
-        return 1
+        status = trainer.get(run_id)  # a failure is a TrainerError: rlhf prints its one line
     finally:
         trainer.close()
     state = trainer_pb2.RunState.Name(status.state).removeprefix("RUN_STATE_")
@@ -194,17 +189,12 @@ class SwapReward:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        import grpc
-
         from services.trainer.api.client import TrainerClient
 
         endpoints = [manifests.with_default_port(e) for e in args.endpoints]
         trainer = TrainerClient(args.trainer)
         try:
-            reply = trainer.swap(args.run_id, endpoints)
-        except grpc.RpcError as err:
-            print(f"swap refused ({err.code().name}): {err.details()}", file=sys.stderr)
-            return 1
+            reply = trainer.swap(args.run_id, endpoints)  # TrainerError: rlhf prints it
         finally:
             trainer.close()
         names = ", ".join(f"{r.name} @ {r.address} x {r.weight:g}" for r in reply.rewards)

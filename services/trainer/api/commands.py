@@ -1,23 +1,23 @@
-"""The commands a user drives runs with: `rlhf train`, `status`, `watch`, `swap-reward`.
+"""The commands a user drives runs with: `rlhf train`, `status`, `watch`, `stop`, `swap-reward`.
 
 Clients of the trainer's control API (TrainerService). Import-light (no torch here): the heavy
-imports happen inside `run`.
+imports happen inside `run`. Failures reach the user as `CommandError` (TrainerClient raises
+`TrainerError`, one of them): the `rlhf` entry point prints its one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
+from rlhf.command_errors import CommandError
 from rlhf.config import add_env_argument
-
-DEFAULT_TRAINER = "127.0.0.1:50053"
+from rlhf.defaults import POLICY_ADDRESS, REWARD_ADDRESS, TRAINER_ADDRESS
 
 
 def _add_trainer_address(parser: argparse.ArgumentParser) -> None:
     add_env_argument(
-        parser, "--trainer", default=DEFAULT_TRAINER, help="host:port of the trainer service"
+        parser, "--trainer", default=TRAINER_ADDRESS, help="host:port of the trainer service"
     )
 
 
@@ -25,24 +25,42 @@ def _add_run_id(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", default="", help="the run (default: the latest)")
 
 
+def _client(args: argparse.Namespace):  # noqa: ANN202 - a TrainerClient (imported lazily)
+    from services.trainer.api.client import TrainerClient
+
+    return TrainerClient(args.trainer)
+
+
 # --- rlhf train ----------------------------------------------------------------------------------
 class Train:
     @staticmethod
     def configure(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--config", default="", help="run config YAML (ppo/generation/run)")
+        parser.description = (
+            "Run PPO: start a run on a trainer service and follow it (--trainer), or run the "
+            "loop in this process against the policy and reward services."
+        )
+        parser.add_argument(
+            "--config", default="", help="run config YAML (default: the built-in defaults)"
+        )
         parser.add_argument(
             "--trainer",
             default="",
-            help="start the run on this trainer service (host:port) and watch it; "
-            "without it the loop runs in this process against the endpoints",
+            help="start the run on this trainer service (host:port) and watch it "
+            "(default: run the loop in this process against --policy and --reward)",
         )
-        parser.add_argument("--policy", default="", help="PolicyService host:port")
+        parser.add_argument(
+            "--policy",
+            default="",
+            help=f"PolicyService host:port (default: run.policy, else the trainer's --policy; "
+            f"in this process {POLICY_ADDRESS})",
+        )
         parser.add_argument(
             "--reward",
             action="append",
             default=[],
             metavar="HOST:PORT[=WEIGHT]",
-            help="a reward endpoint (repeat for a weighted sum)",
+            help=f"a reward endpoint, repeat for a weighted sum (default: run.rewards, else the "
+            f"trainer's --reward; in this process {REWARD_ADDRESS})",
         )
         parser.add_argument(
             "--set",
@@ -51,7 +69,9 @@ class Train:
             metavar="KEY=VALUE",
             help="override a config field, e.g. --set learning_rate=1e-4 --set run.steps=5",
         )
-        parser.add_argument("--run-id", default="", help="run name (and checkpoint folder)")
+        parser.add_argument(
+            "--run-id", default="", help="run name and checkpoint folder (default: the time)"
+        )
         parser.add_argument("--resume", action="store_true", help="continue from its checkpoint")
         parser.add_argument(
             "--detach", action="store_true", help="start on the trainer, don't watch"
@@ -71,43 +91,86 @@ class Train:
         return _train_here(args, overrides)
 
 
+def _require_serving(what: str, address: str, flags: str) -> None:
+    """Fails at once, in one line, when no service answers at `address` (before any model
+    loads)."""
+    import grpc
+
+    from rlhf.channels import check_health
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            check_health(channel, timeout_s=5.0)
+        except grpc.RpcError as err:
+            raise CommandError(
+                f"no {what} service answers at {address} ({err.code().name}): is "
+                f"`rlhf {what} serve` running there? ({flags})"
+            ) from err
+
+
 def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlhf.logs import setup_logging
-    from services.trainer.config import DEFAULT_POLICY_ADDRESS, DEFAULT_REWARD_ADDRESS
+    from services.trainer.api.display import ProgressDisplay
     from services.trainer.config_io import load_train_config
     from services.trainer.orchestrator.loop import TrainingLoop
     from services.trainer.orchestrator.rewards import EndpointSpec
     from services.trainer.orchestrator.transports import GrpcPolicy, connect_rewards
 
     setup_logging("trainer")
-    config = load_train_config(args.config or None, overrides)
-    config.run.policy = config.run.policy or DEFAULT_POLICY_ADDRESS
-    config.run.rewards = config.run.rewards or [DEFAULT_REWARD_ADDRESS]
+    _read_config(args.config)  # a missing file is one line, not a traceback
+    try:
+        config = load_train_config(args.config or None, overrides)
+    except (ValueError, TypeError, KeyError) as err:
+        raise CommandError(f"bad run config: {err}") from err
+    config.run.policy = config.run.policy or POLICY_ADDRESS
+    config.run.rewards = config.run.rewards or [REWARD_ADDRESS]
     config.run.output_dir = config.run.output_dir or "runs"
-    mixer = connect_rewards([EndpointSpec.parse(r) for r in config.run.rewards])
+    specs = [EndpointSpec.parse(r) for r in config.run.rewards]
+    _require_serving("policy", config.run.policy, "--policy / run.policy")
+    for spec in specs:
+        _require_serving("reward", spec.address, "--reward / run.rewards")
+    mixer = connect_rewards(specs)
     policy = GrpcPolicy(config.run.policy)
     loop = TrainingLoop(config, policy, mixer, resume=args.resume)
-    bar = _progress(config.run.steps, initial=loop.step)
+    display = ProgressDisplay(config.run.steps, initial=loop.step)
+    loop.progress.listeners.append(
+        lambda p: display.phase(p.phase, p.step, _since(p.since), p.retries)
+    )
     try:
-        loop.run(on_step=lambda r: _advance(bar, r.step, r.stats))
+        loop.run(on_step=lambda r: display.step(r.step, r.stats))
     finally:
-        bar.close()
+        display.close()
         mixer.close()
         policy.close()
     print(f"run {config.run.run_id}: {loop.step} steps; metrics in {loop.metrics.path}")
     return 0
 
 
-def _train_on_service(args: argparse.Namespace, overrides: list[str]) -> int:
+def _since(unix_time: float) -> float:
+    import time
+
+    return max(0.0, time.time() - unix_time)
+
+
+def _read_config(path: str) -> str:
+    """The YAML text of --config ("" without one)."""
     from pathlib import Path
 
-    from rlhf.v1 import trainer_pb2
-    from services.trainer.api.client import TrainerClient
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text()
+    except OSError as err:
+        raise CommandError(f"--config {path}: {err.strerror}") from err
 
-    client = TrainerClient(args.trainer)
+
+def _train_on_service(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rlhf.v1 import trainer_pb2
+
+    client = _client(args)
     request = trainer_pb2.StartRunRequest(
         run_id=args.run_id,
-        config_yaml=Path(args.config).read_text() if args.config else "",
+        config_yaml=_read_config(args.config),
         resume=args.resume,
     )
     for item in overrides:
@@ -120,22 +183,30 @@ def _train_on_service(args: argparse.Namespace, overrides: list[str]) -> int:
     return watch_run(client, status.run_id, from_step=1)
 
 
-# --- rlhf status / watch / swap-reward ---------------------------------------------------------
+# --- rlhf status / watch / stop / swap-reward ----------------------------------------------------
 class Status:
     @staticmethod
     def configure(parser: argparse.ArgumentParser) -> None:
+        parser.description = (
+            "Show a run on a trainer service: state, step, phase in progress, weight version, "
+            "reward endpoints, checkpoint and the last step's statistics."
+        )
         _add_trainer_address(parser)
         _add_run_id(parser)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from rlhf.v1 import trainer_pb2
-        from services.trainer.api.client import TrainerClient
 
-        status = TrainerClient(args.trainer).get(args.run_id)
+        status = _client(args).get(args.run_id)
         print(f"run        {status.run_id}")
-        print(f"state      {trainer_pb2.RunState.Name(status.state).removeprefix('RUN_STATE_')}")
+        print(f"state      {_state(status.state)}")
         print(f"step       {status.step} / {status.total_steps}")
+        if status.HasField("progress") and status.progress.phase:
+            p = status.progress
+            phase = trainer_pb2.RunPhase.Name(p.phase).removeprefix("RUN_PHASE_").lower()
+            retries = f", {p.retries} retries" if p.retries else ""
+            print(f"phase      {phase} (step {p.step}) for {p.phase_elapsed_s:.0f} s{retries}")
         print(f"weights    version {status.weight_version}")
         for r in status.rewards:
             print(f"reward     {r.name} @ {r.address} x {r.weight:g}")
@@ -152,20 +223,48 @@ class Status:
 class Watch:
     @staticmethod
     def configure(parser: argparse.ArgumentParser) -> None:
+        parser.description = (
+            "Follow a run on a trainer service with a progress bar (phase in progress, elapsed "
+            "time, reward, KL) until it ends; exit 0 if it completed or was stopped, 1 if it "
+            "failed."
+        )
         _add_trainer_address(parser)
         _add_run_id(parser)
         parser.add_argument("--from-step", type=int, default=1, help="replay from this step")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from services.trainer.api.client import TrainerClient
+        return watch_run(_client(args), args.run_id, args.from_step)
 
-        return watch_run(TrainerClient(args.trainer), args.run_id, args.from_step)
+
+class Stop:
+    @staticmethod
+    def configure(parser: argparse.ArgumentParser) -> None:
+        parser.description = (
+            "Stop a run: it finishes the step in progress, writes a checkpoint and ends "
+            "(STOPPED). Answers at once; --wait follows the run until it has stopped."
+        )
+        _add_trainer_address(parser)
+        _add_run_id(parser)
+        parser.add_argument("--wait", action="store_true", help="watch until the run has ended")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        client = _client(args)
+        status = client.stop(args.run_id)
+        print(f"run {status.run_id}: {_state(status.state)} at step {status.step}")
+        if args.wait:
+            return watch_run(client, status.run_id, from_step=0)
+        return 0
 
 
 class SwapReward:
     @staticmethod
     def configure(parser: argparse.ArgumentParser) -> None:
+        parser.description = (
+            "Point a running run at other reward endpoints (a weighted sum), from its next "
+            "step on. Each endpoint is probed first; on any failure nothing changes."
+        )
         parser.add_argument(
             "endpoints", nargs="+", metavar="HOST:PORT[=WEIGHT]", help="the new reward endpoints"
         )
@@ -174,59 +273,47 @@ class SwapReward:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        import grpc
-
-        from services.trainer.api.client import TrainerClient
-
-        try:
-            reply = TrainerClient(args.trainer).swap(args.run_id, args.endpoints)
-        except grpc.RpcError as err:
-            print(f"swap refused ({err.code().name}): {err.details()}", file=sys.stderr)
-            return 1
+        reply = _client(args).swap(args.run_id, args.endpoints)
         names = ", ".join(f"{r.name} @ {r.address} x {r.weight:g}" for r in reply.rewards)
         print(f"rewards from step {reply.effective_from_step}: {names}")
         return 0
 
 
-def _progress(total: int, initial: int = 0):  # noqa: ANN202 - a tqdm bar
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-
-def _advance(bar, step: int, stats: dict[str, float]) -> None:  # noqa: ANN001
-    bar.n = step
-    bar.set_postfix(
-        reward=f"{stats.get('env/reward_mean', float('nan')):+.3f}",
-        kl=f"{stats.get('objective/kl', float('nan')):.3f}",
-        version=int(stats.get("weight_version", 0)),
-    )
-    bar.refresh()
-
-
-def watch_run(client, run_id: str, from_step: int) -> int:  # noqa: ANN001
+def _state(state: int) -> str:
     from rlhf.v1 import trainer_pb2
 
+    return trainer_pb2.RunState.Name(state).removeprefix("RUN_STATE_")
+
+
+def watch_run(client, run_id: str, from_step: int) -> int:  # noqa: ANN001 - a TrainerClient
+    """Follows a run to its end with a progress display; prints its terminal state. Returns 0
+    when it completed or was stopped, 1 when it failed."""
+    from rlhf.v1 import trainer_pb2
+    from services.trainer.api.display import ProgressDisplay
+
     status = client.get(run_id)
-    bar = _progress(status.total_steps)
+    display = ProgressDisplay(status.total_steps)
+    end = None
     try:
-        for metrics in client.watch(status.run_id, from_step):
-            _advance(bar, metrics.step, dict(metrics.metrics))
+        for message in client.watch(status.run_id, from_step):
+            if message.event == trainer_pb2.WATCH_EVENT_END:
+                end = message
+                break
+            if message.event == trainer_pb2.WATCH_EVENT_PROGRESS:
+                p = message.progress
+                phase = trainer_pb2.RunPhase.Name(p.phase).removeprefix("RUN_PHASE_").lower()
+                note = "stopping" if message.state == trainer_pb2.RUN_STATE_STOPPING else ""
+                display.phase(phase, p.step, p.phase_elapsed_s, p.retries, note)
+            else:
+                display.step(message.step, dict(message.metrics))
     finally:
-        bar.close()
-    for _ in range(100):  # the stream ends when the run does; its final state follows shortly
-        status = client.get(status.run_id)
-        if status.state not in (
-            trainer_pb2.RUN_STATE_STARTING,
-            trainer_pb2.RUN_STATE_RUNNING,
-            trainer_pb2.RUN_STATE_STOPPING,
-        ):
-            break
-        time.sleep(0.1)
-    state = trainer_pb2.RunState.Name(status.state).removeprefix("RUN_STATE_")
-    print(f"run {status.run_id}: {state} at step {status.step}/{status.total_steps}")
-    if status.error:
-        print(f"error: {status.error}", file=sys.stderr)
-    return (
-        0 if status.state in (trainer_pb2.RUN_STATE_COMPLETED, trainer_pb2.RUN_STATE_STOPPED) else 1
-    )
+        display.close()
+    if end is None:
+        raise CommandError(
+            f"the trainer at {client.address} ended the watch of run {status.run_id} before the "
+            "run ended; `rlhf status` shows where it is"
+        )
+    print(f"run {status.run_id}: {_state(end.state)} at step {end.step}/{status.total_steps}")
+    if end.error:
+        print(f"error: {end.error}", file=sys.stderr)
+    return 0 if end.state in (trainer_pb2.RUN_STATE_COMPLETED, trainer_pb2.RUN_STATE_STOPPED) else 1

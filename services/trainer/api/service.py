@@ -1,8 +1,10 @@
 """The trainer's control API (TrainerService): start, watch, stop runs; swap reward endpoints.
 
 One run at a time per trainer process, in a background thread. WatchRun replays the run's
-finished steps and then follows live ones; SetRewardEndpoints probes the new endpoints before
-it swaps, so a bad endpoint never replaces working ones.
+finished steps, follows live steps and phase changes, and ends with the run's terminal state;
+StopRun only asks (the run finishes its step and checkpoints on its own thread), so no call
+holds a worker thread for a step. SetRewardEndpoints probes the new endpoints before it swaps,
+so a bad endpoint never replaces working ones.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,7 +24,14 @@ from services.trainer.config import DEFAULT_POLICY_ADDRESS, DEFAULT_REWARD_ADDRE
 from services.trainer.config_io import load_train_config
 from services.trainer.orchestrator.loop import StepResult, TrainingLoop
 from services.trainer.orchestrator.model_check import ModelMismatch
-from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
+from services.trainer.orchestrator.peers import PolicyTransport
+from services.trainer.orchestrator.progress import Progress
+from services.trainer.orchestrator.rewards import (
+    EndpointSpec,
+    RewardError,
+    RewardMixer,
+    RewardTransport,
+)
 from services.trainer.orchestrator.transports import served_model_check
 
 log = logging.getLogger("rlhf.trainer.service")
@@ -39,19 +48,26 @@ class TrainerDefaults:
 
 
 class Run:
-    """A run's state as the API reports it, updated by the loop's thread."""
+    """A run's state as the API reports it, updated by the loop's thread.
+
+    Every change (state, a finished step, a new phase) is made under `changed` and wakes the
+    WatchRun streams waiting on it.
+    """
 
     def __init__(self, run_id: str, total_steps: int) -> None:
         self.run_id = run_id
         self.total_steps = total_steps
         self.state = State.RUN_STATE_STARTING
         self.error = ""
-        self.history: list[StepResult] = []
+        self.history: list[tuple[StepResult, float]] = []
+        """This session's finished steps, each with the Unix time it finished."""
         self.loop: TrainingLoop | None = None
         self.rewards: RewardMixer | None = None  # in force once the first endpoints are probed
         self.stop = threading.Event()
         self.changed = threading.Condition()
         self.thread: threading.Thread | None = None
+        # Before the loop exists (it loads the models in its constructor) the run is loading.
+        self._loading = Progress(phase="loading", since=time.time())
 
     def set_state(self, state: int, error: str = "") -> None:
         with self.changed:
@@ -59,9 +75,29 @@ class Run:
             self.error = error
             self.changed.notify_all()
 
+    def attach(self, loop: TrainingLoop) -> None:
+        """Follows the loop's progress; RUNNING unless a stop came while it loaded."""
+        loop.progress.listeners.append(self._progressed)
+        with self.changed:
+            self.loop = loop
+            if self.state == State.RUN_STATE_STARTING:
+                self.state = State.RUN_STATE_RUNNING
+            self.changed.notify_all()
+
+    def request_stop(self) -> None:
+        with self.changed:
+            if self.active:
+                self.state = State.RUN_STATE_STOPPING
+                self.stop.set()
+                self.changed.notify_all()
+
+    def _progressed(self, _progress: Progress) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
     def add_step(self, result: StepResult) -> None:
         with self.changed:
-            self.history.append(result)
+            self.history.append((result, time.time()))
             self.changed.notify_all()
 
     @property
@@ -72,6 +108,11 @@ class Run:
             State.RUN_STATE_STOPPING,
         )
 
+    @property
+    def progress(self) -> Progress:
+        loop = self.loop
+        return loop.progress.current if loop is not None else self._loading
+
     def status(self) -> trainer_pb2.RunStatus:
         loop = self.loop
         status = trainer_pb2.RunStatus(
@@ -81,6 +122,7 @@ class Run:
             total_steps=self.total_steps,
             weight_version=loop.weight_version if loop else 0,
             error=self.error,
+            progress=progress_to_proto(self.progress),
         )
         if self.rewards is not None:
             status.rewards.extend(_to_proto(s.spec) for s in self.rewards.sources)
@@ -88,6 +130,17 @@ class Run:
             status.checkpoint_dir = str(loop.checkpoints) if loop.checkpoints.exists() else ""
             status.last_metrics.update(loop.last_stats)
         return status
+
+
+def progress_to_proto(progress: Progress) -> trainer_pb2.RunProgress:
+    now = time.time()
+    return trainer_pb2.RunProgress(
+        phase=trainer_pb2.RunPhase.Value(f"RUN_PHASE_{progress.phase.upper()}"),
+        step=progress.step,
+        phase_started=progress.since,
+        phase_elapsed_s=max(0.0, now - progress.since),
+        retries=progress.retries,
+    )
 
 
 def _to_proto(spec: EndpointSpec) -> trainer_pb2.RewardEndpoint:
@@ -100,9 +153,25 @@ def _from_proto(endpoint: trainer_pb2.RewardEndpoint) -> EndpointSpec:
     return EndpointSpec(endpoint.address, endpoint.weight or 1.0, endpoint.name)
 
 
+@dataclass
+class Transports:
+    """How a run reaches its policy and reward services, each made from a host:port."""
+
+    policy: Callable[[str], PolicyTransport]
+    reward: Callable[[str], RewardTransport]
+
+    @classmethod
+    def grpc(cls) -> Transports:
+        from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
+
+        return cls(policy=GrpcPolicy, reward=GrpcReward)
+
+
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, defaults: TrainerDefaults) -> None:
+    def __init__(self, defaults: TrainerDefaults, transports: Transports | None = None) -> None:
+        """`transports`: gRPC unless given (tests run runs with in-process ones)."""
         self.defaults = defaults
+        self.transports = transports or Transports.grpc()
         self.runs: dict[str, Run] = {}
         self.latest: Run | None = None
         self._lock = threading.Lock()
@@ -147,7 +216,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             raise precondition(str(err)) from None
         with self._lock:
             if self.latest is not None and self.latest.active:
-                raise precondition(f"run {self.latest.run_id} is still active; StopRun it first")
+                state = State.Name(self.latest.state).removeprefix("RUN_STATE_")
+                raise precondition(
+                    f"run {self.latest.run_id} is still {state}; StopRun it and wait for it to "
+                    "end (WatchRun's END message) first"
+                )
             run = Run(config.run.run_id, config.run.steps)
             self.runs[run.run_id] = run
             self.latest = run
@@ -158,16 +231,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return run.status()
 
     def _run(self, run: Run, config: TrainConfig, resume: bool) -> None:
-        from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
-
-        mixer = RewardMixer(GrpcReward)
-        policy = GrpcPolicy(config.run.policy)
+        mixer = RewardMixer(self.transports.reward)
+        policy = self.transports.policy(config.run.policy)
         try:
             mixer.set_endpoints([EndpointSpec.parse(r) for r in config.run.rewards])
             run.rewards = mixer  # swappable from here on, also while the models load
-            run.loop = TrainingLoop(config, policy, mixer, resume=resume)
-            run.set_state(State.RUN_STATE_RUNNING)
-            reason = run.loop.run(stop=run.stop, on_step=run.add_step)
+            loop = TrainingLoop(config, policy, mixer, resume=resume)
+            run.attach(loop)
+            reason = loop.run(stop=run.stop, on_step=run.add_step)
             run.set_state(
                 State.RUN_STATE_COMPLETED if reason == "completed" else State.RUN_STATE_STOPPED
             )
@@ -191,36 +262,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             run = self._find(request.run_id)
         except RpcError as err:
             context.abort(err.code, err.message)
-        next_index = max(0, request.from_step - 1) if request.from_step else len(run.history)
-        while context.is_active():
+        gone = threading.Event()
+
+        def client_gone() -> None:  # the call ended: cancelled, or the server is stopping
             with run.changed:
-                while next_index >= len(run.history) and run.active and context.is_active():
-                    run.changed.wait(timeout=1.0)
-                pending = run.history[next_index:]
-                state, active = run.state, run.active
-            for result in pending:
-                yield trainer_pb2.StepMetrics(
-                    run_id=run.run_id,
-                    step=result.step,
-                    weight_version=result.weight_version,
-                    metrics=result.stats,
-                    timestamp=time.time(),
-                    state=state,
-                )
-            next_index += len(pending)
-            if not active and next_index >= len(run.history):
-                return
+                gone.set()
+                run.changed.notify_all()
+
+        context.add_callback(client_gone)
+        yield from _watch(run, request.from_step, gone)
 
     @handle_errors
     def StopRun(
         self, request: trainer_pb2.StopRunRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.RunStatus:
         run = self._find(request.run_id)
-        if run.active:
-            run.set_state(State.RUN_STATE_STOPPING)
-            run.stop.set()
-            if run.thread is not None:
-                run.thread.join()  # the step in progress finishes, then the checkpoint
+        run.request_stop()  # the loop finishes its step and checkpoints; WatchRun tells when
         return run.status()
 
     @handle_errors
@@ -255,3 +312,62 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.SetRewardEndpointsResponse(
             rewards=[_to_proto(s) for s in applied], effective_from_step=effective
         )
+
+
+def _watch(run: Run, from_step: int, gone: threading.Event) -> Iterator[trainer_pb2.StepMetrics]:
+    """WatchRun's messages: steps from from_step on, then live steps and phase changes, then
+    END. Waits on the run's condition, which every change of the run and the call's end wake."""
+    with run.changed:  # a resumed run's history starts at the step it resumed from
+        history = run.history
+        next_index = sum(1 for r, _ in history if r.step < from_step) if from_step else len(history)
+    shown: tuple[Progress, int] | None = None
+    while True:
+        with run.changed:
+            while not (
+                gone.is_set()
+                or next_index < len(run.history)
+                or not run.active
+                or (run.progress, run.state) != shown
+            ):
+                run.changed.wait()
+            if gone.is_set():
+                return
+            pending = run.history[next_index:]
+            progress, state, error = run.progress, run.state, run.error
+        for result, finished in pending:
+            yield trainer_pb2.StepMetrics(
+                run_id=run.run_id,
+                step=result.step,
+                weight_version=result.weight_version,
+                metrics=result.stats,
+                timestamp=finished,
+                state=state,
+                event=trainer_pb2.WATCH_EVENT_STEP,
+            )
+        next_index += len(pending)
+        if state in (State.RUN_STATE_COMPLETED, State.RUN_STATE_STOPPED, State.RUN_STATE_FAILED):
+            yield _progress_message(run, trainer_pb2.WATCH_EVENT_END, progress, state, error)
+            return
+        if (progress, state) != shown:
+            shown = (progress, state)
+            yield _progress_message(run, trainer_pb2.WATCH_EVENT_PROGRESS, progress, state)
+
+
+def _finished(run: Run) -> int:
+    return run.loop.step if run.loop is not None else 0
+
+
+def _progress_message(
+    run: Run, event: int, progress: Progress, state: int, error: str = ""
+) -> trainer_pb2.StepMetrics:
+    loop = run.loop
+    return trainer_pb2.StepMetrics(
+        run_id=run.run_id,
+        step=progress.step if event == trainer_pb2.WATCH_EVENT_PROGRESS else _finished(run),
+        weight_version=loop.weight_version if loop is not None else 0,
+        timestamp=time.time(),
+        state=state,
+        event=event,
+        progress=progress_to_proto(progress),
+        error=error,
+    )
