@@ -1,6 +1,6 @@
-"""The loop's own settings, beside PPOConfig: how to generate, and how to run.
+"""A run's configuration (TrainConfig: ppo, generation, run) and the trainer service's settings.
 
-A run's YAML file has three sections, each one of these dataclasses:
+A run's YAML file has three sections, each one dataclass:
 
     ppo:         # PPOConfig (services/trainer/learner/config.py): the seed's knobs
       learning_rate: 1.41e-5
@@ -8,16 +8,26 @@ A run's YAML file has three sections, each one of these dataclasses:
       max_new_tokens: 64
     run:         # RunConfig: steps, data, endpoints, checkpoints
       steps: 20
+
+`load_train_config` reads that YAML text (callers read files) and `--set section.field=value`
+overrides through rlhf.config; a bad value raises ValueError naming it (`ppo.batch_size`).
+Torch- and grpc-free: parsing a config imports no model or transport code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+import yaml
+
+from rlhf.config import apply_mapping, apply_overrides, check, load_yaml_mapping
+from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS
 from services.trainer.learner.config import PPOConfig
 
-DEFAULT_POLICY_ADDRESS = "127.0.0.1:50051"
-DEFAULT_REWARD_ADDRESS = "127.0.0.1:50052"
+# The names the control API and `rlhf train` import (rlhf.defaults holds the values).
+DEFAULT_POLICY_ADDRESS = POLICY_ADDRESS
+DEFAULT_REWARD_ADDRESS = REWARD_ADDRESS
 
 
 @dataclass
@@ -52,13 +62,14 @@ class RunConfig:
     """Prompt source: "builtin" (the shipped set), a .jsonl file or a datasets folder."""
     policy: str = ""
     """host:port of the PolicyService. Empty: the trainer service's --policy (for `rlhf train`
-    without a trainer service: 127.0.0.1:50051)."""
+    without a trainer service: rlhf.defaults.POLICY_ADDRESS)."""
     rewards: list[str] = field(default_factory=list)
     """Reward endpoints, each "HOST:PORT[=WEIGHT]" or "NAME@HOST:PORT[=WEIGHT]". Empty: the
-    trainer service's --reward (without a trainer service: 127.0.0.1:50052)."""
+    trainer service's --reward (without a trainer service: rlhf.defaults.REWARD_ADDRESS)."""
     output_dir: str = ""
     """Root of run folders: <output_dir>/<run_id>/{metrics.jsonl, tensorboard/, checkpoints/}.
-    Empty: the trainer service's --output-dir (without a trainer service: ./runs)."""
+    Empty: the trainer service's --output-dir (without a trainer service:
+    rlhf.defaults.DEFAULT_OUTPUT_DIR)."""
     save_every: int = 10
     """Checkpoint every N steps (0: only at the end and at stop)."""
     keep_checkpoints: int = 2
@@ -78,3 +89,39 @@ class TrainConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_train_config(text: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from YAML text (None or "": the defaults), then `key=value` overrides
+    (`section.field=value`, or `field=value` when the name is unique across sections).
+
+    Raises ValueError naming the field and the reason; every problem at once."""
+    config = TrainConfig()
+    if text:
+        apply_mapping(config, load_yaml_mapping(text, "run config"))
+    apply_overrides(config, overrides or [])
+    check(config, "run config")
+    return config
+
+
+def dump_train_config(config: TrainConfig) -> str:
+    """The YAML text `load_train_config` reads back into the same config (for checkpoints)."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+@dataclass
+class TrainerServiceConfig:
+    """`rlhf trainer serve`: what a StartRun that leaves fields empty gets."""
+
+    policy: str = POLICY_ADDRESS
+    """Default PolicyService host:port."""
+    reward: list[str] = field(default_factory=lambda: [REWARD_ADDRESS])
+    """Default reward endpoints, comma-separated HOST:PORT[=WEIGHT]."""
+    output_dir: str = DEFAULT_OUTPUT_DIR
+    """Root of run folders."""
+
+    def __post_init__(self) -> None:
+        check(self, "trainer settings")
+
+    def problems(self) -> list[str]:
+        return [] if self.policy else ["policy must not be empty (a host:port)"]
