@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rlhf.cli import build_parser
-from tools.k8s.manifests import flag_env_name
+from rlhf.config import env_name
 
 
 def subparser(parser: argparse.ArgumentParser, args: list[str]) -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def env_flags(args: list[str]) -> dict[str, argparse.Action]:
     parser.parse_args(args)
     sub = subparser(parser, args)
     return {
-        flag_env_name(option): action
+        env_name(option): action
         for action in sub._actions
         for option in action.option_strings
         if option.startswith("--")

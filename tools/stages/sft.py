@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.defaults import DEFAULT_POLICY_MODEL
 from services.trainer.orchestrator.data import read_jsonl
 from tools.stages.common import (
     LOSS_FILE,
@@ -34,9 +35,6 @@ from tools.stages.common import (
     write_json,
 )
 
-# rlhf.models.DEFAULT_POLICY, spelt out because rlhf.models imports torch and the `rlhf`
-# command imports this module for its flags (a test checks the two agree).
-DEFAULT_POLICY = "smollm2-135m-instruct"
 DEMO_DATA = Path(__file__).parent / "data" / "sft_demo.jsonl"
 """80 hand-written everyday questions with short, upbeat, helpful answers (see data/README.md)."""
 
@@ -45,7 +43,7 @@ DEMO_DATA = Path(__file__).parent / "data" / "sft_demo.jsonl"
 class SFTStageConfig:
     """`rlhf sft`: what to fine-tune, on what, and how."""
 
-    model: str = DEFAULT_POLICY
+    model: str = DEFAULT_POLICY_MODEL
     """Base causal LM: a folder, a hub name, or the alias of the embedded SmolLM2-135M-Instruct."""
     data: str = str(DEMO_DATA)
     """JSONL of prompt/completion or messages rows (default: the shipped demo set)."""

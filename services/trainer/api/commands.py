@@ -72,15 +72,21 @@ class Train:
 
 
 def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
+    from pathlib import Path
+
     from rlhf.logs import setup_logging
-    from services.trainer.config import DEFAULT_POLICY_ADDRESS, DEFAULT_REWARD_ADDRESS
-    from services.trainer.config_io import load_train_config
+    from services.trainer.config import (
+        DEFAULT_POLICY_ADDRESS,
+        DEFAULT_REWARD_ADDRESS,
+        load_train_config,
+    )
     from services.trainer.orchestrator.loop import TrainingLoop, connect_rewards
     from services.trainer.orchestrator.rewards import EndpointSpec
     from services.trainer.orchestrator.transports import GrpcPolicy
 
     setup_logging("trainer")
-    config = load_train_config(args.config or None, overrides)
+    text = Path(args.config).read_text() if args.config else None
+    config = load_train_config(text, overrides)
     config.run.policy = config.run.policy or DEFAULT_POLICY_ADDRESS
     config.run.rewards = config.run.rewards or [DEFAULT_REWARD_ADDRESS]
     config.run.output_dir = config.run.output_dir or "runs"

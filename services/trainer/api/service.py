@@ -18,8 +18,12 @@ import grpc
 
 from rlhf.errors import RpcError, handle_errors, invalid, precondition
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-from services.trainer.config import DEFAULT_POLICY_ADDRESS, DEFAULT_REWARD_ADDRESS, TrainConfig
-from services.trainer.config_io import load_train_config
+from services.trainer.config import (
+    DEFAULT_POLICY_ADDRESS,
+    DEFAULT_REWARD_ADDRESS,
+    TrainConfig,
+    load_train_config,
+)
 from services.trainer.orchestrator.loop import StepResult, TrainingLoop
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
 
