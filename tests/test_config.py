@@ -41,6 +41,8 @@ class Knobs:
     """Who."""
     fast: bool = False
     """Go fast."""
+    loud: bool = True
+    """Say more."""
     tags: list[str] = field(default_factory=lambda: ["a", "b"])
     """Comma-separated tags."""
     limit: float | None = None
@@ -81,6 +83,16 @@ def test_help_is_the_docstring_the_default_and_the_variable(
     assert "--tags TAGS Comma-separated tags. (default: a,b) [env RLHF_TAGS]" in text
     assert "(default: empty) [env RLHF_NAME]" in text
     assert "modes: --mode {x,y}" in text  # its group, its choices
+    assert "--loud, --no-loud Say more. (default: True) [env RLHF_LOUD]" in text
+
+
+def test_a_switch_that_defaults_to_true_can_be_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clear_env(monkeypatch)
+    assert parser_for(Knobs).parse_args(["--no-loud"]).loud is False
+    monkeypatch.setenv("RLHF_FAST", "on")
+    assert parser_for(Knobs).parse_args(["--no-fast"]).fast is False
 
 
 def test_flags_parse_to_the_field_types(monkeypatch: pytest.MonkeyPatch) -> None:

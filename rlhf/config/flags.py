@@ -21,7 +21,6 @@ from rlhf.config.fields import coerce_value, field_docs, field_types, split_opti
 from rlhf.defaults import ENV_PREFIX
 
 T = TypeVar("T")
-_MISSING = object()
 
 
 def env_name(flag: str) -> str:
@@ -74,7 +73,35 @@ def _default(field: dataclasses.Field, overrides: Mapping[str, Any]) -> Any:
         return field.default
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
-    return _MISSING
+    raise TypeError(f"config field {field.name!r} needs a default to become a flag")
+
+
+def _switch(doc: str, default: bool, env: str) -> dict[str, Any]:
+    """A boolean field: `--flag` (store_true), or `--flag/--no-flag` when it defaults to true."""
+    if env in os.environ:
+        default = coerce_value(os.environ[env], bool, env)
+    action = argparse.BooleanOptionalAction if default else "store_true"
+    return {"action": action, "default": default, "help": f"{doc} (default: {default}) [env {env}]"}
+
+
+def _option(
+    field: dataclasses.Field, annotation: Any, doc: str, default: Any, env: str
+) -> dict[str, Any]:
+    """A valued field: converted by the field's type, its choices (if any) shown and enforced."""
+    flag = "--" + field.name.replace("_", "-")
+    shown = os.environ[env] if env in os.environ else _shown(default)
+    kwargs: dict[str, Any] = {
+        "type": _converter(annotation, f"{flag} ({env})"),
+        # A string default goes through `type` at parse time: a bad variable is reported like
+        # a bad flag, not as a traceback while the parser is built.
+        "default": os.environ.get(env, default),
+        "help": f"{doc} (default: {shown}) [env {env}]",
+    }
+    if "choices" in field.metadata:
+        kwargs["choices"] = field.metadata["choices"]
+    else:  # argparse shows the choices instead
+        kwargs["metavar"] = field.name.upper()
+    return kwargs
 
 
 def add_dataclass_arguments(
@@ -90,33 +117,17 @@ def add_dataclass_arguments(
         if not field.init:
             continue
         flag = "--" + field.name.replace("_", "-")
-        env = env_name(flag)
+        env, doc = env_name(flag), docs.get(field.name, "")
         default = _default(field, defaults or {})
-        base, _ = split_optional(types_[field.name])
-        shown = os.environ[env] if env in os.environ else _shown(default)
-        help_text = f"{docs.get(field.name, '')} (default: {shown}) [env {env}]"
-        kwargs: dict[str, Any] = {"dest": field.name, "help": help_text.replace("%", "%%")}
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
-            if env in os.environ:
-                default = coerce_value(os.environ[env], bool, env)
+        if split_optional(types_[field.name])[0] is bool:
+            kwargs = _switch(doc, default, env)
         else:
-            kwargs["type"] = _converter(types_[field.name], f"{flag} ({env})")
-            if "choices" not in field.metadata:  # argparse shows the choices instead
-                kwargs["metavar"] = field.name.upper()
-            # A string default goes through `type` at parse time: a bad variable is reported
-            # like a bad flag, not as a traceback while the parser is built.
-            default = os.environ.get(env, default)
-        if default is _MISSING:
-            kwargs["required"] = env not in os.environ
-        else:
-            kwargs["default"] = default
-        if "choices" in field.metadata:
-            kwargs["choices"] = field.metadata["choices"]
+            kwargs = _option(field, types_[field.name], doc, default, env)
+        kwargs["help"] = kwargs["help"].replace("%", "%%")
         title = field.metadata.get("group")
         if title and title not in groups:
             groups[title] = parser.add_argument_group(title)
-        (groups[title] if title else parser).add_argument(flag, **kwargs)
+        (groups[title] if title else parser).add_argument(flag, dest=field.name, **kwargs)
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:

@@ -1,8 +1,8 @@
 """PPOConfig: every knob of the PPO stage, under the names of classic TRL (<= 0.11).
 
-One dataclass, a docstring under each field (CleanRL style); `--help` texts, YAML sections and
-`--set ppo.field=value` overrides all go through rlhf.config. Importable without torch: config
-parsing and `rlhf --help` need no model code.
+One dataclass, a docstring under each field (CleanRL style). It is the `ppo:` section of a run
+config: YAML and `--set ppo.field=value` overrides reach it through rlhf.config
+(services/trainer/config.py). Importable without torch: parsing a config needs no model code.
 
 Defaults are TRL 0.11's, except where the seed exercise set a value (batch_size=4,
 mini_batch_size=2, target_kl=0.1) and `max_grad_norm` (TRL: None, no clipping; here 1.0).
