@@ -88,6 +88,8 @@ def _owner(root: object, key: str) -> tuple[object, str, str]:
         if part not in sections(obj):
             raise unknown_field(where or "config", part, sections(obj))
         obj, where = getattr(obj, part), _path(where, part)
+    if name in sections(obj):
+        raise ValueError(f"{_path(where, name)} is a section; set one of its fields ({name}.FIELD)")
     if parents or name in field_types(type(obj)):
         return obj, name, where
     owners = [s for s in sections(root) if name in field_types(type(getattr(root, s)))]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from rlhf.config import apply_mapping, apply_overrides, check, load_yaml_mapping
+from rlhf.config.checks import at_least
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS
 from services.trainer.learner.config import PPOConfig
 
@@ -48,6 +49,15 @@ class GenerationConfig:
     """Sample rather than decode greedily (seed: True). PPO needs on-policy samples."""
     apply_chat_template: bool = True
     """Wrap each prompt as a user turn with the model's chat template (instruct models)."""
+
+    def problems(self) -> list[str]:
+        found = at_least(self, 1, "max_new_tokens") + at_least(self, 0, "min_new_tokens", "top_k")
+        if self.min_new_tokens > self.max_new_tokens:
+            found.append(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens")
+        found += at_least(self, 0, "temperature")
+        if not 0 < self.top_p <= 1:
+            found.append(f"top_p must be in (0, 1], got {self.top_p}")
+        return found
 
 
 @dataclass
@@ -80,6 +90,10 @@ class RunConfig:
     """Attempts for a step's reward scoring when a source is unreachable or answers badly."""
     retry_backoff_s: float = 2.0
     """First pause between those attempts; doubles each time."""
+
+    def problems(self) -> list[str]:
+        found = at_least(self, 1, "steps", "keep_checkpoints", "sync_every", "step_retries")
+        return found + at_least(self, 0, "save_every", "retry_backoff_s")
 
 
 @dataclass
