@@ -38,8 +38,8 @@ def add_env_argument(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) 
         raw = os.environ[name]
         if kwargs.get("action") == "store_true":
             kwargs["default"] = coerce_value(raw, bool, name)
-        else:
-            kwargs["default"] = kwargs.get("type", str)(raw)
+        else:  # a string default goes through `type` when parsed: a bad value is a usage error
+            kwargs["default"] = raw
     help_text = kwargs.get("help", "")
     kwargs["help"] = f"{help_text} [env {name}]".strip()
     parser.add_argument(flag, **kwargs)
