@@ -74,7 +74,7 @@ def main() -> int:
     from rlhf.logs import setup_logging
     from rlhf.models import prepare_default_policy
     from services.reward.backends.vader import VaderBackend
-    from services.trainer.config_io import load_train_config
+    from services.trainer.config import load_train_config
     from services.trainer.orchestrator.loop import TrainingLoop
     from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
     from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
@@ -97,7 +97,7 @@ def main() -> int:
             f"run.run_id={name}",
             "run.save_every=0",
         ]
-        return load_train_config(args.config, overrides)
+        return load_train_config(Path(args.config).read_text() if args.config else None, overrides)
 
     def local_loop() -> TrainingLoop:
         mixer = RewardMixer(lambda address: LocalReward(VaderBackend(), address=address))

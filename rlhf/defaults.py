@@ -38,3 +38,7 @@ REWARD_BACKENDS = ("vader", "hf-classifier", "length", "keyword")
 ENV_PREFIX = "RLHF_"
 """Every flag --some-name can be set as RLHF_SOME_NAME (clear of the <SERVICE>_PORT variables
 Kubernetes injects)."""
+
+DEFAULT_OUTPUT_DIR = "runs"
+"""Root of run folders (<output_dir>/<run_id>/...) when neither the run nor the trainer service
+names one."""

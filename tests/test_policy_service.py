@@ -539,15 +539,12 @@ def test_cli_refuses_bad_configuration(flags: list[str], message: str) -> None:
 def test_cli_is_import_light() -> None:
     code = (
         "import sys, services.policy.cli as c, rlhf.cli as r; r.build_parser();"
-        "assert 'torch' not in sys.modules, 'torch imported'; print(c.DEFAULT_POLICY)"
+        "assert 'torch' not in sys.modules, 'torch imported'"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    from rlhf.models import DEFAULT_POLICY
-
-    assert out.stdout.strip() == DEFAULT_POLICY
 
 
 def test_model_work_runs_on_the_compute_thread(

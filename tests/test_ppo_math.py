@@ -1,21 +1,14 @@
-"""PPO math, KL controllers and PPOConfig, against values computed here independently
+"""PPO math and KL controllers, against values computed here independently
 (plain loops / numpy), never by calling the code under test for the expected numbers."""
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from services.trainer.learner.config import (
-    PPOConfig,
-    add_config_arguments,
-    config_from_args,
-    field_docs,
-)
 from services.trainer.learner.kl_control import AdaptiveKLController, FixedKLController
 from services.trainer.learner.ppo import (
     compute_advantages,
@@ -195,102 +188,3 @@ def test_fixed_kl_controller() -> None:
     restored = FixedKLController(0.0)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == 0.2
-
-
-# --- PPOConfig ------------------------------------------------------------------------------------
-def test_config_defaults_are_the_seed_and_trl() -> None:
-    c = PPOConfig()
-    assert (c.learning_rate, c.batch_size, c.mini_batch_size, c.ppo_epochs) == (1.41e-5, 4, 2, 4)
-    assert (c.init_kl_coef, c.adap_kl_ctrl, c.kl_penalty, c.target_kl, c.seed) == (
-        0.2,
-        True,
-        "kl",
-        0.1,
-        0,
-    )
-    assert (c.target, c.horizon, c.gamma, c.lam, c.cliprange, c.vf_coef) == (
-        6.0,
-        10000,
-        1.0,
-        0.95,
-        0.2,
-        0.1,
-    )
-    assert c.log_with == "tensorboard" and c.backward_batch_size == 2
-    assert PPOConfig(**c.to_dict()) == c
-    docs = field_docs()
-    assert set(docs) == set(c.to_dict()) and "AdamW" in docs["learning_rate"]
-
-
-def test_config_yaml_and_overrides(tmp_path) -> None:
-    text = "learning_rate: 1.0e-4\nbatch_size: 8\nuse_lora: true\nmax_grad_norm: null\n"
-    from_text = PPOConfig.from_yaml(text)
-    path = tmp_path / "ppo.yaml"
-    path.write_text(text)
-    for c in (from_text, PPOConfig.from_yaml(path), PPOConfig.from_yaml(str(path))):
-        assert (c.learning_rate, c.batch_size, c.use_lora, c.max_grad_norm) == (1e-4, 8, True, None)
-    assert PPOConfig.from_yaml("").batch_size == 4
-
-    base = PPOConfig()
-    c = base.apply_overrides(
-        [
-            "learning_rate=1e-5",
-            "ppo_epochs=2",
-            "adap_kl_ctrl=false",
-            "score_clip=3",
-            "log_with=none",
-            "kl_penalty=full",
-            "lora_target_modules=q_proj, v_proj",
-            "--mini-batch-size=1",
-        ]
-    )
-    assert c.learning_rate == 1e-5 and isinstance(c.learning_rate, float)
-    assert (c.ppo_epochs, c.adap_kl_ctrl, c.score_clip, c.log_with) == (2, False, 3.0, None)
-    assert c.kl_penalty == "full" and c.mini_batch_size == 1
-    assert c.lora_target_modules == ["q_proj", "v_proj"]
-    assert base.ppo_epochs == 4  # the original is left alone
-    assert base.apply_overrides(["lora_target_modules=[a, b]"]).lora_target_modules == ["a", "b"]
-
-    with pytest.raises(ValueError, match=r"unknown PPOConfig field 'learning_rat'.*learning_rate"):
-        base.apply_overrides(["learning_rat=1"])
-    with pytest.raises(ValueError, match="must be an integer"):
-        base.apply_overrides(["batch_size=abc"])
-    with pytest.raises(ValueError, match="must be a boolean"):
-        base.apply_overrides(["use_lora=maybe"])
-    with pytest.raises(ValueError, match="key=value"):
-        base.apply_overrides(["use_lora"])
-    with pytest.raises(ValueError, match="must be an integer"):
-        base.apply_overrides(["batch_size=none"])
-    with pytest.raises(ValueError, match="batch_size cannot be None"):
-        PPOConfig.from_yaml("batch_size: null")
-    with pytest.raises(ValueError, match="must be a mapping"):
-        PPOConfig.from_yaml("- a\n- b\n")
-
-
-def test_config_validation_errors() -> None:
-    with pytest.raises(ValueError, match=r"multiple of mini_batch_size \* gradient_accumulation"):
-        PPOConfig(batch_size=6, mini_batch_size=2, gradient_accumulation_steps=2)
-    PPOConfig(batch_size=8, mini_batch_size=2, gradient_accumulation_steps=2)  # fine
-    with pytest.raises(ValueError, match="kl_penalty must be one of"):
-        PPOConfig(kl_penalty="l2")
-    with pytest.raises(ValueError, match="learning_rate must be > 0"):
-        PPOConfig(learning_rate=0.0)
-    with pytest.raises(ValueError, match="log_with"):
-        PPOConfig(log_with="wandb")
-    with pytest.raises(ValueError) as err:  # every problem is listed at once
-        PPOConfig(cliprange=-1, lam=2.0, dtype="int8")
-    assert all(s in str(err.value) for s in ("cliprange", "lam", "dtype"))
-
-
-def test_config_argparse_flags() -> None:
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    args = parser.parse_args(
-        ["--learning-rate", "3e-5", "--use-lora", "--adap-kl-ctrl", "false", "--target-kl", "1"]
-    )
-    c = config_from_args(args)
-    assert (c.learning_rate, c.use_lora, c.adap_kl_ctrl, c.target_kl) == (3e-5, True, False, 1.0)
-    assert c.batch_size == 4  # absent flags keep the base value
-    base = PPOConfig(batch_size=8)
-    assert config_from_args(parser.parse_args([]), base=base) == base
-    assert "AdamW" in parser.format_help()

@@ -18,12 +18,11 @@ from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.reward.backends.vader import VaderBackend
 from services.trainer.api.client import TrainerClient, TrainerError
 from services.trainer.api.service import (
-    TrainerDefaults,
     TrainerServicer,
     Transports,
     progress_to_proto,
 )
-from services.trainer.config import GenerationConfig
+from services.trainer.config import GenerationConfig, TrainerServiceConfig
 from services.trainer.orchestrator.peers import Rollout
 from services.trainer.orchestrator.progress import PHASES, Progress
 
@@ -62,7 +61,7 @@ def trainer(policy: GatedPolicy, tmp_path: Path) -> Iterator[TrainerClient]:
         reward=lambda address: LocalReward(VaderBackend(), address=address),
     )
     servicer = TrainerServicer(
-        TrainerDefaults(policy="local:1", rewards=["local:2"], output_dir=str(tmp_path)),
+        TrainerServiceConfig(policy="local:1", reward=["local:2"], output_dir=str(tmp_path)),
         transports,
     )
     service = GrpcService("trainer", ServerConfig(host="127.0.0.1", port=0, grace_s=0))

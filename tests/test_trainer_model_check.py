@@ -18,8 +18,8 @@ from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.policy.engine import PolicyEngine
 from services.policy.server import build_server
 from services.trainer.api.client import TrainerClient, TrainerError
-from services.trainer.api.service import TrainerDefaults, TrainerServicer
-from services.trainer.config_io import load_train_config
+from services.trainer.api.service import TrainerServicer
+from services.trainer.config import TrainerServiceConfig, load_train_config
 from services.trainer.orchestrator.model_check import ModelMismatch, trainer_model_facts
 from services.trainer.orchestrator.peers import policy_facts
 from services.trainer.orchestrator.rewards import RewardMixer
@@ -95,7 +95,9 @@ def test_start_run_refuses_with_failed_precondition(
 ) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     # The reward address is never reached: the check refuses the run before it starts.
-    defaults = TrainerDefaults(policy=policy_a, rewards=["127.0.0.1:9"], output_dir=str(tmp_path))
+    defaults = TrainerServiceConfig(
+        policy=policy_a, reward=["127.0.0.1:9"], output_dir=str(tmp_path)
+    )
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(defaults), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

@@ -19,7 +19,7 @@ from rlhf.server import GrpcService, ServerConfig
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.policy.engine import PolicyEngine
 from services.policy.server import build_server
-from services.trainer.config_io import load_train_config
+from services.trainer.config import load_train_config
 from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
 from services.trainer.orchestrator.peers import FatalError, TransientError, VersionConflict
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.command_errors import CommandError
+from rlhf.defaults import DEFAULT_OUTPUT_DIR
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -45,7 +46,7 @@ def run_ppo_job(
     model: str,
     rewards: Sequence[RewardServiceSpec],
     config: Path = DEFAULT_CONFIG,
-    output_dir: Path = Path("runs"),
+    output_dir: Path = Path(DEFAULT_OUTPUT_DIR),
     run_id: str = "",
     overrides: Sequence[str] = (),
 ) -> PPOJobResult:
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="run config YAML")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="run folders")
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path(DEFAULT_OUTPUT_DIR), help="run folders"
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )

@@ -23,6 +23,7 @@ import torch
 from rlhf.errors import exhausted, invalid, precondition
 from rlhf.models import resolve_model
 from rlhf.weights import dtype_name
+from services.policy.config import PolicyServiceConfig
 
 log = logging.getLogger("rlhf.policy.engine")
 
@@ -66,11 +67,11 @@ class Completion:
 
 @dataclass
 class EngineLimits:
-    """Server-side caps on one Generate call."""
+    """Server-side caps on one Generate call (defaults: PolicyServiceConfig's)."""
 
-    max_new_tokens_cap: int = 512
-    max_batch_size: int = 64
-    max_prompt_chars: int = 32768
+    max_new_tokens_cap: int = PolicyServiceConfig.max_new_tokens_cap
+    max_batch_size: int = PolicyServiceConfig.max_batch_size
+    max_prompt_chars: int = PolicyServiceConfig.max_prompt_chars
 
 
 @dataclass
@@ -148,8 +149,8 @@ class PolicyEngine:
     def __init__(
         self,
         model: str,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = PolicyServiceConfig.device,
+        dtype: str | torch.dtype = PolicyServiceConfig.dtype,
         limits: EngineLimits | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig

@@ -18,15 +18,17 @@ from dataclasses import dataclass
 import grpc
 
 from rlhf.compute import ComputeThread
+from rlhf.defaults import REWARD_INPUT_MODES
 from rlhf.errors import RpcError, exhausted, handle_errors, invalid, unavailable
 from rlhf.server import GrpcService, ServerConfig
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.reward.backends.base import RewardBackend
+from services.reward.config import RewardServiceConfig
 
 log = logging.getLogger("rlhf.reward")
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
-INPUTS = ("response", "prompt+response")
+INPUTS = REWARD_INPUT_MODES
 """What is scored: the response alone, or the prompt immediately followed by the response."""
 FLOAT32_MAX = 3.4028234663852886e38
 """Scores travel as float32; anything larger in magnitude would arrive as inf."""
@@ -36,16 +38,16 @@ FLOAT32_MAX = 3.4028234663852886e38
 class ScoreSettings:
     """The service-level knobs RewardInfo reports; the CLI flags of the same names set them."""
 
-    name: str = ""
+    name: str = RewardServiceConfig.name
     """RewardInfo.name; empty means the backend's name."""
-    input: str = "response"
+    input: str = RewardServiceConfig.input
     """"response" or "prompt+response" (prompt + response joined with nothing in between, as
     the seed decoded query and response tokens together into one string)."""
-    max_batch_size: int = 32
+    max_batch_size: int = RewardServiceConfig.max_batch_size
     """Samples per forward pass (reported; the backend was built with the same value)."""
-    max_samples: int = 1024
+    max_samples: int = RewardServiceConfig.max_samples
     """Samples per Score call; RESOURCE_EXHAUSTED above."""
-    max_text_chars: int = 20000
+    max_text_chars: int = RewardServiceConfig.max_text_chars
     """len(prompt) + len(response) per sample, in characters; INVALID_ARGUMENT above."""
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
-"""The loop's own settings, beside PPOConfig: how to generate, and how to run.
+"""A run's configuration (TrainConfig: ppo, generation, run) and the trainer service's settings.
 
-A run's YAML file has three sections, each one of these dataclasses:
+A run's YAML file has three sections, each one dataclass:
 
     ppo:         # PPOConfig (services/trainer/learner/config.py): the seed's knobs
       learning_rate: 1.41e-5
@@ -8,16 +8,23 @@ A run's YAML file has three sections, each one of these dataclasses:
       max_new_tokens: 64
     run:         # RunConfig: steps, data, endpoints, checkpoints
       steps: 20
+
+`load_train_config` reads that YAML text (callers read files) and `--set section.field=value`
+overrides through rlhf.config; a bad value raises ValueError naming it (`ppo.batch_size`).
+Torch- and grpc-free: parsing a config imports no model or transport code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from services.trainer.learner.config import PPOConfig
+import yaml
 
-DEFAULT_POLICY_ADDRESS = "127.0.0.1:50051"
-DEFAULT_REWARD_ADDRESS = "127.0.0.1:50052"
+from rlhf.config import apply_mapping, apply_overrides, check, load_yaml_mapping
+from rlhf.config.checks import at_least
+from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS
+from services.trainer.learner.config import PPOConfig
 
 
 @dataclass
@@ -39,6 +46,15 @@ class GenerationConfig:
     apply_chat_template: bool = True
     """Wrap each prompt as a user turn with the model's chat template (instruct models)."""
 
+    def problems(self) -> list[str]:
+        found = at_least(self, 1, "max_new_tokens") + at_least(self, 0, "min_new_tokens", "top_k")
+        if self.min_new_tokens > self.max_new_tokens:
+            found.append(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens")
+        found += at_least(self, 0, "temperature")
+        if not 0 < self.top_p <= 1:
+            found.append(f"top_p must be in (0, 1], got {self.top_p}")
+        return found
+
 
 @dataclass
 class RunConfig:
@@ -52,13 +68,14 @@ class RunConfig:
     """Prompt source: "builtin" (the shipped set), a .jsonl file or a datasets folder."""
     policy: str = ""
     """host:port of the PolicyService. Empty: the trainer service's --policy (for `rlhf train`
-    without a trainer service: 127.0.0.1:50051)."""
+    without a trainer service: rlhf.defaults.POLICY_ADDRESS)."""
     rewards: list[str] = field(default_factory=list)
     """Reward endpoints, each "HOST:PORT[=WEIGHT]" or "NAME@HOST:PORT[=WEIGHT]". Empty: the
-    trainer service's --reward (without a trainer service: 127.0.0.1:50052)."""
+    trainer service's --reward (without a trainer service: rlhf.defaults.REWARD_ADDRESS)."""
     output_dir: str = ""
     """Root of run folders: <output_dir>/<run_id>/{metrics.jsonl, tensorboard/, checkpoints/}.
-    Empty: the trainer service's --output-dir (without a trainer service: ./runs)."""
+    Empty: the trainer service's --output-dir (without a trainer service:
+    rlhf.defaults.DEFAULT_OUTPUT_DIR)."""
     save_every: int = 10
     """Checkpoint every N steps (0: only at the end and at stop)."""
     keep_checkpoints: int = 2
@@ -70,6 +87,10 @@ class RunConfig:
     retry_backoff_s: float = 2.0
     """First pause between those attempts; doubles each time."""
 
+    def problems(self) -> list[str]:
+        found = at_least(self, 1, "steps", "keep_checkpoints", "sync_every", "step_retries")
+        return found + at_least(self, 0, "save_every", "retry_backoff_s")
+
 
 @dataclass
 class TrainConfig:
@@ -78,3 +99,39 @@ class TrainConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_train_config(text: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from YAML text (None or "": the defaults), then `key=value` overrides
+    (`section.field=value`, or `field=value` when the name is unique across sections).
+
+    Raises ValueError naming the field and the reason; every problem at once."""
+    config = TrainConfig()
+    if text:
+        apply_mapping(config, load_yaml_mapping(text, "run config"))
+    apply_overrides(config, overrides or [])
+    check(config, "run config")
+    return config
+
+
+def dump_train_config(config: TrainConfig) -> str:
+    """The YAML text `load_train_config` reads back into the same config (for checkpoints)."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+@dataclass
+class TrainerServiceConfig:
+    """`rlhf trainer serve`: what a StartRun that leaves fields empty gets."""
+
+    policy: str = POLICY_ADDRESS
+    """Default PolicyService host:port."""
+    reward: list[str] = field(default_factory=lambda: [REWARD_ADDRESS])
+    """Default reward endpoints, comma-separated HOST:PORT[=WEIGHT]."""
+    output_dir: str = DEFAULT_OUTPUT_DIR
+    """Root of run folders."""
+
+    def __post_init__(self) -> None:
+        check(self, "trainer settings")
+
+    def problems(self) -> list[str]:
+        return [] if self.policy else ["policy must not be empty (a host:port)"]

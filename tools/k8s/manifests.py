@@ -13,12 +13,12 @@ from typing import Any
 
 import yaml
 
+from rlhf.defaults import DEFAULT_PORTS
+
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 BASE_DIR = K8S_DIR / "base"
 OVERLAYS_DIR = K8S_DIR / "overlays"
 
-# The services' default ports (rlhf.config), as the manifests use them.
-DEFAULT_PORTS = {"policy": 50051, "reward": 50052, "trainer": 50053}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 # Variables the image reads that are not flags: rlhf.models reads RLHF_CACHE directly.
 NON_FLAG_ENV = frozenset({"RLHF_CACHE"})
@@ -146,11 +146,6 @@ def env_value(container: Obj, name: str) -> str | None:
         if e["name"] == name:
             return e.get("value")
     return None
-
-
-def flag_env_name(option: str) -> str:
-    """--max-batch-size -> RLHF_MAX_BATCH_SIZE, the variable rlhf.config reads for a flag."""
-    return "RLHF_" + option.lstrip("-").replace("-", "_").upper()
 
 
 def gpus(container: Obj) -> int:

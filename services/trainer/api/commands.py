@@ -12,7 +12,7 @@ import sys
 
 from rlhf.command_errors import CommandError
 from rlhf.config import add_env_argument
-from rlhf.defaults import POLICY_ADDRESS, REWARD_ADDRESS, TRAINER_ADDRESS
+from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS, TRAINER_ADDRESS
 
 
 def _add_trainer_address(parser: argparse.ArgumentParser) -> None:
@@ -109,22 +109,23 @@ def _require_serving(what: str, address: str, flags: str) -> None:
 
 
 def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
+
     from rlhf.logs import setup_logging
     from services.trainer.api.display import ProgressDisplay
-    from services.trainer.config_io import load_train_config
+    from services.trainer.config import load_train_config
     from services.trainer.orchestrator.loop import TrainingLoop
     from services.trainer.orchestrator.rewards import EndpointSpec
     from services.trainer.orchestrator.transports import GrpcPolicy, connect_rewards
 
     setup_logging("trainer")
-    _read_config(args.config)  # a missing file is one line, not a traceback
+    text = _read_config(args.config)  # a missing file is one line, not a traceback
     try:
-        config = load_train_config(args.config or None, overrides)
+        config = load_train_config(text or None, overrides)
     except (ValueError, TypeError, KeyError) as err:
         raise CommandError(f"bad run config: {err}") from err
     config.run.policy = config.run.policy or POLICY_ADDRESS
     config.run.rewards = config.run.rewards or [REWARD_ADDRESS]
-    config.run.output_dir = config.run.output_dir or "runs"
+    config.run.output_dir = config.run.output_dir or DEFAULT_OUTPUT_DIR
     specs = [EndpointSpec.parse(r) for r in config.run.rewards]
     _require_serving("policy", config.run.policy, "--policy / run.policy")
     for spec in specs:

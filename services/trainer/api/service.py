@@ -14,14 +14,17 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from rlhf.errors import RpcError, handle_errors, invalid, precondition
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-from services.trainer.config import DEFAULT_POLICY_ADDRESS, DEFAULT_REWARD_ADDRESS, TrainConfig
-from services.trainer.config_io import load_train_config
+from services.trainer.config import (
+    TrainConfig,
+    TrainerServiceConfig,
+    load_train_config,
+)
 from services.trainer.orchestrator.loop import StepResult, TrainingLoop
 from services.trainer.orchestrator.model_check import ModelMismatch
 from services.trainer.orchestrator.peers import PolicyTransport
@@ -36,15 +39,6 @@ from services.trainer.orchestrator.transports import served_model_check
 
 log = logging.getLogger("rlhf.trainer.service")
 State = trainer_pb2.RunState
-
-
-@dataclass
-class TrainerDefaults:
-    """What a StartRun that leaves fields empty gets."""
-
-    policy: str = DEFAULT_POLICY_ADDRESS
-    rewards: list[str] = field(default_factory=lambda: [DEFAULT_REWARD_ADDRESS])
-    output_dir: str = "runs"
 
 
 class Run:
@@ -168,7 +162,9 @@ class Transports:
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, defaults: TrainerDefaults, transports: Transports | None = None) -> None:
+    def __init__(
+        self, defaults: TrainerServiceConfig, transports: Transports | None = None
+    ) -> None:
         """`transports`: gRPC unless given (tests run runs with in-process ones)."""
         self.defaults = defaults
         self.transports = transports or Transports.grpc()
@@ -197,7 +193,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if request.rewards:
             run.rewards = [str(_from_proto(r)) for r in request.rewards]
         elif not run.rewards:
-            run.rewards = list(self.defaults.rewards)
+            run.rewards = list(self.defaults.reward)
         if not run.rewards:
             raise invalid("no reward endpoints: set run.rewards or start the trainer with --reward")
         run.run_id = request.run_id or run.run_id or time.strftime("run-%Y%m%d-%H%M%S")

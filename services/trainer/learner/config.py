@@ -1,9 +1,8 @@
 """PPOConfig: every knob of the PPO stage, under the names of classic TRL (<= 0.11).
 
-One dataclass, a docstring under each field (CleanRL style); `--help` texts are read from those
-docstrings. Three ways in besides the constructor: a YAML file or text (`from_yaml`),
-"key=value" overrides (`apply_overrides`, also what the trainer's control API passes on), and
-argparse flags `--field-name value` (`add_config_arguments` + `config_from_args`).
+One dataclass, a docstring under each field (CleanRL style). It is the `ppo:` section of a run
+config: YAML and `--set ppo.field=value` overrides reach it through rlhf.config
+(services/trainer/config.py). Importable without torch: parsing a config needs no model code.
 
 Defaults are TRL 0.11's, except where the seed exercise set a value (batch_size=4,
 mini_batch_size=2, target_kl=0.1) and `max_grad_norm` (TRL: None, no clipping; here 1.0).
@@ -11,25 +10,14 @@ mini_batch_size=2, target_kl=0.1) and `max_grad_norm` (TRL: None, no clipping; h
 
 from __future__ import annotations
 
-import argparse
-import ast
-import dataclasses
-import difflib
-import inspect
-import textwrap
-import types
-import typing
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import torch
-import yaml
+from rlhf.config.checks import at_least, choice_problems, device_problems, dtype_problems
+from rlhf.config.sections import check
+from rlhf.defaults import DEFAULT_POLICY_MODEL
 
 KL_PENALTIES = ("kl", "abs", "mse", "full")
 LOGGERS = (None, "tensorboard", "jsonl")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -37,7 +25,7 @@ class PPOConfig:
     """Configuration of the PPO stage (policy + value head, reference, KL control, optimiser)."""
 
     # --- model -------------------------------------------------------------------------------
-    model_name: str = "smollm2-135m-instruct"
+    model_name: str = DEFAULT_POLICY_MODEL
     """Policy to start from: a model folder, a hub name, or the alias of the embedded default
     (SmolLM2-135M-Instruct, converted once into the model cache). The frozen reference is the
     same weights."""
@@ -134,244 +122,40 @@ class PPOConfig:
 
     def validate(self) -> None:
         """Raises ValueError listing every invalid field."""
-        errors: list[str] = []
+        check(self, "PPOConfig")
 
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                errors.append(message)
-
-        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        if not errors:
-            need(
-                self.batch_size % self.backward_batch_size == 0,
+    def problems(self) -> list[str]:
+        """Every invalid field, each text starting with the field's name."""
+        errors = at_least(self, 1, "batch_size", "mini_batch_size")
+        errors += at_least(self, 1, "gradient_accumulation_steps", "ppo_epochs", "lora_r")
+        if not errors and self.batch_size % self.backward_batch_size:
+            errors.append(
                 f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size * "
                 f"gradient_accumulation_steps ({self.mini_batch_size} * "
-                f"{self.gradient_accumulation_steps} = {self.backward_batch_size})",
+                f"{self.gradient_accumulation_steps} = {self.backward_batch_size})"
             )
-        for name in ("learning_rate", "target", "horizon", "target_kl", "cliprange"):
-            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        need(self.cliprange_value > 0, f"cliprange_value must be > 0, got {self.cliprange_value}")
-        need(self.ratio_threshold > 0, f"ratio_threshold must be > 0, got {self.ratio_threshold}")
-        for name in ("init_kl_coef", "vf_coef"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        positive = ("learning_rate", "target", "horizon", "target_kl", "cliprange")
+        positive += ("cliprange_value", "ratio_threshold", "lora_alpha")
+        errors += [
+            f"{n} must be > 0, got {getattr(self, n)}" for n in positive if getattr(self, n) <= 0
+        ]
+        errors += at_least(self, 0, "init_kl_coef", "vf_coef")
         for name in ("gamma", "lam"):
-            need(
-                0 <= getattr(self, name) <= 1,
-                f"{name} must be in [0, 1], got {getattr(self, name)}",
-            )
+            if not 0 <= getattr(self, name) <= 1:
+                errors.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("max_grad_norm", "score_clip"):
             value = getattr(self, name)
-            need(value is None or value > 0, f"{name} must be > 0 or None, got {value}")
+            if value is not None and value <= 0:
+                errors.append(f"{name} must be > 0 or None, got {value}")
         for name in ("lora_dropout", "value_head_dropout"):
-            need(
-                0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}"
-            )
-        need(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
-        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
-        need(
-            self.kl_penalty in KL_PENALTIES,
-            f"kl_penalty must be one of {', '.join(KL_PENALTIES)}; got {self.kl_penalty!r}",
-        )
-        need(
-            self.log_with in LOGGERS,
-            f"log_with must be tensorboard, jsonl or None; got {self.log_with!r}",
-        )
-        need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
-        try:
-            device = torch.device(self.device)
-            need(device.type in ("cpu", "cuda"), f"device must be cpu or cuda[:N], got {device}")
-        except (RuntimeError, TypeError):
-            errors.append(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
-        need(bool(self.model_name), "model_name must not be empty")
-        if errors:
-            raise ValueError("invalid PPOConfig:\n  " + "\n  ".join(errors))
-
-    # --- conversions -------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field (lists copied), safe for YAML/JSON."""
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], base: PPOConfig | None = None) -> PPOConfig:
-        """A config from `base` (default: the defaults) with `values` applied, type-checked."""
-        start = base.to_dict() if base is not None else {}
-        start.update({key: _coerce(key, value) for key, value in values.items()})
-        return cls(**start)
-
-    @classmethod
-    def from_yaml(cls, path_or_text: str | Path, base: PPOConfig | None = None) -> PPOConfig:
-        """From a YAML file (a path that exists) or YAML text: a flat mapping field: value."""
-        source = "YAML text"
-        text = str(path_or_text)
-        if isinstance(path_or_text, Path) or ("\n" not in text and Path(text).is_file()):
-            source = str(path_or_text)
-            text = Path(path_or_text).read_text()
-        loaded = yaml.safe_load(text)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(
-                f"PPO config ({source}) must be a mapping of field: value, got "
-                f"{type(loaded).__name__} {loaded!r} (a missing file is read as YAML text)"
-            )
-        return cls.from_dict(loaded, base)
-
-    def apply_overrides(self, overrides: Iterable[str]) -> PPOConfig:
-        """A NEW config with "key=value" overrides applied (this one is left unchanged).
-
-        Values are converted from the field's type: bool (true/false/1/0/yes/no/on/off),
-        int, float, str, None for optional fields (none/null), lists as "a,b" or "[a, b]".
-        """
-        values: dict[str, Any] = {}
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            key = key.strip().lstrip("-").replace("-", "_")
-            if not sep:
-                raise ValueError(f"override {item!r} must look like key=value")
-            values[key] = raw.strip()
-        return PPOConfig.from_dict(values, base=self)
+            if not 0 <= getattr(self, name) < 1:
+                errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        errors += choice_problems("kl_penalty", self.kl_penalty, KL_PENALTIES)
+        errors += choice_problems("log_with", self.log_with, LOGGERS)
+        errors += dtype_problems("dtype", self.dtype) + device_problems("device", self.device)
+        if not self.model_name:
+            errors.append("model_name must not be empty")
+        return errors
 
 
-# --- field types, docs and conversion -------------------------------------------------------
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(PPOConfig)
-
-
-def field_docs() -> dict[str, str]:
-    """Each field's docstring, read from the source (as CleanRL/tyro do); {} if no source."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(PPOConfig)))
-    except (OSError, TypeError):
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-_TRUE = ("1", "true", "yes", "on", "y", "t")
-_FALSE = ("0", "false", "no", "off", "n", "f")
-_NONE = ("none", "null", "~", "")
-
-
-def _split_optional(tp: Any) -> tuple[Any, bool]:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(tp))
-    return tp, False
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """`value` (a string from a flag/override, or a YAML value) as field `key`'s type."""
-    types_ = _field_types()
-    if key not in types_:
-        close = difflib.get_close_matches(key, types_, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown PPOConfig field {key!r}{hint}")
-    return coerce_value(value, types_[key], f"PPOConfig.{key}")
-
-
-def coerce_value(value: Any, annotation: Any, where: str) -> Any:
-    """`value` (a CLI/override string or a YAML value) converted to a dataclass field's type:
-    bool (true/false/yes/no/on/off/1/0), int, float, str, None for optional fields
-    (none/null), lists as "a,b" or "[a, b]". Raises ValueError naming `where`."""
-    tp, optional = _split_optional(annotation)
-    if value is None or (optional and isinstance(value, str) and value.lower() in _NONE):
-        if optional:
-            return None
-        raise ValueError(f"{where} cannot be None")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
-            return value.lower() in _TRUE
-        raise ValueError(f"{where} must be a boolean (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{where} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"{where} must be an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{where} must be a number, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {value!r}")
-        return value
-    if typing.get_origin(tp) is list:
-        if isinstance(value, str):
-            text = value.strip()
-            value = yaml.safe_load(text) if text.startswith("[") else text.split(",")
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"{where} must be a list, got {value!r}")
-        items = [str(v).strip() for v in value]
-        return [v for v in items if v]
-    raise TypeError(f"{where}: unsupported field type {tp}")  # pragma: no cover
-
-
-# --- argparse ---------------------------------------------------------------------------------
-def add_config_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    """Adds `--{prefix}field-name VALUE` for every field; absent flags keep the base value.
-
-    Booleans also work bare (`--use-lora` means true). Values go through the same conversion
-    as `apply_overrides`.
-    """
-    docs = field_docs()
-    defaults = PPOConfig().to_dict()
-    group = parser.add_argument_group("PPO config")
-    for name, tp in _field_types().items():
-        base, _ = _split_optional(tp)
-        flag = "--" + prefix + name.replace("_", "-")
-        default_text = f" (default: {defaults[name]!r})"
-        kwargs: dict[str, Any] = {
-            "dest": _dest(name, prefix),
-            "default": argparse.SUPPRESS,
-            "help": (docs.get(name, "") + default_text).replace("%", "%%"),
-            "metavar": name.upper(),
-        }
-        if base is bool:
-            kwargs.update(nargs="?", const="true")
-        group.add_argument(flag, **kwargs)
-
-
-def config_from_args(
-    args: argparse.Namespace, base: PPOConfig | None = None, prefix: str = ""
-) -> PPOConfig:
-    """The config `add_config_arguments` flags describe, applied on top of `base`."""
-    values = {
-        name: getattr(args, _dest(name, prefix))
-        for name in _field_types()
-        if hasattr(args, _dest(name, prefix))
-    }
-    return PPOConfig.from_dict(values, base=base)
-
-
-def _dest(name: str, prefix: str) -> str:
-    return "ppo_config__" + prefix.replace("-", "_") + name
-
-
-__all__ = [
-    "KL_PENALTIES",
-    "PPOConfig",
-    "add_config_arguments",
-    "config_from_args",
-    "field_docs",
-]
+__all__ = ["KL_PENALTIES", "LOGGERS", "PPOConfig"]

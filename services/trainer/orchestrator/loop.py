@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import torch
 
+from rlhf.defaults import DEFAULT_OUTPUT_DIR
 from rlhf.logs import ContextLogger
 from services.trainer.config import TrainConfig
 from services.trainer.orchestrator.checkpoint import latest_checkpoint, save_checkpoint
@@ -89,7 +90,7 @@ class TrainingLoop:
         run = config.run
         if not run.run_id:
             run.run_id = time.strftime("run-%Y%m%d-%H%M%S")
-        self.folder = Path(run.output_dir or "runs") / run.run_id
+        self.folder = Path(run.output_dir or DEFAULT_OUTPUT_DIR) / run.run_id
         self.checkpoints = self.folder / "checkpoints"
         self.step = 0
         """The last step finished completely (its weights pushed, its metrics row written)."""
