@@ -181,9 +181,8 @@ def run(args: argparse.Namespace) -> int:
         )
 
     from rlhf.server import run_service
-    from rlhf.v1 import reward_pb2_grpc
     from services.reward.backends import build_backend
-    from services.reward.server import SERVICE_NAME, RewardServicer, ScoreSettings
+    from services.reward.server import RewardServicer, ScoreSettings, servicers
 
     settings = ScoreSettings(
         name=args.name,
@@ -220,10 +219,5 @@ def run(args: argparse.Namespace) -> int:
             },
         )
 
-    run_service(
-        "reward",
-        server_config(args),
-        [(reward_pb2_grpc.add_RewardServiceServicer_to_server, servicer, SERVICE_NAME)],
-        load,
-    )
+    run_service("reward", server_config(args), servicers(servicer), load)
     return 0
