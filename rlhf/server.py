@@ -20,6 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rlhf.defaults import LOOPBACK
+
 log = logging.getLogger("rlhf.server")
 
 MiB = 1024 * 1024
@@ -152,7 +154,7 @@ def build_server(
     run_service is this plus the load and the wait for SIGTERM; tests and benchmarks use it
     directly with `servicers(...)` of the service they start.
     """
-    service = GrpcService(name, config or ServerConfig(host="127.0.0.1", port=0))
+    service = GrpcService(name, config or ServerConfig(host=LOOPBACK, port=0))
     for add_fn, servicer, full_name in registrations:
         service.add(add_fn, servicer, full_name)
     service.start()
