@@ -77,13 +77,12 @@ def serve(model: str) -> int:
     import numpy as np
 
     from rlhf.logs import setup_logging
-    from rlhf.server import ServerConfig
+    from rlhf.server import Registration, ServerConfig, build_server
     from services.policy.engine import PolicyEngine
-    from services.policy.server import build_server
+    from services.policy.server import PolicyServicer, servicers
 
     setup_logging("policy-bench", "INFO")
     engine = PolicyEngine(model)
-    service = build_server(engine, ServerConfig(host="127.0.0.1", port=0, workers=4))
     buffer = np.empty(0, dtype=np.uint8)
 
     def raw_upload(requests: Iterator[bytes], _context: grpc.ServicerContext) -> bytes:
@@ -104,10 +103,14 @@ def serve(model: str) -> int:
     handler = grpc.method_handlers_generic_handler(
         "bench.RawStream", {"Upload": grpc.stream_unary_rpc_method_handler(raw_upload)}
     )
-    service.server.add_generic_rpc_handlers((handler,))
-    port = service.start()
-    service.set_serving()
-    print(f"PORT {port}", flush=True)
+    raw = Registration(
+        lambda _servicer, server: server.add_generic_rpc_handlers((handler,)),
+        None,
+        "bench.RawStream",
+    )
+    config = ServerConfig(host="127.0.0.1", port=0, workers=4)
+    service = build_server("policy", [*servicers(PolicyServicer(engine)), raw], config)
+    print(f"PORT {service.port}", flush=True)
     service.wait_for_termination()
     return 0
 

@@ -13,13 +13,14 @@ import signal
 import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rlhf.config.server import ServerConfig
+from rlhf.defaults import LOOPBACK
 
 log = logging.getLogger("rlhf.server")
 
@@ -30,6 +31,16 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+class Registration(NamedTuple):
+    """One servicer and how to put it on a server: what a service's `servicers()` returns."""
+
+    add_fn: Callable[[Any, grpc.Server], None]
+    """Registers the servicer, e.g. reward_pb2_grpc.add_RewardServiceServicer_to_server."""
+    servicer: Any
+    full_name: str
+    """The gRPC service's full name (rlhf.protocol), for health and reflection."""
 
 
 class Readiness:
@@ -116,10 +127,32 @@ class GrpcService:
             self.health.set(name, status)
 
 
+def build_server(
+    name: str,
+    registrations: Iterable[Registration],
+    config: ServerConfig | None = None,
+    serving: bool = True,
+) -> GrpcService:
+    """A started GrpcService with these servicers: bound (read `.port`; the default config is
+    loopback port 0, a free port) with health SERVING, or NOT_SERVING until `set_serving()`
+    when `serving` is False (a model still loading). Stop it with `stop()`.
+
+    run_service is this plus the load and the wait for SIGTERM; tests and benchmarks use it
+    directly with `servicers(...)` of the service they start.
+    """
+    service = GrpcService(name, config or ServerConfig(host=LOOPBACK, port=0))
+    for add_fn, servicer, full_name in registrations:
+        service.add(add_fn, servicer, full_name)
+    service.start()
+    if serving:
+        service.set_serving()
+    return service
+
+
 def run_service(
     name: str,
     config: ServerConfig,
-    servicers: Iterable[tuple[Callable[[Any, grpc.Server], None], Any, str]],
+    registrations: Iterable[Registration],
     load: Callable[[], None],
 ) -> None:
     """The main of every service: start NOT_SERVING, load, report SERVING, serve until SIGTERM.
@@ -127,10 +160,7 @@ def run_service(
     A `load` that raises stops the process with the error logged: a service whose model does
     not load never serves (there is no fallback).
     """
-    service = GrpcService(name, config)
-    for add_fn, servicer, full_name in servicers:
-        service.add(add_fn, servicer, full_name)
-    service.start()
+    service = build_server(name, registrations, config, serving=False)
     try:
         load()
     except Exception:

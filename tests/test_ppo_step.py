@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import io
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from services.trainer.learner.config import PPOConfig
 from services.trainer.learner.ppo_trainer import PPOTrainer
@@ -139,21 +140,57 @@ def test_lora_reference_training_serving_and_saving(tiny_lm: Path, tmp_path: Pat
     torch.testing.assert_close(again.v_head.summary.weight, model.v_head.summary.weight)
 
 
+def with_attention_dropout(tiny_lm: Path, folder: Path, dropout: float) -> Path:
+    """A copy of the tiny LM whose config asks for attention dropout."""
+    shutil.copytree(tiny_lm, folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.attention_dropout = dropout
+    config.save_pretrained(folder)
+    return folder
+
+
+def first_minibatch_stats(model_dir: Path, **overrides: object) -> dict[str, float]:
+    """One epoch of one mini-batch (the whole batch): the step's ppo/* stats are that
+    mini-batch's, and objective/* the old policy's."""
+    sizes = {"batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1}
+    _, _, trainer = make(model_dir, **sizes, **overrides)  # type: ignore[arg-type]
+    stats = trainer.step(*rollouts(9))
+    return {k: v for k, v in stats.items() if not k.startswith("time/")}
+
+
+def test_ppo_epochs_run_in_eval_mode_as_trl(tiny_lm: Path, tmp_path: Path) -> None:
+    """TRL 0.11.4 runs every forward pass in eval mode: a model with attention dropout 0.1 and
+    the value head's dropout (default 0.1) gives the same first mini-batch as one without."""
+    dropout = with_attention_dropout(tiny_lm, tmp_path / "dropout", 0.1)
+    assert PPOConfig().value_head_dropout > 0 and not PPOConfig().dropout_in_update
+    without = first_minibatch_stats(tiny_lm, value_head_dropout=0.0)
+    assert first_minibatch_stats(dropout) == without
+    assert without["ppo/policy/approxkl"] < 1e-10  # the same forward pass: the ratio starts at 1
+
+    # With the knob, the epochs' forward passes run in train mode and dropout acts.
+    trained = first_minibatch_stats(dropout, dropout_in_update=True)
+    assert trained["objective/logprobs"] == without["objective/logprobs"]  # old: eval mode
+    assert trained["ppo/policy/approxkl"] > 1e-6
+    assert trained["ppo/val/vpred"] != pytest.approx(without["ppo/val/vpred"], rel=1e-5)
+
+
 def test_state_dict_round_trip_is_bit_identical(tiny_lm: Path) -> None:
     batches = [rollouts(7), rollouts(8)]
+    # Value-head dropout acting in the update: the restored RNG state matters.
+    knobs = {"dropout_in_update": True}
 
-    _, straight_model, straight = make(tiny_lm)  # value-head dropout on: RNG state matters
+    _, straight_model, straight = make(tiny_lm, **knobs)
     for batch in batches:
         straight.step(*batch)
 
-    _, _, first = make(tiny_lm)
+    _, _, first = make(tiny_lm, **knobs)
     first.step(*batches[0])
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
 
-    _, resumed_model, resumed = make(tiny_lm)
+    _, resumed_model, resumed = make(tiny_lm, **knobs)
     resumed.load_state_dict(state)
     resumed.step(*batches[1])
 

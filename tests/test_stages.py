@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from rlhf.defaults import LOOPBACK
-from rlhf.server import ServerConfig
+from rlhf.server import ServerConfig, build_server
 from rlhf.v1 import policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.policy.engine import PolicyEngine
-from services.policy.server import build_server as build_policy_server
+from services.policy.server import PolicyServicer
+from services.policy.server import servicers as policy_servicers
 from services.reward.backends.hf_classifier import HFClassifierBackend
-from services.reward.server import ScoreSettings
-from services.reward.server import build_server as build_reward_server
+from services.reward.server import RewardServicer, ScoreSettings
+from services.reward.server import servicers as reward_servicers
 from tests.stage_data import PAIRS, write_jsonl, write_pair_data, write_sft_data
 from tools.stages import make_demo_preferences
 from tools.stages.reward_model import (
@@ -77,9 +78,8 @@ def test_sft_output_is_served_by_the_policy_service_and_its_loss_is_logged(
     # The folder as it is: the policy service loads it, chat template included, and generates.
     engine = PolicyEngine(str(out))
     assert engine.info().tokenizer.has_chat_template
-    service = build_policy_server(engine, ServerConfig(host=LOOPBACK, port=0, workers=2))
-    service.start()
-    service.set_serving()
+    config = ServerConfig(host=LOOPBACK, port=0, workers=2)
+    service = build_server("policy", policy_servicers(PolicyServicer(engine)), config)
     channel = grpc.insecure_channel(f"{LOOPBACK}:{service.port}")
     try:
         reply = policy_pb2_grpc.PolicyServiceStub(channel).Generate(
@@ -147,7 +147,8 @@ def test_reward_model_ranks_chosen_above_rejected_and_is_served(
     backend = HFClassifierBackend(str(out))
     assert backend.num_labels == 1
     config = ServerConfig(host=LOOPBACK, port=0, workers=2, grace_s=0)
-    service = build_reward_server(backend, config, ScoreSettings(input="prompt+response"))
+    servicer = RewardServicer(ScoreSettings(input="prompt+response"), backend)
+    service = build_server("reward", reward_servicers(servicer), config)
     channel = grpc.insecure_channel(f"{LOOPBACK}:{service.port}")
     try:
         stub = reward_pb2_grpc.RewardServiceStub(channel)

@@ -13,10 +13,10 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bench.local_transports import LocalPolicy
-from rlhf.server import ServerConfig
+from rlhf.server import build_server
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.policy.engine import PolicyEngine
-from services.policy.server import build_server
+from services.policy.server import PolicyServicer, servicers
 from services.trainer.api.client import TrainerClient, TrainerError
 from services.trainer.api.service import TrainerServicer
 from services.trainer.config import TrainerServiceConfig, load_train_config
@@ -83,9 +83,7 @@ def test_training_loop_refuses_a_policy_serving_another_model(
 
 @pytest.fixture(scope="module")
 def policy_a(tiny_lm: Path) -> Iterator[str]:
-    service = build_server(PolicyEngine(str(tiny_lm)), ServerConfig(host="127.0.0.1", port=0))
-    service.start()
-    service.set_serving()
+    service = build_server("policy", servicers(PolicyServicer(PolicyEngine(str(tiny_lm)))))
     yield f"127.0.0.1:{service.port}"
     service.stop(grace_s=0)
 

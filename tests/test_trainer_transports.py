@@ -15,10 +15,10 @@ import pytest
 
 from bench.local_transports import LocalPolicy
 from rlhf.protocol import REWARD_SERVICE
-from rlhf.server import GrpcService, ServerConfig
+from rlhf.server import GrpcService, ServerConfig, build_server
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.policy.engine import PolicyEngine
-from services.policy.server import build_server
+from services.policy.server import PolicyServicer, servicers
 from services.trainer.config import load_train_config
 from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
 from services.trainer.orchestrator.peers import FatalError, TransientError, VersionConflict
@@ -168,9 +168,7 @@ def test_policy_facts_are_read_once_per_connection(tiny_lm: Path) -> None:
         return info()
 
     engine.info = counted  # type: ignore[method-assign]
-    service = build_server(engine, ServerConfig(host="127.0.0.1", port=0, grace_s=0))
-    service.start()
-    service.set_serving()
+    service = build_server("policy", servicers(PolicyServicer(engine)))
     policy = GrpcPolicy(f"127.0.0.1:{service.port}")
     try:
         facts = policy.facts()
@@ -205,9 +203,7 @@ def test_the_policy_services_log_probs_reach_the_loop(tiny_lm: Path, tmp_path: P
     from bench.local_transports import LocalReward
     from services.reward.backends.vader import VaderBackend
 
-    service = build_server(PolicyEngine(str(tiny_lm)), ServerConfig(host="127.0.0.1", port=0))
-    service.start()
-    service.set_serving()
+    service = build_server("policy", servicers(PolicyServicer(PolicyEngine(str(tiny_lm)))))
     config = load_train_config(
         None,
         [
@@ -245,9 +241,7 @@ def test_a_policy_refusal_fails_the_step_at_once(tiny_lm: Path, tmp_path: Path) 
     from services.reward.backends.vader import VaderBackend
 
     engine = PolicyEngine(str(tiny_lm), limits=EngineLimits(max_new_tokens_cap=2))
-    service = build_server(engine, ServerConfig(host="127.0.0.1", port=0))
-    service.start()
-    service.set_serving()
+    service = build_server("policy", servicers(PolicyServicer(engine)))
     config = load_train_config(
         None,
         [f"model_name={tiny_lm}", "batch_size=2", "mini_batch_size=1", "log_with=jsonl"]

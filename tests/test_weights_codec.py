@@ -9,9 +9,11 @@ import grpc
 import pytest
 import torch
 
+from rlhf.crc32 import crc32_combine
 from rlhf.errors import RpcError
 from rlhf.v1 import policy_pb2
-from rlhf.weights import WeightAssembler, crc32_combine, encode_weights
+from rlhf.weight_receiver import WeightAssembler
+from rlhf.weights import encode_weights
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -2,13 +2,14 @@
 
 The servicer is registered before the model loads (health NOT_SERVING, calls UNAVAILABLE) and
 gets its engine through `attach()` once loading is done, so a probe can tell "loading" from
-"down". Weight uploads are received and verified completely (rlhf.weights.WeightAssembler)
-without holding the engine's lock, into a receive buffer the engine hands out; only the final
-swap takes the lock (PolicyEngine.apply_weights), so generation goes on during an upload and a
-broken or rejected upload never touches the served weights.
+"down".
 
-The model work itself (loading, generate, the swap) runs on the servicer's one ComputeThread,
-never on the gRPC worker threads: see rlhf.compute for why (torch's OpenMP teams).
+The model work (loading, generate, the weight swap) runs on the servicer's one ComputeThread,
+never on the gRPC worker threads (rlhf.compute: torch's OpenMP teams), one job at a time, so
+each Generate sees one weight version. A weight upload is received and verified completely
+(rlhf.weight_receiver.WeightAssembler) on the call's own thread, into a receive buffer the
+engine hands out, while generation goes on; only the final swap (PolicyEngine.apply_weights)
+is compute-thread work, and a broken or rejected upload never touches the served weights.
 """
 
 from __future__ import annotations
@@ -16,21 +17,20 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import grpc
 
 from rlhf.compute import ComputeThread
 from rlhf.errors import RpcError, handle_errors, unavailable
-from rlhf.server import GrpcService, Readiness, ServerConfig
+from rlhf.protocol import POLICY_SERVICE
+from rlhf.server import Readiness, Registration
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
-from rlhf.weights import ChunkView, WeightAssembler, decode_chunk
+from rlhf.weight_receiver import ChunkView, WeightAssembler, decode_chunk
 from services.policy.engine import FINISH_LENGTH, FINISH_STOP, PolicyEngine, SamplingParams
 
 log = logging.getLogger("rlhf.policy")
 
-SERVICE_NAME = "rlhf.v1.PolicyService"
 _FINISH = {
     FINISH_STOP: policy_pb2.FINISH_REASON_STOP,
     FINISH_LENGTH: policy_pb2.FINISH_REASON_LENGTH,
@@ -139,40 +139,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         request_iterator: Iterator[policy_pb2.WeightChunk | ChunkView],
         context: grpc.ServicerContext,
     ) -> policy_pb2.UpdateWeightsResponse:
-        served = assembler.served_version
-        started: float | None = None
-        try:
-            for chunk in request_iterator:
-                if started is None:
-                    started = time.monotonic()
-                assembler.feed(chunk)
-        except grpc.RpcError:
-            # The request iterator raises when the client cancels or its stream breaks.
-            log.warning(
-                "weight update broken by the client",
-                extra={
-                    "weight_version": served,
-                    "new_version": assembler.version,
-                    "bytes_received": assembler.received,
-                },
-            )
-            raise RpcError(
-                grpc.StatusCode.CANCELLED,
-                f"the UpdateWeights stream was broken by the client after "
-                f"{assembler.received} bytes; version {assembler.version} was not applied and "
-                f"version {served} keeps serving",
-            ) from None
-        except RpcError as err:
-            log.warning(
-                "weight update rejected",
-                extra={
-                    "weight_version": served,
-                    "new_version": assembler.version,
-                    "code": err.code.name,
-                    "reason": err.message,
-                },
-            )
-            raise
+        started = _receive(assembler, request_iterator)
         tensors = assembler.finish()
         if not context.is_active():
             raise RpcError(
@@ -190,7 +157,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             "weights updated",
             extra={
                 "weight_version": assembler.version,
-                "previous_version": served,
+                "previous_version": assembler.served_version,
                 "tensors": count,
                 "bytes": assembler.received,
                 "seconds": round(seconds, 3),
@@ -234,8 +201,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
 def add_policy_service(servicer: PolicyServicer, server: grpc.Server) -> None:
     """policy_pb2_grpc.add_PolicyServiceServicer_to_server, but UpdateWeights' chunks are parsed
-    by rlhf.weights.decode_chunk, which leaves their payload in the received message instead of
-    copying it twice: the same wire format, a third less work per byte on the receiving side."""
+    by rlhf.weight_receiver.decode_chunk, which leaves their payload in the received message
+    instead of copying it twice: the same wire format, a third less work per byte received."""
     handlers = {
         "Generate": grpc.unary_unary_rpc_method_handler(
             servicer.Generate,
@@ -253,27 +220,57 @@ def add_policy_service(servicer: PolicyServicer, server: grpc.Server) -> None:
             response_serializer=policy_pb2.PolicyInfo.SerializeToString,
         ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(POLICY_SERVICE, handlers),)
+    )
+    server.add_registered_method_handlers(POLICY_SERVICE, handlers)
 
 
-def servicers(
-    servicer: PolicyServicer,
-) -> list[tuple[Callable[[Any, grpc.Server], None], Any, str]]:
-    """What run_service / GrpcService.add register for the policy service."""
-    return [(add_policy_service, servicer, SERVICE_NAME)]
+def servicers(servicer: PolicyServicer) -> list[Registration]:
+    """What rlhf.server.run_service / build_server register for the policy service."""
+    return [Registration(add_policy_service, servicer, POLICY_SERVICE)]
 
 
-def build_server(
-    target: PolicyEngine | PolicyServicer, config: ServerConfig | None = None
-) -> GrpcService:
-    """A policy GrpcService, not yet started: for tests and benchmarks (port 0 picks one).
+def _receive(
+    assembler: WeightAssembler, request_iterator: Iterator[policy_pb2.WeightChunk | ChunkView]
+) -> float | None:
+    """Feeds the stream into the assembler; returns when its first chunk came (None: none).
 
-    Given an engine, the servicer is ready at once; call `start()` then `set_serving()`. Given
-    a servicer without an engine, calls get UNAVAILABLE until `servicer.attach(engine)`.
+    A stream the client breaks becomes CANCELLED; a chunk the assembler rejects its RpcError;
+    both logged with the versions involved.
     """
-    servicer = target if isinstance(target, PolicyServicer) else PolicyServicer(target)
-    service = GrpcService("policy", config or ServerConfig(host="127.0.0.1", port=0))
-    for add_fn, obj, name in servicers(servicer):
-        service.add(add_fn, obj, name)
-    return service
+    served = assembler.served_version
+    started: float | None = None
+    try:
+        for chunk in request_iterator:
+            if started is None:
+                started = time.monotonic()
+            assembler.feed(chunk)
+    except grpc.RpcError:
+        # The request iterator raises when the client cancels or its stream breaks.
+        log.warning(
+            "weight update broken by the client",
+            extra={
+                "weight_version": served,
+                "new_version": assembler.version,
+                "bytes_received": assembler.received,
+            },
+        )
+        raise RpcError(
+            grpc.StatusCode.CANCELLED,
+            f"the UpdateWeights stream was broken by the client after "
+            f"{assembler.received} bytes; version {assembler.version} was not applied and "
+            f"version {served} keeps serving",
+        ) from None
+    except RpcError as err:
+        log.warning(
+            "weight update rejected",
+            extra={
+                "weight_version": served,
+                "new_version": assembler.version,
+                "code": err.code.name,
+                "reason": err.message,
+            },
+        )
+        raise
+    return started

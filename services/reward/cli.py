@@ -52,11 +52,9 @@ def run(args: argparse.Namespace) -> int:
             extra={"backend": config.backend, "ignored": ignored},
         )
 
-    from rlhf.protocol import REWARD_SERVICE
     from rlhf.server import run_service
-    from rlhf.v1 import reward_pb2_grpc
     from services.reward.backends import build_backend
-    from services.reward.server import RewardServicer, ScoreSettings
+    from services.reward.server import RewardServicer, ScoreSettings, servicers
 
     settings = ScoreSettings(
         name=config.name,
@@ -93,10 +91,5 @@ def run(args: argparse.Namespace) -> int:
             },
         )
 
-    run_service(
-        "reward",
-        server,
-        [(reward_pb2_grpc.add_RewardServiceServicer_to_server, servicer, REWARD_SERVICE)],
-        load,
-    )
+    run_service("reward", server, servicers(servicer), load)
     return 0

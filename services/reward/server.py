@@ -20,16 +20,14 @@ import grpc
 from rlhf.compute import ComputeThread
 from rlhf.defaults import REWARD_INPUT_MODES
 from rlhf.errors import RpcError, exhausted, handle_errors, invalid, unavailable
-from rlhf.server import GrpcService, ServerConfig
+from rlhf.protocol import REWARD_SERVICE
+from rlhf.server import Registration
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.reward.backends.base import RewardBackend
 from services.reward.config import RewardServiceConfig
 
 log = logging.getLogger("rlhf.reward")
 
-SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
-INPUTS = REWARD_INPUT_MODES
-"""What is scored: the response alone, or the prompt immediately followed by the response."""
 FLOAT32_MAX = 3.4028234663852886e38
 """Scores travel as float32; anything larger in magnitude would arrive as inf."""
 
@@ -51,8 +49,9 @@ class ScoreSettings:
     """len(prompt) + len(response) per sample, in characters; INVALID_ARGUMENT above."""
 
     def __post_init__(self) -> None:
-        if self.input not in INPUTS:
-            raise ValueError(f"--input must be one of {', '.join(INPUTS)}, got {self.input!r}")
+        if self.input not in REWARD_INPUT_MODES:
+            modes = ", ".join(REWARD_INPUT_MODES)
+            raise ValueError(f"--input must be one of {modes}, got {self.input!r}")
         for field in ("max_batch_size", "max_samples", "max_text_chars"):
             if getattr(self, field) < 1:
                 flag = "--" + field.replace("_", "-")
@@ -65,7 +64,6 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, settings: ScoreSettings, backend: RewardBackend | None = None) -> None:
         self.settings = settings
         self._backend = backend
-        self._lock = threading.Lock()
         # Every backend call runs on this one thread, in arrival order (see rlhf.compute):
         # backends are CPU-bound (VADER holds the GIL; a model uses every core per forward
         # pass), so concurrent calls only thrash, and a model's OpenMP team stays single.
@@ -75,8 +73,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     def set_backend(self, backend: RewardBackend) -> None:
         """Installs the loaded backend; calls before this get UNAVAILABLE."""
-        with self._lock:
-            self._backend = backend
+        self._backend = backend
 
     @property
     def backend(self) -> RewardBackend | None:
@@ -228,30 +225,8 @@ def _check_scores(scores: object, count: int, backend: str) -> list[float]:
     return checked
 
 
-def add_to(service: GrpcService, servicer: RewardServicer) -> None:
-    """Registers the servicer on a GrpcService under its full name (for health/reflection)."""
-    service.add(reward_pb2_grpc.add_RewardServiceServicer_to_server, servicer, SERVICE_NAME)
-
-
-def build_server(
-    backend: RewardBackend | None,
-    config: ServerConfig,
-    settings: ScoreSettings | None = None,
-    servicer: RewardServicer | None = None,
-) -> GrpcService:
-    """Starts a RewardService in this process (port 0 picks a free one: read `.port`).
-
-    With a backend, health is SERVING on return. With backend=None the server starts
-    NOT_SERVING; install one later with `servicer.set_backend(...)` then `set_serving()`.
-    Tests and benchmarks use this; `rlhf reward serve` goes through rlhf.server.run_service.
-    """
-    if servicer is None:
-        servicer = RewardServicer(settings or ScoreSettings(), backend)
-    elif backend is not None:
-        servicer.set_backend(backend)
-    service = GrpcService("reward", config)
-    add_to(service, servicer)
-    service.start()
-    if servicer.backend is not None:
-        service.set_serving()
-    return service
+def servicers(servicer: RewardServicer) -> list[Registration]:
+    """What rlhf.server.run_service / build_server register for the reward service."""
+    return [
+        Registration(reward_pb2_grpc.add_RewardServiceServicer_to_server, servicer, REWARD_SERVICE)
+    ]

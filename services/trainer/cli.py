@@ -29,17 +29,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from rlhf.logs import setup_logging
-    from rlhf.protocol import TRAINER_SERVICE
     from rlhf.server import run_service
-    from rlhf.v1 import trainer_pb2_grpc
-    from services.trainer.api.service import TrainerServicer
+    from services.trainer.api.service import TrainerServicer, servicers
 
     setup_logging("trainer", server.log_level)
     servicer = TrainerServicer(config)
-    run_service(
-        "trainer",
-        server,
-        [(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, TRAINER_SERVICE)],
-        load=lambda: None,  # nothing to load: models are loaded per run
-    )
+    # Nothing to load at start: models are loaded per run.
+    run_service("trainer", server, servicers(servicer), load=lambda: None)
     return 0

@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from rlhf.defaults import REWARD_BACKENDS
 from services.reward.backends.base import RewardBackend
-
-BACKENDS = ("vader", "hf-classifier", "length", "keyword")
-"""The --backend choices; the first is the default."""
 
 
 def _vader(args: argparse.Namespace) -> RewardBackend:
@@ -70,9 +68,9 @@ def build_backend(args: argparse.Namespace) -> RewardBackend:
         builder = _BUILDERS[args.backend]
     except KeyError:
         raise ValueError(
-            f"unknown reward backend {args.backend!r}; choose one of {', '.join(BACKENDS)}"
+            f"unknown reward backend {args.backend!r}; choose one of {', '.join(REWARD_BACKENDS)}"
         ) from None
     return builder(args)
 
 
-__all__ = ["BACKENDS", "RewardBackend", "build_backend"]
+__all__ = ["RewardBackend", "build_backend"]

@@ -26,5 +26,6 @@ class RewardBackend(ABC):
     def score(self, texts: list[str]) -> list[float]:
         """Scores each text; returns exactly len(texts) floats in the same order.
 
-        Must be safe to call from several server threads at once.
+        The servicer calls it on its one ComputeThread (rlhf.compute), one call at a time: a
+        backend needs no lock of its own.
         """

@@ -15,7 +15,6 @@ classifier reads the last non-pad token, and causal attention never looks at lat
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,26 @@ def resolve_label(id2label: dict[int, str], label: str) -> int:
     raise ValueError(f"--label {label!r} is not one of the model's labels: {labels}")
 
 
+def _load(model: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(tokenizer, classifier) in eval mode on `device`, padding on the right with a pad id."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForSequenceClassification.from_pretrained(model, dtype=dtype)
+    net.to(device).eval()
+    # Right padding: the classifier pools the last non-pad token, and with causal attention
+    # the tokens before the pads never see them, so a padded row scores as it would alone.
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{model}: the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    text_config = net.config.get_text_config()
+    if text_config.pad_token_id is None:
+        # The classifier finds each row's last real token by this id (and refuses batches
+        # without it).
+        text_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, net
+
+
 class HFClassifierBackend(RewardBackend):
     """AutoTokenizer + AutoModelForSequenceClassification, on one device, in inference mode."""
 
@@ -75,21 +94,7 @@ class HFClassifierBackend(RewardBackend):
         self.device = str(self._device)
         self.max_batch_size = max_batch_size
 
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        net = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch_dtype)
-        net.to(self._device).eval()
-        # Right padding: the classifier pools the last non-pad token, and with causal attention
-        # the tokens before the pads never see them, so a padded row scores as it would alone.
-        tokenizer.padding_side = "right"
-        if tokenizer.pad_token is None:
-            if tokenizer.eos_token is None:
-                raise ValueError(f"{model}: the tokenizer has neither a pad nor an EOS token")
-            tokenizer.pad_token = tokenizer.eos_token
-        text_config = net.config.get_text_config()
-        if text_config.pad_token_id is None:
-            # The classifier finds each row's last real token by this id (and refuses batches
-            # without it).
-            text_config.pad_token_id = tokenizer.pad_token_id
+        tokenizer, net = _load(model, self._device, torch_dtype)
         self._tokenizer = tokenizer
         self._net = net
         self._pad_id = int(tokenizer.pad_token_id)
@@ -100,12 +105,27 @@ class HFClassifierBackend(RewardBackend):
             filler = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self._pad_id
         self._filler_id = int(filler)
         self.max_length = self._max_length(tokenizer, net)
-
-        num_labels = int(net.config.num_labels)
-        id2label = {int(i): str(name) for i, name in net.config.id2label.items()}
-        self.num_labels = num_labels
-        self.label = ""
+        self.num_labels = int(net.config.num_labels)
         self.logit = logit
+        self._choose_output(label, logit)
+        log.info(
+            "reward model loaded",
+            extra={
+                "model": model,
+                "device": self.device,
+                "dtype": dtype,
+                "num_labels": self.num_labels,
+                "label": self.label,
+                "logit": self._use_logit,
+                "max_length": self.max_length,
+            },
+        )
+
+    def _choose_output(self, label: str | None, logit: bool) -> None:
+        """Which output is the score (`_index`, `_use_logit`), its `label` and `description`."""
+        num_labels = self.num_labels
+        id2label = {int(i): str(name) for i, name in self._net.config.id2label.items()}
+        self.label = ""
         if num_labels == 1:
             # A reward model's one logit is the reward; a softmax over it would always be 1.
             if label is not None and resolve_label(id2label, label) != 0:
@@ -115,37 +135,23 @@ class HFClassifierBackend(RewardBackend):
             self.description = (
                 "the scalar logit of a single-output reward model (unbounded; higher is better)"
             )
+            return
+        if label is None:
+            labels = ", ".join(id2label[i] for i in sorted(id2label))
+            raise ValueError(
+                f"{self.model} has {num_labels} labels ({labels}): choose one with --label "
+                "(its probability is the reward; add --logit for its raw logit)"
+            )
+        self._index = resolve_label(id2label, label)
+        self.label = id2label[self._index]
+        self._use_logit = logit
+        if logit:
+            self.description = f"the raw logit of label {self.label} (unbounded)"
         else:
-            if label is None:
-                labels = ", ".join(id2label[i] for i in sorted(id2label))
-                raise ValueError(
-                    f"{model} has {num_labels} labels ({labels}): choose one with --label "
-                    "(its probability is the reward; add --logit for its raw logit)"
-                )
-            self._index = resolve_label(id2label, label)
-            self.label = id2label[self._index]
-            self._use_logit = logit
-            if logit:
-                self.description = f"the raw logit of label {self.label} (unbounded)"
-            else:
-                self.description = (
-                    f"the softmax probability of label {self.label} over the model's "
-                    f"{num_labels} labels, in [0, 1]"
-                )
-        # One forward pass at a time: concurrent passes on one device only contend for it.
-        self._lock = threading.Lock()
-        log.info(
-            "reward model loaded",
-            extra={
-                "model": model,
-                "device": self.device,
-                "dtype": dtype,
-                "num_labels": num_labels,
-                "label": self.label,
-                "logit": self._use_logit,
-                "max_length": self.max_length,
-            },
-        )
+            self.description = (
+                f"the softmax probability of label {self.label} over the model's "
+                f"{num_labels} labels, in [0, 1]"
+            )
 
     @staticmethod
     def _max_length(tokenizer: Any, net: Any) -> int:
@@ -192,7 +198,7 @@ class HFClassifierBackend(RewardBackend):
             ).to(self._device)
             for key in rows[0]
         }
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             logits = self._net(**batch).logits.float()
         if self._use_logit:
             values = logits[:, self._index]

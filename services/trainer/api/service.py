@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import grpc
 
 from rlhf.errors import RpcError, handle_errors, invalid, precondition
+from rlhf.protocol import TRAINER_SERVICE
+from rlhf.server import Registration
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.config import (
     TrainConfig,
@@ -367,3 +369,12 @@ def _progress_message(
         progress=progress_to_proto(progress),
         error=error,
     )
+
+
+def servicers(servicer: TrainerServicer) -> list[Registration]:
+    """What `rlhf trainer serve` (and tests) put on a server: the TrainerService."""
+    return [
+        Registration(
+            trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, TRAINER_SERVICE
+        )
+    ]

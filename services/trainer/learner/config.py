@@ -36,7 +36,13 @@ class PPOConfig:
     float32 whatever this is."""
     value_head_dropout: float = 0.1
     """Dropout on the last hidden state before the value head (TRL's summary_dropout_prob,
-    default 0.1). Active in the optimisation epochs only, not when old values are computed."""
+    default 0.1). Like every dropout of the model, it acts only with dropout_in_update: by
+    default every forward pass runs in eval mode, as in TRL 0.11."""
+    dropout_in_update: bool = False
+    """Run the PPO epochs' forward passes in train mode, dropout active (attention, LoRA and
+    value-head dropout). False, as TRL 0.11: every forward pass runs in eval mode, so the
+    probability ratio starts at 1. Old log-probs, values and the reference are computed in eval
+    mode either way."""
 
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = 1.41e-5

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "clip_by_value",
+    "clipped_policy_loss",
+    "clipped_value_loss",
     "compute_advantages",
     "compute_rewards",
     "entropy_from_logits",
@@ -163,6 +165,38 @@ def compute_advantages(
     return values, advantages, returns
 
 
+def clipped_value_loss(
+    vpreds: torch.Tensor,
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L^VF, the fraction of tokens where the clipped term was the larger): see ppo_loss."""
+    vpred_clipped = clip_by_value(vpreds, values - cliprange_value, values + cliprange_value)
+    vf_losses1 = (vpreds - returns) ** 2
+    vf_losses2 = (vpred_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    vf_clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
+    return vf_loss, vf_clipfrac
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L^CLIP, the fraction of tokens where clipping bound, the ratios r_t): see ppo_loss."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
+    return pg_loss, pg_clipfrac, ratio
+
+
 def ppo_loss(
     old_logprobs: torch.Tensor,
     values: torch.Tensor,
@@ -188,18 +222,10 @@ def ppo_loss(
     TRL). If the mean ratio exceeds `ratio_threshold`, both losses are zeroed and
     stats["policy/skipped"] is 1: the caller must not step on this mini-batch.
     """
-    vpred_clipped = clip_by_value(vpreds, values - cliprange_value, values + cliprange_value)
-    vf_losses1 = (vpreds - returns) ** 2
-    vf_losses2 = (vpred_clipped - returns) ** 2
-    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
-    vf_clipfrac = masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
-
-    ratio = torch.exp(logprobs - old_logprobs)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
-    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
-
+    vf_loss, vf_clipfrac = clipped_value_loss(vpreds, values, returns, mask, cliprange_value)
+    pg_loss, pg_clipfrac, ratio = clipped_policy_loss(
+        logprobs, old_logprobs, advantages, mask, cliprange
+    )
     loss = pg_loss + vf_coef * vf_loss
     avg_ratio = masked_mean(ratio, mask).detach()
     skipped = ratio_threshold is not None and bool(avg_ratio > ratio_threshold)

@@ -4,91 +4,46 @@
     stats = trainer.update(batch)                         # rewards, GAE, PPO epochs, KL control
     stats = trainer.step(queries, responses, scores)      # both
 
-Sequences are query + response, right-padded (positions 0.. are right for every row, no
-position ids needed). Everything is aligned on response tokens: tensors are (B, T), T the longest
-response; logprob/value column t belongs to response token t and comes from the position before
-it. Stats use the classic TRL names, as plain floats.
+The rollouts' layout is in `batch`, the forward passes in `forward`, the stats in `stats`
+(classic TRL names, as plain floats). Every forward pass runs in eval mode, as in TRL 0.11.4
+(its batched_forward_pass calls model.eval(); the model.train() in train_minibatch comes after
+the mini-batch's forward pass), unless PPOConfig.dropout_in_update asks for train mode in the
+PPO epochs.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from services.trainer.learner.batch import (
+    PPOBatch,
+    PPOTargets,
+    Scores,
+    as_token_rows,
+    pad_rollouts,
+    scores_tensor,
+)
 from services.trainer.learner.config import PPOConfig
+from services.trainer.learner.forward import policy_forward, reference_forward
 from services.trainer.learner.kl_control import make_kl_controller
 from services.trainer.learner.ppo import (
     compute_advantages,
     compute_rewards,
     kl_penalty,
     logprobs_from_logits,
-    masked_mean,
     ppo_loss,
 )
-from services.trainer.learner.value_head import PolicyWithValueHead, causal_lm_logits
+from services.trainer.learner.seeding import rng_state, set_rng_state, set_seed
+from services.trainer.learner.stats import record_step_stats
+from services.trainer.learner.value_head import PolicyWithValueHead
 
 log = logging.getLogger("rlhf.trainer.ppo")
-
-Scores = torch.Tensor | Sequence[torch.Tensor] | Sequence[float]
-
-
-@dataclass
-class PPOBatch:
-    """One step's rollouts after `prepare`: model inputs and the old policy's numbers."""
-
-    queries: list[torch.Tensor]
-    responses: list[torch.Tensor]
-    input_ids: torch.Tensor
-    """(B, L) query + response, right-padded."""
-    attention_mask: torch.Tensor
-    """(B, L) 1 on real tokens."""
-    query_lens: torch.Tensor
-    """(B,) tokens per query."""
-    response_ids: torch.Tensor
-    """(B, T) response tokens, right-padded: the actions."""
-    mask: torch.Tensor
-    """(B, T) float, 1 on real response tokens."""
-    logprobs: torch.Tensor
-    """(B, T) log pi_old(a_t | s_t)."""
-    ref_logprobs: torch.Tensor
-    """(B, T) log pi_ref(a_t | s_t)."""
-    values: torch.Tensor
-    """(B, T) V_old(s_t)."""
-    full_kl: torch.Tensor | None = None
-    """(B, T) exact per-token KL(pi_old || pi_ref), only with kl_penalty="full"."""
-    scores: torch.Tensor | None = None
-    """(B,) reward-model scores as given (before score_clip), if given to prepare."""
-    timing: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class PPOTargets:
-    """What the PPO epochs regress on, from `targets(batch)` (TRL's compute_rewards/advantages)."""
-
-    scores: torch.Tensor
-    rewards: torch.Tensor
-    non_score_reward: torch.Tensor
-    kls: torch.Tensor
-    values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    kl_coef: float
-    timing: dict[str, float] = field(default_factory=dict)
-
-
-def set_seed(seed: int) -> None:
-    """Seeds python, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class PPOTrainer:
@@ -140,55 +95,30 @@ class PPOTrainer:
     ) -> PPOBatch:
         """Forward passes of policy (eval mode, no dropout) and reference over the batch."""
         t0 = time.perf_counter()
-        cfg = self.config
-        queries = [torch.as_tensor(q).reshape(-1).long().to(self.device) for q in queries]
-        responses = [torch.as_tensor(r).reshape(-1).long().to(self.device) for r in responses]
-        for name, items in (("queries", queries), ("responses", responses)):
-            if len(items) != cfg.batch_size:
-                raise ValueError(
-                    f"{name}: {len(items)} given, batch_size is {cfg.batch_size} (TRL's rule)"
-                )
-        if any(len(q) == 0 for q in queries):
+        size = self.config.batch_size
+        query_rows = as_token_rows(queries, "queries", size, self.device)
+        response_rows = as_token_rows(responses, "responses", size, self.device)
+        if any(len(q) == 0 for q in query_rows):
             raise ValueError("every query needs at least one token")
-        if any(len(r) == 0 for r in responses):
+        if any(len(r) == 0 for r in response_rows):
             raise ValueError("every response needs at least one token")
         score_tensor = self._scores(scores) if scores is not None else None
-
-        bsz = len(queries)
-        q_lens = torch.tensor([len(q) for q in queries], device=self.device)
-        r_lens = torch.tensor([len(r) for r in responses], device=self.device)
-        length, resp_len = int((q_lens + r_lens).max()), int(r_lens.max())
-        input_ids = torch.full(
-            (bsz, length), self.pad_token_id, dtype=torch.long, device=self.device
+        batch = pad_rollouts(
+            query_rows, response_rows, self.pad_token_id, self._full_kl, score_tensor
         )
-        attention_mask = torch.zeros((bsz, length), dtype=torch.long, device=self.device)
-        response_ids = torch.full((bsz, resp_len), self.pad_token_id, device=self.device)
-        for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
-            input_ids[i, : len(q) + len(r)] = torch.cat([q, r])
-            attention_mask[i, : len(q) + len(r)] = 1
-            response_ids[i, : len(r)] = r
-        mask = (torch.arange(resp_len, device=self.device)[None, :] < r_lens[:, None]).float()
-        batch = PPOBatch(
-            queries=queries,
-            responses=responses,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            query_lens=q_lens,
-            response_ids=response_ids,
-            mask=mask,
-            logprobs=torch.empty(bsz, resp_len, device=self.device),
-            ref_logprobs=torch.empty(bsz, resp_len, device=self.device),
-            values=torch.empty(bsz, resp_len, device=self.device),
-            full_kl=torch.empty(bsz, resp_len, device=self.device) if self._full_kl else None,
-            scores=score_tensor,
-        )
+        self._old_policy_numbers(batch)
+        batch.timing["time/ppo/forward_pass"] = time.perf_counter() - t0
+        return batch
 
+    def _old_policy_numbers(self, batch: PPOBatch) -> None:
+        """Fills batch.logprobs, ref_logprobs, values (and full_kl) in eval mode."""
         self.model.eval()
+        bsz, step = batch.input_ids.shape[0], self.config.mini_batch_size
         # In chunks of mini_batch_size, as TRL's batched_forward_pass, to bound memory.
-        for start in range(0, bsz, cfg.mini_batch_size):
-            idx = torch.arange(start, min(start + cfg.mini_batch_size, bsz), device=self.device)
-            logits, values = self._policy_forward(batch, idx)
-            ref_logits = self._reference_forward(batch, idx)
+        for start in range(0, bsz, step):
+            idx = torch.arange(start, min(start + step, bsz), device=self.device)
+            logits, values = policy_forward(self.model, batch, idx)
+            ref_logits = reference_forward(self.model, self.ref_model, batch, idx)
             labels = batch.response_ids[idx]
             batch.logprobs[idx] = logprobs_from_logits(logits, labels)
             batch.ref_logprobs[idx] = logprobs_from_logits(ref_logits, labels)
@@ -200,8 +130,6 @@ class PPOTrainer:
                     logprobs_from_logits(ref_logits, None),
                 )
                 batch.full_kl[idx] = full
-        batch.timing["time/ppo/forward_pass"] = time.perf_counter() - t0
-        return batch
 
     # --- phase 2: rewards, advantages, PPO epochs, KL control --------------------------------
     def targets(self, batch: PPOBatch, scores: Scores | None = None) -> PPOTargets:
@@ -258,43 +186,14 @@ class PPOTrainer:
         targets = self.targets(batch, scores)
 
         t = time.perf_counter()
-        self.model.train()
-        bsz = batch.input_ids.shape[0]
-        all_stats: list[dict[str, torch.Tensor]] = []
-        epochs_run = 0
-        early_stop = False
-        for _ in range(cfg.ppo_epochs):
-            epochs_run += 1
-            order = torch.randperm(bsz, generator=self.generator).to(self.device)
-            for start in range(0, bsz, cfg.backward_batch_size):
-                self.optimizer.zero_grad(set_to_none=True)
-                accumulated = False
-                for mb_start in range(start, start + cfg.backward_batch_size, cfg.mini_batch_size):
-                    idx = order[mb_start : mb_start + cfg.mini_batch_size]
-                    pg_loss, vf_loss, stats = self._minibatch_loss(batch, targets, idx)
-                    all_stats.append(stats)
-                    if stats["policy/skipped"] > 0:
-                        log.warning(
-                            "mean ratio %.2f exceeds ratio_threshold %.2f: mini-batch skipped",
-                            float(stats["policy/ratio"]),
-                            cfg.ratio_threshold,
-                        )
-                        continue
-                    ((pg_loss + vf_loss) / cfg.gradient_accumulation_steps).backward()
-                    accumulated = True
-                if accumulated:  # a window of only skipped mini-batches does not step at all
-                    if cfg.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            # TRL: early stopping at the epoch level, on the last mini-batch's policy KL.
-            if cfg.early_stopping and float(all_stats[-1]["policy/policykl"]) > 1.5 * cfg.target_kl:
-                early_stop = True
-                break
+        # Eval mode by default, as TRL 0.11.4: every forward pass of its PPO epochs follows a
+        # model.eval() (batched_forward_pass), so no dropout acts on the policy or value head.
+        self.model.train(cfg.dropout_in_update)
+        all_stats, epochs_run, early_stop = self._epochs(batch, targets)
         t_opt = time.perf_counter() - t
 
         t = time.perf_counter()
-        stats = self._record_step_stats(batch, targets, all_stats)
+        stats = record_step_stats(batch, targets, all_stats)
         stats["ppo/epochs"] = float(epochs_run)
         stats["ppo/early_stop"] = float(early_stop)
         stats["ppo/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
@@ -308,6 +207,56 @@ class PPOTrainer:
         forward = batch.timing.get("time/ppo/forward_pass", 0.0)
         stats["time/ppo/total"] = forward + time.perf_counter() - t0
         return stats
+
+    def _epochs(
+        self, batch: PPOBatch, targets: PPOTargets
+    ) -> tuple[list[dict[str, torch.Tensor]], int, bool]:
+        """The PPO epochs: (every mini-batch's stats, epochs run, stopped early)."""
+        cfg = self.config
+        bsz = batch.input_ids.shape[0]
+        all_stats: list[dict[str, torch.Tensor]] = []
+        epochs_run = 0
+        for _ in range(cfg.ppo_epochs):
+            epochs_run += 1
+            order = torch.randperm(bsz, generator=self.generator).to(self.device)
+            for start in range(0, bsz, cfg.backward_batch_size):
+                self._optimizer_step(batch, targets, order, start, all_stats)
+            # TRL: early stopping at the epoch level, on the last mini-batch's policy KL.
+            if cfg.early_stopping and float(all_stats[-1]["policy/policykl"]) > 1.5 * cfg.target_kl:
+                return all_stats, epochs_run, True
+        return all_stats, epochs_run, False
+
+    def _optimizer_step(
+        self,
+        batch: PPOBatch,
+        targets: PPOTargets,
+        order: torch.Tensor,
+        start: int,
+        all_stats: list[dict[str, torch.Tensor]],
+    ) -> None:
+        """One backward batch from order[start:]: its mini-batches' gradients accumulated, then
+        one optimiser step; each mini-batch's stats are appended to all_stats."""
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        accumulated = False
+        for mb_start in range(start, start + cfg.backward_batch_size, cfg.mini_batch_size):
+            idx = order[mb_start : mb_start + cfg.mini_batch_size]
+            pg_loss, vf_loss, stats = self._minibatch_loss(batch, targets, idx)
+            all_stats.append(stats)
+            if stats["policy/skipped"] > 0:
+                log.warning(
+                    "mean ratio %.2f exceeds ratio_threshold %.2f: mini-batch skipped",
+                    float(stats["policy/ratio"]),
+                    cfg.ratio_threshold,
+                )
+                continue
+            ((pg_loss + vf_loss) / cfg.gradient_accumulation_steps).backward()
+            accumulated = True
+        if accumulated:  # a window of only skipped mini-batches does not step at all
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def step(
         self, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor], scores: Scores
@@ -331,7 +280,7 @@ class PPOTrainer:
             "current_step": self.current_step,
             "optimizer": self.optimizer.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "generator": self.generator.get_state(),
         }
         if include_model:
@@ -343,7 +292,7 @@ class PPOTrainer:
             self.model.load_trainable_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
         self.current_step = int(state["current_step"])
 
@@ -353,50 +302,13 @@ class PPOTrainer:
         return self.config.kl_penalty == "full"
 
     def _scores(self, scores: Scores) -> torch.Tensor:
-        if isinstance(scores, torch.Tensor):
-            flat = scores.detach().reshape(-1)
-        else:
-            flat = torch.stack([torch.as_tensor(s).detach().reshape(()) for s in scores])
-        if flat.numel() != self.config.batch_size:
-            raise ValueError(f"{flat.numel()} scores given, batch_size is {self.config.batch_size}")
-        return flat.float().to(self.device)
-
-    def _inputs(self, batch: PPOBatch, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows idx, trimmed to their longest sequence (right padding: trailing pads only)."""
-        mask = batch.attention_mask[idx]
-        length = int(mask.sum(1).max())
-        return batch.input_ids[idx, :length], mask[:, :length]
-
-    def _response_positions(self, batch: PPOBatch, idx: torch.Tensor, length: int) -> torch.Tensor:
-        """(b, T) positions whose outputs predict response tokens: query_len - 1 + t."""
-        steps = torch.arange(batch.mask.shape[1], device=self.device)
-        return (batch.query_lens[idx, None] - 1 + steps[None, :]).clamp(max=length - 1)
-
-    def _policy_forward(
-        self, batch: PPOBatch, idx: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (b, T, V), values (b, T)) at the response positions of rows idx."""
-        input_ids, attention_mask = self._inputs(batch, idx)
-        pos = self._response_positions(batch, idx, input_ids.shape[1])
-        return self.model(input_ids, attention_mask, positions=pos)
-
-    def _reference_forward(self, batch: PPOBatch, idx: torch.Tensor) -> torch.Tensor:
-        input_ids, attention_mask = self._inputs(batch, idx)
-        pos = self._response_positions(batch, idx, input_ids.shape[1])
-        if self.ref_model is None:
-            with self.model.reference():
-                logits, _ = self.model(input_ids, attention_mask, positions=pos)
-        elif isinstance(self.ref_model, PolicyWithValueHead):
-            logits, _ = self.ref_model(input_ids, attention_mask, positions=pos)
-        else:
-            logits, _ = causal_lm_logits(self.ref_model, input_ids, attention_mask, pos)
-        return logits
+        return scores_tensor(scores, self.config.batch_size, self.device)
 
     def _minibatch_loss(
         self, batch: PPOBatch, targets: PPOTargets, idx: torch.Tensor, ratio_guard: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
-        logits, vpreds = self._policy_forward(batch, idx)
+        logits, vpreds = policy_forward(self.model, batch, idx)
         logprobs = logprobs_from_logits(logits, batch.response_ids[idx])
         return ppo_loss(
             old_logprobs=batch.logprobs[idx],
@@ -412,70 +324,3 @@ class PPOTrainer:
             logits=logits,
             ratio_threshold=cfg.ratio_threshold if ratio_guard else None,
         )
-
-    def _record_step_stats(
-        self, batch: PPOBatch, targets: PPOTargets, all_stats: list[dict[str, torch.Tensor]]
-    ) -> dict[str, float]:
-        """TRL's record_step_stats as floats: per-token arrays become masked means, and the
-        histograms (objective/kl_dist, tokens/*_dist, ppo/policy/advantages) are left out."""
-        mask = batch.mask
-        kl_list = (targets.kls * mask).sum(-1)  # summed over each response
-        mean_kl = float(kl_list.mean())
-        if mean_kl < -1.0 and targets.kl_coef > 0:
-            log.warning(
-                "KL divergence is negative (%.2f): check that generation samples from the "
-                "policy's own distribution (top_k=0, top_p=1, temperature=1)",
-                mean_kl,
-            )
-        scores = targets.scores
-        raw = batch.scores if batch.scores is not None else scores
-        q_lens = batch.query_lens.float()
-        r_lens = batch.mask.sum(1)
-        stats = {
-            "objective/kl": mean_kl,
-            "objective/logprobs": float(masked_mean(batch.logprobs, mask)),
-            "objective/ref_logprobs": float(masked_mean(batch.ref_logprobs, mask)),
-            "objective/kl_coef": targets.kl_coef,
-            "objective/entropy": float((-batch.logprobs * mask).sum(-1).mean()),
-            "ppo/mean_non_score_reward": float(masked_mean(targets.non_score_reward, mask)),
-            "ppo/mean_scores": float(scores.mean()),
-            "ppo/std_scores": _std(scores),
-            "env/reward_mean": float(raw.mean()),
-            "env/reward_std": _std(raw),
-            "tokens/queries_len_mean": float(q_lens.mean()),
-            "tokens/queries_len_std": _std(q_lens),
-            "tokens/responses_len_mean": float(r_lens.mean()),
-            "tokens/responses_len_std": _std(r_lens),
-        }
-        for key in all_stats[0]:
-            stats[f"ppo/{key}"] = float(torch.stack([s[key].float() for s in all_stats]).mean())
-        stats["ppo/val/var_explained"] = 1.0 - stats["ppo/val/error"] / max(
-            stats["ppo/returns/var"], 1e-8
-        )
-        stats["ppo/kl"] = stats["objective/kl"]  # the seed's name for it
-        return stats
-
-
-def _std(x: torch.Tensor) -> float:
-    return float(x.float().std()) if x.numel() > 1 else 0.0
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

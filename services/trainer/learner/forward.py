@@ -1,0 +1,49 @@
+"""The forward passes of PPO: rows of a PPOBatch through the policy (logits and values) or the
+frozen reference (logits), at the response positions only."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from services.trainer.learner.batch import PPOBatch
+from services.trainer.learner.value_head import PolicyWithValueHead, causal_lm_logits
+
+
+def batch_inputs(batch: PPOBatch, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows idx, trimmed to their longest sequence (right padding: trailing pads only)."""
+    mask = batch.attention_mask[idx]
+    length = int(mask.sum(1).max())
+    return batch.input_ids[idx, :length], mask[:, :length]
+
+
+def response_positions(batch: PPOBatch, idx: torch.Tensor, length: int) -> torch.Tensor:
+    """(b, T) positions whose outputs predict response tokens: query_len - 1 + t."""
+    steps = torch.arange(batch.mask.shape[1], device=batch.mask.device)
+    return (batch.query_lens[idx, None] - 1 + steps[None, :]).clamp(max=length - 1)
+
+
+def policy_forward(
+    model: PolicyWithValueHead, batch: PPOBatch, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (b, T, V), values (b, T)) at the response positions of rows idx."""
+    input_ids, attention_mask = batch_inputs(batch, idx)
+    pos = response_positions(batch, idx, input_ids.shape[1])
+    return model(input_ids, attention_mask, positions=pos)
+
+
+def reference_forward(
+    model: PolicyWithValueHead, ref_model: nn.Module | None, batch: PPOBatch, idx: torch.Tensor
+) -> torch.Tensor:
+    """The reference's logits (b, T, V) at the response positions of rows idx. ref_model None:
+    the policy with its LoRA adapters switched off."""
+    input_ids, attention_mask = batch_inputs(batch, idx)
+    pos = response_positions(batch, idx, input_ids.shape[1])
+    if ref_model is None:
+        with model.reference():
+            logits, _ = model(input_ids, attention_mask, positions=pos)
+    elif isinstance(ref_model, PolicyWithValueHead):
+        logits, _ = ref_model(input_ids, attention_mask, positions=pos)
+    else:
+        logits, _ = causal_lm_logits(ref_model, input_ids, attention_mask, pos)
+    return logits
