@@ -308,15 +308,17 @@ WRITE_RPCS: dict[str, tuple[str, ...]] = {
 """The mutating RPCs of this project's services; every other RPC of theirs is "read"."""
 
 
-def service_access_table() -> dict[str, str]:
-    """The access level of every RPC of the policy, reward and trainer services, read from
-    the proto descriptors (a renamed mutating RPC fails here, never silently opens)."""
+def service_access_table(services: Iterable[str] = ()) -> dict[str, str]:
+    """The access level of every RPC of `services` (full names; default: the policy, reward
+    and trainer services), read from the proto descriptors (a renamed mutating RPC fails here,
+    never silently opens). Give a process only the services it serves, so a reward service
+    (read RPCs only) needs no credential settings while reads are open."""
     from google.protobuf import descriptor_pool
 
     from rlhf.protocol import POLICY_SERVICE, REWARD_SERVICE, TRAINER_SERVICE
 
     table: dict[str, str] = {}
-    for full_name in (POLICY_SERVICE, REWARD_SERVICE, TRAINER_SERVICE):
+    for full_name in tuple(services) or (POLICY_SERVICE, REWARD_SERVICE, TRAINER_SERVICE):
         service = descriptor_pool.Default().FindServiceByName(full_name)
         writes = set(WRITE_RPCS.get(service.name, ()))
         missing = writes - {m.name for m in service.methods}

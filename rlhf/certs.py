@@ -98,8 +98,6 @@ def new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
-    if days < 1:
-        raise CertError(f"validity must be at least 1 day, got {days}")
     now = datetime.datetime.now(datetime.UTC)
     # Backdated a little so a peer whose clock lags by a few minutes accepts it.
     return now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
@@ -245,6 +243,9 @@ def make_certs(
     hosts = [check_host(h) for h in hosts]
     if not services and not clients:
         raise CertError("nothing to make: give --services and/or --clients")
+    for flag, value in (("--days", days), ("--ca-days", ca_days)):
+        if value < 1:
+            raise CertError(f"{flag} must be at least 1, got {value}")
     existing = [out / f"{n}.key" for n in [*services, *clients] if (out / f"{n}.key").exists()]
     if existing and not force:
         raise CertError(

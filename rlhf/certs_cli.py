@@ -16,27 +16,32 @@ def _names(text: str) -> list[str]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Make a development CA (reused if DIR already has one) and certificates for services "
-        "(serving + client use) and clients, for --tls-cert/--tls-key/--tls-ca."
+        "Make a development CA (or reuse the one in --out) and certificates for services "
+        "(serving and client use) and clients, for --tls-cert/--tls-key/--tls-ca."
     )
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument("--out", required=True, help="folder to write ca.pem and NAME.pem/.key")
+    parser.add_argument(
+        "--out",
+        required=True,
+        default=argparse.SUPPRESS,
+        help="folder to write ca.pem/ca.key and NAME.pem/NAME.key into",
+    )
     parser.add_argument(
         "--services",
         type=_names,
-        default=["policy", "reward", "trainer"],
+        default="policy,reward,trainer",
         help="comma-separated service names; each gets a server certificate",
     )
     parser.add_argument(
         "--clients",
         type=_names,
-        default=["admin"],
+        default="admin",
         help="comma-separated client identities; each gets a client certificate (CN=NAME)",
     )
     parser.add_argument(
         "--hosts",
         type=_names,
-        default=["localhost", "127.0.0.1"],
+        default="localhost,127.0.0.1",
         help="comma-separated DNS names and IPs added to every service certificate "
         "(each service's own name is always in its certificate)",
     )

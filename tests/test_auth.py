@@ -246,6 +246,12 @@ def test_project_table_guards_the_mutating_rpcs() -> None:
     )
     assert table[f"/{REWARD_SERVICE}/Score"] == READ
     assert table[f"/{TRAINER_SERVICE}/WatchRun"] == READ
+    # The reward service alone has nothing to guard while reads are open.
+    reward = service_access_table([REWARD_SERVICE])
+    assert set(reward.values()) == {READ} and f"/{REWARD_SERVICE}/Score" in reward
+    assert auth_interceptor(AuthConfig(), reward, mutual_tls=False) is not None
+    with pytest.raises(AuthConfigError, match="nobody could call UpdateWeights"):
+        auth_interceptor(AuthConfig(), service_access_table([POLICY_SERVICE]), mutual_tls=True)
 
 
 def test_rotated_token_file_accepts_both_tokens(tmp_path: Path) -> None:

@@ -129,6 +129,12 @@ def test_bad_requests_are_refused_and_write_nothing(
     assert not out.exists()
 
 
+def test_a_bad_validity_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(CertError, match="--days must be at least 1, got 0"):
+        make_certs(tmp_path / "out", ["policy"], [], [], days=0)
+    assert not (tmp_path / "out").exists()
+
+
 def test_half_a_ca_is_refused(tmp_path: Path) -> None:
     make_certs(tmp_path, ["policy"], [], [])
     (tmp_path / "ca.key").unlink()
