@@ -145,6 +145,23 @@ class AuthInterceptor(grpc.ServerInterceptor):
         level = self.level(method)
         return level == WRITE or (level == READ and not self.read_open)
 
+    def check_reachable(self, services: Iterable[str] = ()) -> None:
+        """Raises AuthConfigError when some guarded RPC of `services` (full names; default:
+        every service in the table) has no way to be authorised: a server that can never
+        accept its mutating RPCs is a configuration mistake, said at start-up."""
+        served = set(services)
+        guarded = [
+            m
+            for m in self.table
+            if self.needs_identity(m) and (not served or m.split("/")[1] in served)
+        ]
+        if guarded and not self.identities and not self._digests:
+            names = ", ".join(m.rsplit("/", 1)[-1] for m in guarded)
+            raise AuthConfigError(
+                f"nobody could call {names}: give --allow-identity (with mutual TLS) and/or "
+                "--auth-token-file, or --no-auth for local development"
+            )
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
@@ -276,10 +293,11 @@ def guard_handler(
 def auth_interceptor(
     cfg: AuthConfig, table: Mapping[str, str], mutual_tls: bool
 ) -> AuthInterceptor | None:
-    """The interceptor for a service, or None when `cfg.no_auth` (the caller logs a warning).
+    """The interceptor for a server, or None when `cfg.no_auth` (the caller logs a warning).
 
-    Refuses settings that cannot work: an allow-list without mutual TLS, or guarded RPCs with
-    no way at all to be authorised.
+    Refuses an allow-list without mutual TLS and unreadable or weak token files. Once the
+    server knows which services it serves, `check_reachable(services)` refuses guarded RPCs
+    that nobody could be authorised to call.
     """
     if cfg.no_auth:
         return None
@@ -290,15 +308,7 @@ def auth_interceptor(
             "clients present certificates"
         )
     tokens = read_tokens(cfg.auth_token_file) if cfg.auth_token_file else ()
-    interceptor = AuthInterceptor(table, identities, tokens, cfg.read_access)
-    guarded = [m for m in table if interceptor.needs_identity(m)]
-    if guarded and not identities and not tokens:
-        names = ", ".join(m.rsplit("/", 1)[-1] for m in guarded)
-        raise AuthConfigError(
-            f"nobody could call {names}: give --allow-identity (with mutual TLS) and/or "
-            "--auth-token-file, or --no-auth for local development"
-        )
-    return interceptor
+    return AuthInterceptor(table, identities, tokens, cfg.read_access)
 
 
 WRITE_RPCS: dict[str, tuple[str, ...]] = {

@@ -211,8 +211,10 @@ def test_methods_missing_from_the_table_are_guarded(token_file: str) -> None:
 def test_settings_that_cannot_work_are_refused(tmp_path: Path, token_file: str) -> None:
     with pytest.raises(AuthConfigError, match="--allow-identity needs mutual TLS"):
         auth_interceptor(AuthConfig(allow_identity="trainer"), TABLE, mutual_tls=False)
+    no_way = auth_interceptor(AuthConfig(), TABLE, mutual_tls=True)
+    assert no_way is not None
     with pytest.raises(AuthConfigError, match="nobody could call Write, Upload, Watch, Chat"):
-        auth_interceptor(AuthConfig(), TABLE, mutual_tls=True)
+        no_way.check_reachable()
     with pytest.raises(AuthConfigError, match="--read-access 'maybe'"):
         auth_interceptor(AuthConfig(auth_token_file=token_file, read_access="maybe"), TABLE, True)
     short = tmp_path / "short"
@@ -227,8 +229,9 @@ def test_settings_that_cannot_work_are_refused(tmp_path: Path, token_file: str) 
         auth_interceptor(AuthConfig(auth_token_file=str(tmp_path / "none")), TABLE, False)
     assert auth_interceptor(AuthConfig(no_auth=True), TABLE, mutual_tls=False) is None
     # A service with read RPCs only (the reward service) needs no credential while reads are open.
-    reads = {path("Read"): READ}
-    assert auth_interceptor(AuthConfig(), reads, mutual_tls=False) is not None
+    reads = auth_interceptor(AuthConfig(), {path("Read"): READ}, mutual_tls=False)
+    assert reads is not None
+    reads.check_reachable()
 
 
 def test_project_table_guards_the_mutating_rpcs() -> None:
@@ -246,12 +249,15 @@ def test_project_table_guards_the_mutating_rpcs() -> None:
     )
     assert table[f"/{REWARD_SERVICE}/Score"] == READ
     assert table[f"/{TRAINER_SERVICE}/WatchRun"] == READ
-    # The reward service alone has nothing to guard while reads are open.
     reward = service_access_table([REWARD_SERVICE])
     assert set(reward.values()) == {READ} and f"/{REWARD_SERVICE}/Score" in reward
-    assert auth_interceptor(AuthConfig(), reward, mutual_tls=False) is not None
-    with pytest.raises(AuthConfigError, match="nobody could call UpdateWeights"):
-        auth_interceptor(AuthConfig(), service_access_table([POLICY_SERVICE]), mutual_tls=True)
+    # One interceptor over the whole table: a reward-only server has nothing to guard while
+    # reads are open, a policy server without credentials could never take UpdateWeights.
+    interceptor = auth_interceptor(AuthConfig(), table, mutual_tls=False)
+    assert interceptor is not None
+    interceptor.check_reachable([REWARD_SERVICE])
+    with pytest.raises(AuthConfigError, match="nobody could call UpdateWeights: give"):
+        interceptor.check_reachable([POLICY_SERVICE])
 
 
 def test_rotated_token_file_accepts_both_tokens(tmp_path: Path) -> None:
