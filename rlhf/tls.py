@@ -191,17 +191,25 @@ def server_credentials(cfg: TlsConfig) -> grpc.ServerCredentials | None:
 
 def add_port(server: grpc.Server, address: str, cfg: TlsConfig) -> int:
     """Binds `address` ("host:port", port 0 = any) with TLS or, where allowed, plaintext;
-    returns the port bound. A bind failure raises OSError naming the address."""
+    returns the port bound. A bind failure raises OSError naming the address.
+
+    A port already in use is only detected when the server was made with the channel option
+    ("grpc.so_reuseport", 0); gRPC's default shares the port with the other process.
+    """
     credentials = server_credentials(cfg)
     warning = check_plaintext(address, cfg, "serve")
     if warning:
         log.warning(warning)
     try:
         if credentials is None:
-            return server.add_insecure_port(address)
-        return server.add_secure_port(address, credentials)
-    except RuntimeError as err:
-        raise OSError(f"cannot bind {address}: {err}".split(";")[0]) from None
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot bind {address}: port in use, or no such address on this host")
+    return port
 
 
 def channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials | None:

@@ -136,6 +136,17 @@ def test_plaintext_bind_off_loopback_is_refused_before_binding(
         open_secure_channel("policy:1", TlsConfig())
 
 
+def test_a_port_in_use_is_a_bind_error() -> None:
+    options = [("grpc.so_reuseport", 0)]
+    first = grpc.server(futures.ThreadPoolExecutor(1), options=options)
+    second = grpc.server(futures.ThreadPoolExecutor(1), options=options)
+    port = add_port(first, "127.0.0.1:0", TlsConfig())
+    with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{port}: port in use"):
+        add_port(second, f"127.0.0.1:{port}", TlsConfig())
+    first.stop(0)
+    second.stop(0)
+
+
 def test_bad_files_are_named_with_their_flag(pki: Pki, tmp_path: Path) -> None:
     cert, key, ca = (str(pki.main / n) for n in ("policy.pem", "policy.key", "ca.pem"))
     missing = str(tmp_path / "nope.pem")
