@@ -3,15 +3,17 @@
 Made with `cryptography` (EC P-256 keys, SHA-256 signatures); nothing shells out to openssl.
 
     rlhf certs --out certs --services policy,reward,trainer --clients trainer,admin \
-        --hosts localhost,127.0.0.1
+        --hosts localhost,127.0.0.1 --domains rlhf.svc,rlhf.svc.cluster.local
 
 writes into `certs/`:
 - `ca.pem`, `ca.key`: the CA (reused when both already exist in the folder, so new
   certificates join the same trust); give `ca.pem` to every process as `--tls-ca`.
 - `NAME.pem`, `NAME.key` per service: a server certificate whose subject alternative names are
-  NAME itself plus every `--hosts` entry (DNS names and IP addresses), usable for serving and,
-  with the clientAuth usage, as the service's client certificate too (the trainer presents
-  `trainer.pem` when it pushes weights to the policy service).
+  NAME itself, NAME.DOMAIN for each `--domains` entry (policy.rlhf.svc, ...), and every
+  `--hosts` entry (DNS names and IP addresses shared by all services: localhost, 127.0.0.1).
+  With the clientAuth usage it is the service's client certificate too (the trainer presents
+  `trainer.pem` when it pushes weights to the policy service). A certificate name is refused
+  in `--hosts`: every certificate would then carry that identity.
 - `NAME.pem`, `NAME.key` per client: CN=NAME and a DNS name NAME, clientAuth usage only. The
   identity a server sees (and matches against `--allow-identity`) is NAME. A name given both as a
   service and a client gets the service certificate, which serves both roles.
@@ -35,6 +37,7 @@ import datetime
 import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,6 +236,7 @@ def make_certs(
     days: int = 365,
     ca_days: int = 3650,
     force: bool = False,
+    domains: Sequence[str] = (),
 ) -> list[Issued]:
     """Writes the CA (unless one is in `out`) and a certificate per service and client.
 
@@ -241,6 +245,13 @@ def make_certs(
     services = [check_name(n) for n in services]
     clients = [check_name(n) for n in clients if n not in services]
     hosts = [check_host(h) for h in hosts]
+    domains = [check_host(d) for d in domains]
+    shared = sorted({h.split(".")[0] for h in hosts} & {*services, *clients})
+    if shared:
+        raise CertError(
+            f"--hosts {','.join(shared)}: a certificate name in --hosts would put that identity "
+            "in every certificate; each service's own name is in its certificate already"
+        )
     if not services and not clients:
         raise CertError("nothing to make: give --services and/or --clients")
     for flag, value in (("--days", days), ("--ca-days", ca_days)):
@@ -260,7 +271,8 @@ def make_certs(
         issued.append(_write(out, CA_NAME, *ca, role="ca"))
     ca_key, ca_cert = ca
     for name in services:
-        issued.append(_write(out, name, *issue(ca_key, ca_cert, name, hosts, True, days), "server"))
+        names = [f"{name}.{domain}" for domain in domains] + hosts
+        issued.append(_write(out, name, *issue(ca_key, ca_cert, name, names, True, days), "server"))
     for name in clients:
         issued.append(_write(out, name, *issue(ca_key, ca_cert, name, [], False, days), "client"))
     return issued

@@ -43,7 +43,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=_names,
         default="localhost,127.0.0.1",
         help="comma-separated DNS names and IPs added to every service certificate "
-        "(each service's own name is always in its certificate)",
+        "(each service's own name is always in its own certificate; never list one here)",
+    )
+    parser.add_argument(
+        "--domains",
+        type=_names,
+        default="",
+        help="comma-separated DNS suffixes: each service also gets NAME.SUFFIX "
+        "(e.g. rlhf.svc,rlhf.svc.cluster.local for Kubernetes Services)",
     )
     parser.add_argument("--days", type=int, default=365, help="validity of leaf certificates")
     parser.add_argument("--ca-days", type=int, default=3650, help="validity of a new CA")
@@ -61,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             services=args.services,
             clients=args.clients,
             hosts=args.hosts,
+            domains=args.domains,
             days=args.days,
             ca_days=args.ca_days,
             force=args.force,

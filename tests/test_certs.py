@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from rlhf import certs_cli
 from rlhf.certs import CertError, make_certs
 
-HOSTS = "localhost,127.0.0.1,policy.rlhf.svc"
+HOSTS = "localhost,127.0.0.1,gateway.example"
 
 
 def _run(out: Path, *extra: str) -> int:
@@ -31,6 +31,8 @@ def _run(out: Path, *extra: str) -> int:
             "trainer,admin",
             "--hosts",
             HOSTS,
+            "--domains",
+            "rlhf.svc",
             *extra,
         ]
     )
@@ -70,7 +72,12 @@ def test_service_certificates_name_their_hosts_and_serve_both_roles(tmp_path: Pa
     assert _run(tmp_path) == 0
     policy = _cert(tmp_path / "policy.pem")
     san = policy.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["policy", "localhost", "policy.rlhf.svc"]
+    assert san.get_values_for_type(x509.DNSName) == [
+        "policy",
+        "policy.rlhf.svc",
+        "localhost",
+        "gateway.example",
+    ]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     assert _usages(policy) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     # "trainer" was asked for as a service and a client: one service certificate covers both.
@@ -117,6 +124,8 @@ def test_new_names_join_an_existing_ca(tmp_path: Path) -> None:
         (["Policy"], [], "must be lowercase letters"),
         (["ca"], [], "the CA's own file name"),
         (["policy"], ["bad host!"], "neither a DNS name nor an IP"),
+        (["policy", "trainer"], ["trainer"], "would put that identity in every certificate"),
+        (["policy"], ["policy.rlhf.svc"], "would put that identity in every certificate"),
         ([], [], "nothing to make"),
     ],
 )
