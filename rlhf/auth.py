@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ READ_ACCESS_MODES = (READ_OPEN, READ_IDENTITY)
 
 ALWAYS_PUBLIC_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
 """Probes and grpcurl must reach these whatever the table says."""
+
+HOST_IDENTITIES = frozenset({"localhost"})
+"""Names every service certificate carries (rlhf certs --hosts): never an identity."""
 
 AUTHORIZATION = "authorization"
 BEARER = "bearer"
@@ -70,6 +74,14 @@ class AuthConfig:
 
     def identities(self) -> frozenset[str]:
         return frozenset(p.strip() for p in self.allow_identity.split(",") if p.strip())
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def method_path(service: str, method: str) -> str:
@@ -306,6 +318,12 @@ def auth_interceptor(
         raise AuthConfigError(
             "--allow-identity needs mutual TLS: give --tls-ca (and --tls-cert/--tls-key) so "
             "clients present certificates"
+        )
+    hostlike = sorted(i for i in identities if i in HOST_IDENTITIES or _is_ip(i))
+    if hostlike:
+        raise AuthConfigError(
+            f"--allow-identity {','.join(hostlike)[:QUOTE_CHARS]}: host names and addresses are "
+            "in every service certificate; list certificate names (e.g. trainer,admin)"
         )
     tokens = read_tokens(cfg.auth_token_file) if cfg.auth_token_file else ()
     return AuthInterceptor(table, identities, tokens, cfg.read_access)

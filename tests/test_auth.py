@@ -211,6 +211,9 @@ def test_methods_missing_from_the_table_are_guarded(token_file: str) -> None:
 def test_settings_that_cannot_work_are_refused(tmp_path: Path, token_file: str) -> None:
     with pytest.raises(AuthConfigError, match="--allow-identity needs mutual TLS"):
         auth_interceptor(AuthConfig(allow_identity="trainer"), TABLE, mutual_tls=False)
+    for host in ("localhost", "127.0.0.1", "::1"):
+        with pytest.raises(AuthConfigError, match=f"--allow-identity {host}: host names"):
+            auth_interceptor(AuthConfig(allow_identity=f"trainer,{host}"), TABLE, mutual_tls=True)
     no_way = auth_interceptor(AuthConfig(), TABLE, mutual_tls=True)
     assert no_way is not None
     with pytest.raises(AuthConfigError, match="nobody could call Write, Upload, Watch, Chat"):
