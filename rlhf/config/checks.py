@@ -39,3 +39,12 @@ def at_least(obj: object, minimum: float, *names: str) -> list[str]:
         for name in names
         if getattr(obj, name) < minimum
     ]
+
+
+def at_most(obj: object, maximum: float, *names: str) -> list[str]:
+    """`name must be <= maximum` for each named field above it."""
+    return [
+        f"{name} must be <= {maximum}, got {getattr(obj, name)}"
+        for name in names
+        if getattr(obj, name) > maximum
+    ]
