@@ -99,9 +99,12 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{where} must be a number, got {clip(value)}")
         try:
-            return float(value)
-        except ValueError:
+            number = float(value)
+        except (ValueError, TypeError):
             raise ValueError(f"{where} must be a number, got {clip(value)}") from None
+        if not math.isfinite(number):  # NaN passes every `<` check: refused here, once
+            raise ValueError(f"{where} must be a finite number, got {clip(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"{where} must be a string, got {clip(value)}")

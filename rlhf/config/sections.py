@@ -78,9 +78,7 @@ def parse_override(item: str) -> tuple[str, str]:
     key, sep, raw = item.partition("=")
     key = key.strip().lstrip("-").replace("-", "_")
     if not sep or not key:
-        raise ValueError(
-            f"override {clip(item)}: expected KEY=VALUE (e.g. ppo.learning_rate=1e-4)"
-        )
+        raise ValueError(f"override {clip(item)}: expected KEY=VALUE (e.g. ppo.learning_rate=1e-4)")
     return key, raw.strip()
 
 

@@ -69,7 +69,9 @@ def load_plain_yaml(text: str, what: str) -> Any:
         raise YamlRefused(f"{what}: {err}") from None
     except yaml.MarkedYAMLError as err:
         problem = (err.problem or err.context or "invalid YAML")[:120]
-        raise YamlRefused(f"{what} is not valid YAML at {_where(err.problem_mark)}: {problem}") from None
+        raise YamlRefused(
+            f"{what} is not valid YAML at {_where(err.problem_mark)}: {problem}"
+        ) from None
     except yaml.YAMLError as err:  # unmarked: no line to name
         raise YamlRefused(f"{what} is not valid YAML: {str(err)[:120]}") from None
     finally:

@@ -134,4 +134,8 @@ def apply_rules(rules: InputRules, config: TrainConfig) -> None:
     rules.run_folder(run.run_id)
     run.prompts = rules.prompts(run.prompts)
     rules.address(run.policy, "policy address")
-    rules.rewards([EndpointSpec.parse(r) for r in run.rewards], "reward endpoints")
+    try:
+        specs = [EndpointSpec.parse(r) for r in run.rewards]
+    except ValueError as err:
+        raise invalid(f"run.rewards: {err}") from None
+    rules.rewards(specs, "reward endpoints")

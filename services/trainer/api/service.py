@@ -15,6 +15,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -29,6 +30,7 @@ from services.trainer.config import (
     TrainerServiceConfig,
     load_train_config,
 )
+from services.trainer.orchestrator.checkpoint import latest_checkpoint
 from services.trainer.orchestrator.loop import StepResult, TrainingLoop
 from services.trainer.orchestrator.model_check import ModelMismatch
 from services.trainer.orchestrator.peers import PolicyTransport
@@ -39,6 +41,7 @@ from services.trainer.orchestrator.rewards import (
     RewardMixer,
     RewardTransport,
 )
+from services.trainer.orchestrator.trainer_state import legacy_refusal
 from services.trainer.orchestrator.transports import served_model_check
 
 log = logging.getLogger("rlhf.trainer.service")
@@ -227,12 +230,27 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         apply_rules(self.rules, config)
         return config
 
+    def _check_resumable(self, config: TrainConfig) -> None:
+        """A resume needs a checkpoint in today's format: refused now, not after a model load."""
+        root = Path(config.run.output_dir) / config.run.run_id / "checkpoints"
+        try:
+            folder = latest_checkpoint(root)
+        except ValueError as err:
+            raise precondition(f"resume of run {config.run.run_id}: {err}") from None
+        if folder is None:
+            raise precondition(f"resume: run {config.run.run_id} has no checkpoint to resume")
+        refusal = legacy_refusal(folder)
+        if refusal:
+            raise precondition(refusal)
+
     # --- RPCs --------------------------------------------------------------------------------
     @handle_errors
     def StartRun(
         self, request: trainer_pb2.StartRunRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.RunStatus:
         config = self._config(request)
+        if request.resume:
+            self._check_resumable(config)
         try:  # the model check before the run starts (the run's TrainingLoop checks again)
             served_model_check(config.run.policy, config.ppo.model_name)
         except ModelMismatch as err:

@@ -17,7 +17,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-
 _FOLDER = re.compile(r"step-\d{6,}")
 
 

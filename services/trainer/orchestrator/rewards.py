@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from rlhf.config.yaml_text import clip
 from services.trainer.orchestrator.peers import FatalError, PeerError, RewardTransport
 
-
 MAX_WEIGHT = 1e6
 """Largest |weight| of a reward endpoint: the weighted sum stays far from float overflow."""
 _NAME = re.compile(r"[A-Za-z0-9._:@-]{0,64}")

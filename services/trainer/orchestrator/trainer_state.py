@@ -95,6 +95,18 @@ def read_state(folder: Path) -> dict[str, Any]:
     return state
 
 
+def legacy_refusal(folder: Path) -> str:
+    """Why `folder` cannot be resumed because it is in the old format; "" when it is not."""
+    try:
+        if not (folder / STATE_JSON).is_file():
+            read_state(folder)
+    except LegacyCheckpoint as err:
+        return str(err)
+    except FileNotFoundError:
+        return ""  # not the old format: the resume itself reports what is missing
+    return ""
+
+
 def convert_legacy(folder: Path) -> None:
     """Rewrites an old checkpoint's trainer_state.pt as safetensors + JSON. The pickle is read
     with torch.load(weights_only=True) (no arbitrary objects); run this only on a file you
