@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle  # only for its error type: nothing here unpickles by itself
 import sys
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for folder in args.folders:
         try:
             convert_legacy(folder)
-        except (OSError, RuntimeError, TypeError) as err:
+        except (OSError, RuntimeError, TypeError, pickle.UnpicklingError) as err:
             print(f"{folder}: {err}", file=sys.stderr)
             return 1
         print(f"{folder}: converted ({STATE_JSON}, {STATE_TENSORS})")
