@@ -329,3 +329,27 @@ def test_stop_and_swap_need_a_run_id(client: TrainerClient, roots: dict[str, Pat
     )
     err = _raw_refusal(stub.SetRewardEndpoints, nan)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "finite" in err.details()
+
+
+# --- the operator's settings ------------------------------------------------------------------
+def test_trainer_settings_come_from_flags_and_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from rlhf.config import from_args
+    from services.trainer.cli import configure
+
+    monkeypatch.setenv("RLHF_ALLOWED_ENDPOINTS", "reward-b:50052,pool:*")
+    monkeypatch.setenv("RLHF_DATA_ROOT", "/data/prompts,/data/more")
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    settings = from_args(TrainerServiceConfig, parser.parse_args(["--model-root", "/models"]))
+    assert settings.allowed_endpoints == ["reward-b:50052", "pool:*"]
+    assert settings.data_root == ["/data/prompts", "/data/more"]
+    assert settings.model_root == ["/models"]
+    for bad, fragment in (
+        ({"allowed_endpoints": ["reward-b"]}, "not HOST:PORT or HOST:*"),
+        ({"model_root": [" "]}, "model_root: an entry is empty"),
+        ({"output_dir": ""}, "output_dir must not be empty"),
+    ):
+        with pytest.raises(ValueError, match=fragment):
+            TrainerServiceConfig(**bad)  # type: ignore[arg-type]

@@ -179,6 +179,11 @@ class TrainerServiceConfig:
 
     def problems(self) -> list[str]:
         found = [] if self.policy else ["policy must not be empty (a host:port)"]
+        if not self.output_dir:
+            found.append("output_dir must not be empty (the root of every run folder)")
+        for name in ("data_root", "model_root"):  # "" would allow the working directory
+            if any(not entry.strip() for entry in getattr(self, name)):
+                found.append(f"{name}: an entry is empty; name folders")
         for entry in self.allowed_endpoints:
             host, _, port = entry.rpartition(":")
             if not host or not (port == "*" or port.isdigit()):

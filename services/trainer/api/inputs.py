@@ -1,10 +1,11 @@
 """What a control-API caller may name: run ids, endpoints, and folders inside allowed roots.
 
-A StartRun names no file system path of its own choosing: everything a run writes goes under
-the trainer's --output-dir, its prompts come from inside a --data-root folder, its model from
-inside a --model-root folder (paths resolved with symlinks followed, then checked), and its
-policy and reward addresses are the trainer's own defaults or in --allowed-endpoints. A
-refusal names the field and quotes the caller's text cut to a short prefix.
+A StartRun's config is capped in size and names no file system path of its own choosing:
+everything a run writes goes under the trainer's --output-dir, its prompts come from inside a
+--data-root folder, its model from inside a --model-root folder (paths resolved with symlinks
+followed, then checked), and its policy and reward addresses are the trainer's own defaults
+or in --allowed-endpoints. A refusal names the field and quotes the caller's text cut to a
+short prefix.
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ from pathlib import Path
 
 from rlhf.config.yaml_text import clip
 from rlhf.defaults import DEFAULT_POLICY_MODEL
-from rlhf.errors import RpcError, invalid
-from services.trainer.config import RUN_ID, RUN_ID_RULE, TrainConfig, TrainerServiceConfig
+from rlhf.errors import RpcError, invalid, precondition
+from services.trainer.config import (
+    MAX_CONFIG_BYTES,
+    RUN_ID,
+    RUN_ID_RULE,
+    TrainConfig,
+    TrainerServiceConfig,
+)
+from services.trainer.orchestrator.checkpoint import latest_checkpoint
 from services.trainer.orchestrator.data import BUILTIN
 from services.trainer.orchestrator.rewards import EndpointSpec
+from services.trainer.orchestrator.trainer_state import legacy_refusal
 
 MAX_REWARD_ENDPOINTS = 16
 """Most reward endpoints one run or swap may name (each is probed before it is used)."""
@@ -30,6 +39,34 @@ def denied(message: str) -> RpcError:
     import grpc
 
     return RpcError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+def check_config_size(text: str, overrides: dict[str, str]) -> None:
+    """Refuses a run config above MAX_CONFIG_BYTES (YAML and overrides together), unparsed."""
+    size = len(text.encode()) + sum(
+        len(k.encode()) + len(v.encode()) + 2 for k, v in overrides.items()
+    )
+    if size > MAX_CONFIG_BYTES:
+        raise invalid(
+            f"run config is {size} bytes (config_yaml and overrides together), above the cap "
+            f"of {MAX_CONFIG_BYTES} bytes"
+        )
+
+
+def check_resumable(config: TrainConfig) -> None:
+    """A resume needs a checkpoint in today's format: refused now (FAILED_PRECONDITION), not
+    after the run has loaded its model."""
+    run = config.run
+    root = Path(run.output_dir) / run.run_id / "checkpoints"
+    try:
+        folder = latest_checkpoint(root)
+    except ValueError as err:
+        raise precondition(f"resume of run {run.run_id}: {err}") from None
+    if folder is None:
+        raise precondition(f"resume: run {run.run_id} has no checkpoint to resume")
+    refusal = legacy_refusal(folder)
+    if refusal:
+        raise precondition(refusal)
 
 
 def check_run_id(run_id: str, what: str = "run_id") -> str:

@@ -15,7 +15,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
@@ -23,14 +22,19 @@ from rlhf.errors import RpcError, handle_errors, invalid, precondition
 from rlhf.protocol import TRAINER_SERVICE
 from rlhf.server import Registration
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-from services.trainer.api.inputs import InputRules, apply_rules, check_run_id
+from services.trainer.api.inputs import (
+    InputRules,
+    apply_rules,
+    check_config_size,
+    check_resumable,
+    check_run_id,
+)
 from services.trainer.config import (
     MAX_CONFIG_BYTES,
     TrainConfig,
     TrainerServiceConfig,
     load_train_config,
 )
-from services.trainer.orchestrator.checkpoint import latest_checkpoint
 from services.trainer.orchestrator.loop import StepResult, TrainingLoop
 from services.trainer.orchestrator.model_check import ModelMismatch
 from services.trainer.orchestrator.peers import PolicyTransport
@@ -41,7 +45,6 @@ from services.trainer.orchestrator.rewards import (
     RewardMixer,
     RewardTransport,
 )
-from services.trainer.orchestrator.trainer_state import legacy_refusal
 from services.trainer.orchestrator.transports import served_model_check
 
 log = logging.getLogger("rlhf.trainer.service")
@@ -205,14 +208,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         (services/trainer/api/inputs.py); the YAML is text only, never a path."""
         if request.run_id:
             check_run_id(request.run_id)
-        size = len(request.config_yaml.encode()) + sum(
-            len(k.encode()) + len(v.encode()) + 2 for k, v in request.overrides.items()
-        )
-        if size > MAX_CONFIG_BYTES:
-            raise invalid(
-                f"run config is {size} bytes (config_yaml and overrides together), above the "
-                f"cap of {MAX_CONFIG_BYTES} bytes"
-            )
+        check_config_size(request.config_yaml, dict(request.overrides))
         try:
             overrides = [f"{k}={v}" for k, v in request.overrides.items()]
             config = load_train_config(request.config_yaml or None, overrides, MAX_CONFIG_BYTES)
@@ -230,19 +226,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         apply_rules(self.rules, config)
         return config
 
-    def _check_resumable(self, config: TrainConfig) -> None:
-        """A resume needs a checkpoint in today's format: refused now, not after a model load."""
-        root = Path(config.run.output_dir) / config.run.run_id / "checkpoints"
-        try:
-            folder = latest_checkpoint(root)
-        except ValueError as err:
-            raise precondition(f"resume of run {config.run.run_id}: {err}") from None
-        if folder is None:
-            raise precondition(f"resume: run {config.run.run_id} has no checkpoint to resume")
-        refusal = legacy_refusal(folder)
-        if refusal:
-            raise precondition(refusal)
-
     # --- RPCs --------------------------------------------------------------------------------
     @handle_errors
     def StartRun(
@@ -250,7 +233,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> trainer_pb2.RunStatus:
         config = self._config(request)
         if request.resume:
-            self._check_resumable(config)
+            check_resumable(config)
         try:  # the model check before the run starts (the run's TrainingLoop checks again)
             served_model_check(config.run.policy, config.ppo.model_name)
         except ModelMismatch as err:
