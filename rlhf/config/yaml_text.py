@@ -72,7 +72,7 @@ def load_plain_yaml(text: str, what: str) -> Any:
         raise YamlRefused(
             f"{what} is not valid YAML at {_where(err.problem_mark)}: {problem}"
         ) from None
-    except yaml.YAMLError as err:  # unmarked: no line to name
+    except (yaml.YAMLError, ValueError) as err:  # unmarked (e.g. an int of 5000 digits)
         raise YamlRefused(f"{what} is not valid YAML: {str(err)[:120]}") from None
     finally:
         loader.dispose()

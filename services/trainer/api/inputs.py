@@ -81,6 +81,12 @@ def _real(path: str | Path) -> Path:
     return Path(os.path.realpath(path))
 
 
+def _no_nul(value: str, what: str) -> str:
+    if "\x00" in value:  # os.path refuses it with a ValueError of its own
+        raise invalid(f"{what} {clip(value)}: a path cannot hold a NUL character")
+    return value
+
+
 def _split_address(address: str) -> tuple[str, str]:
     host, _, port = address.rpartition(":")
     return host.lower(), port
@@ -117,7 +123,7 @@ class InputRules:
     # --- folders -----------------------------------------------------------------------------
     def output_dir(self, value: str) -> str:
         """The trainer's output root; a run may name it, but no other folder."""
-        if value and _real(value) != self.output_root:
+        if value and _real(_no_nul(value, "run.output_dir")) != self.output_root:
             raise denied(
                 f"run.output_dir {clip(value)}: runs write under this trainer's --output-dir "
                 "only; leave run.output_dir empty"
@@ -152,9 +158,7 @@ class InputRules:
 
     @staticmethod
     def _inside(value: str, roots: Iterable[Path], what: str, flag: str) -> Path:
-        if "\x00" in value:
-            raise invalid(f"{what} {clip(value)}: a path cannot hold a NUL character")
-        path = _real(value)
+        path = _real(_no_nul(value, what))
         if any(path == root or path.is_relative_to(root) for root in roots):
             return path
         raise denied(
