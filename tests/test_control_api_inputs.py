@@ -171,6 +171,7 @@ def test_alias_bomb_is_refused_at_once_with_flat_memory(
         ("run: !!python/object/apply:os.system ['touch x']\n", "line 1, column 6"),
         ("[" * 50 + "]" * 50, "nested deeper than"),
         ("run: {stepz: 3}\n", "unknown field 'stepz'"),
+        ("run:\n  steps: " + "9" * 5000 + "\n", "run config is not valid YAML"),
     ],
 )
 def test_yaml_errors_name_the_place(
@@ -274,6 +275,11 @@ def test_reward_weights_must_be_finite(
     assert "run.rewards" in _refused(client, text, "INVALID_ARGUMENT")
 
 
+def test_override_lists_refuse_aliases_too(client: TrainerClient, roots: dict[str, Path]) -> None:
+    request = _request(roots, **{"ppo.lora_target_modules": "[&a q_proj, *a]"})
+    assert "anchors and aliases" in _refused(client, request, "INVALID_ARGUMENT")
+
+
 # --- numbers --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("field", "value"),
@@ -320,6 +326,7 @@ def test_stop_and_swap_need_a_run_id(client: TrainerClient, roots: dict[str, Pat
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "needs a run_id" in err.details()
     assert client.get("").state == trainer_pb2.RUN_STATE_COMPLETED  # GetRun still takes ""
+    assert client.stop("").run_id == "r"  # `rlhf stop` names the latest run itself
     with pytest.raises(TrainerError) as denied:
         client.swap("r", ["attacker.example:1"])
     assert denied.value.code == "PERMISSION_DENIED"
