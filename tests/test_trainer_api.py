@@ -55,13 +55,18 @@ def policy(tiny_lm: Path) -> GatedPolicy:
 
 
 @pytest.fixture
-def trainer(policy: GatedPolicy, tmp_path: Path) -> Iterator[TrainerClient]:
+def trainer(policy: GatedPolicy, tmp_path: Path, tiny_lm: Path) -> Iterator[TrainerClient]:
     transports = Transports(
         policy=lambda address: policy,
         reward=lambda address: LocalReward(VaderBackend(), address=address),
     )
     servicer = TrainerServicer(
-        TrainerServiceConfig(policy="local:1", reward=["local:2"], output_dir=str(tmp_path)),
+        TrainerServiceConfig(
+            policy="local:1",
+            reward=["local:2"],
+            output_dir=str(tmp_path),
+            model_root=[str(tiny_lm)],
+        ),
         transports,
     )
     service = GrpcService("trainer", ServerConfig(host="127.0.0.1", port=0, grace_s=0))

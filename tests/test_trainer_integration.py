@@ -59,6 +59,8 @@ def test_ppo_run_across_processes_with_a_reward_swap(
             "--policy", services["policy"].address,
             "--reward", services["vader"].address,
             "--output-dir", str(tmp_path / "runs"),
+            "--model-root", str(tiny_lm),
+            "--allowed-endpoints", "127.0.0.1:*",  # the swap's reward services
         ]  # fmt: skip
         with running_services([("trainer", trainer_args)], tmp_path / "logs") as trainer:
             client = TrainerClient(trainer["trainer"].address)

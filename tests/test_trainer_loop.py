@@ -20,6 +20,7 @@ from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
 from services.trainer.orchestrator.metrics import read_metrics
 from services.trainer.orchestrator.peers import FatalError
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
+from services.trainer.orchestrator.trainer_state import read_state
 
 
 class ScriptedReward:
@@ -216,7 +217,7 @@ def test_a_failed_step_leaves_no_metrics_row_or_checkpoint_claiming_it(
     assert not (checkpoints / "step-000002").exists()
     if phase in ("generate", "score"):
         assert latest_checkpoint(checkpoints) == checkpoints / "step-000001"
-        state = torch.load(checkpoints / "step-000001" / "trainer_state.pt", weights_only=False)
+        state = read_state(checkpoints / "step-000001")
         assert state["step"] == 1
         saved = state["trainer"]["model"]
         assert all(torch.equal(saved[k], after_step_1[k]) for k in after_step_1)

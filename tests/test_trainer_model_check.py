@@ -94,7 +94,7 @@ def test_start_run_refuses_with_failed_precondition(
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     # The reward address is never reached: the check refuses the run before it starts.
     defaults = TrainerServiceConfig(
-        policy=policy_a, reward=["127.0.0.1:9"], output_dir=str(tmp_path)
+        policy=policy_a, reward=["127.0.0.1:9"], output_dir=str(tmp_path), model_root=[str(model_b)]
     )
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(defaults), server)
     port = server.add_insecure_port("127.0.0.1:0")

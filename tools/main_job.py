@@ -82,6 +82,8 @@ def run_ppo_job(
             "--output-dir",
             str(output_dir),
         ]
+        if Path(model).is_dir():  # the trainer loads only models inside its --model-root
+            trainer_args += ["--model-root", model]
         with running_services([("trainer", trainer_args)], logs) as trainer:
             address = trainer["trainer"].address
             print(f"services up:\n{describe([*services.values(), trainer['trainer']])}")

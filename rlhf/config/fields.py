@@ -12,12 +12,13 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
 from typing import Any
 
-import yaml
+from rlhf.config.yaml_text import clip, load_plain_yaml
 
 _TRUE = ("1", "true", "yes", "on", "y", "t")
 _FALSE = ("0", "false", "no", "off", "n", "f")
@@ -68,14 +69,14 @@ def unknown_field(where: str, name: str, known: typing.Iterable[str]) -> ValueEr
     known = list(known)
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
-    return ValueError(f"{where}: unknown field {name!r}{hint}")
+    return ValueError(f"{where}: unknown field {clip(name)}{hint}")
 
 
 def coerce_value(value: Any, annotation: Any, where: str) -> Any:
     """`value` (a CLI/override/env string or a YAML value) converted to a field's type:
     bool (true/false/yes/no/on/off/1/0), int, float, str, None for optional fields
-    (none/null), lists as "a,b" or "[a, b]". Raises ValueError naming `where` (e.g.
-    `ppo.batch_size`) and the reason."""
+    (none/null), lists as "a,b" or "[a, b]". Floats must be finite. Raises ValueError naming
+    `where` (e.g. `ppo.batch_size`) and the reason; the value is quoted cut to a short prefix."""
     tp, optional = split_optional(annotation)
     if value is None or (optional and isinstance(value, str) and value.lower() in _NONE):
         if optional:
@@ -86,31 +87,34 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
             return value.lower() in _TRUE
-        raise ValueError(f"{where} must be a boolean (true/false), got {value!r}")
+        raise ValueError(f"{where} must be a boolean (true/false), got {clip(value)}")
     if tp is int:
         if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{where} must be an integer, got {value!r}")
+            raise ValueError(f"{where} must be an integer, got {clip(value)}")
         try:
             return int(value)
-        except ValueError:
-            raise ValueError(f"{where} must be an integer, got {value!r}") from None
+        except (ValueError, TypeError):
+            raise ValueError(f"{where} must be an integer, got {clip(value)}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise ValueError(f"{where} must be a number, got {value!r}")
+            raise ValueError(f"{where} must be a number, got {clip(value)}")
         try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{where} must be a number, got {value!r}") from None
+            number = float(value)
+        except (ValueError, TypeError):
+            raise ValueError(f"{where} must be a number, got {clip(value)}") from None
+        if not math.isfinite(number):  # NaN passes every `<` check: refused here, once
+            raise ValueError(f"{where} must be a finite number, got {clip(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {value!r}")
+            raise ValueError(f"{where} must be a string, got {clip(value)}")
         return value
     if typing.get_origin(tp) is list:
         if isinstance(value, str):
             text = value.strip()
-            value = yaml.safe_load(text) if text.startswith("[") else text.split(",")
+            value = load_plain_yaml(text, where) if text.startswith("[") else text.split(",")
         if not isinstance(value, list | tuple):
-            raise ValueError(f"{where} must be a list, got {value!r}")
+            raise ValueError(f"{where} must be a list, got {clip(value)}")
         items = [str(v).strip() for v in value]
         return [v for v in items if v]
     raise TypeError(f"{where}: unsupported field type {tp}")

@@ -13,26 +13,28 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import yaml
-
 from rlhf.config.fields import coerce_value, field_types, unknown_field
+from rlhf.config.yaml_text import clip, load_plain_yaml
 
 
-def load_yaml_mapping(text: str, what: str) -> dict[str, Any]:
-    """`text` parsed as YAML (never opened as a path: callers read files); a mapping or {}."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"{what} is not valid YAML: {err}") from None
+def load_yaml_mapping(text: str, what: str, max_bytes: int | None = None) -> dict[str, Any]:
+    """`text` parsed as YAML (never opened as a path: callers read files); a mapping or {}.
+
+    Plain data only (no anchors or aliases, bounded depth: rlhf.config.yaml_text); with
+    `max_bytes`, longer text is refused before it is parsed."""
+    if max_bytes is not None and len(text.encode()) > max_bytes:
+        raise ValueError(f"{what} is {len(text.encode())} bytes, above the cap of {max_bytes}")
+    data = load_plain_yaml(text, what)
     if data is None:
         return {}
     if not isinstance(data, dict):
         hint = " (a file path? pass the file's text)" if isinstance(data, str) else ""
         raise ValueError(
-            f"{what} must be a mapping of section: {{field: value}}, got {data!r}{hint}"
+            f"{what} must be a mapping of section: {{field: value}}, got {clip(data)}{hint}"
         )
     return data
 
@@ -65,7 +67,7 @@ def apply_mapping(obj: object, data: Mapping[str, Any], where: str = "") -> None
             if raw is None:
                 continue
             if not isinstance(raw, Mapping):
-                raise ValueError(f"{_path(where, key)}: a section is a mapping, got {raw!r}")
+                raise ValueError(f"{_path(where, key)}: a section is a mapping, got {clip(raw)}")
             apply_mapping(getattr(obj, key), raw, _path(where, key))
         else:
             set_field(obj, key, raw, where)
@@ -76,7 +78,7 @@ def parse_override(item: str) -> tuple[str, str]:
     key, sep, raw = item.partition("=")
     key = key.strip().lstrip("-").replace("-", "_")
     if not sep or not key:
-        raise ValueError(f"override {item!r}: expected KEY=VALUE (e.g. ppo.learning_rate=1e-4)")
+        raise ValueError(f"override {clip(item)}: expected KEY=VALUE (e.g. ppo.learning_rate=1e-4)")
     return key, raw.strip()
 
 
@@ -103,7 +105,7 @@ def _owner(root: object, key: str) -> tuple[object, str, str]:
         }
         close = difflib.get_close_matches(name, qualified, n=3)
         hint = f"; did you mean {', '.join(qualified[c] for c in close)}?" if close else ""
-        raise ValueError(f"config: unknown field {name!r}{hint}")
+        raise ValueError(f"config: unknown field {clip(name)}{hint}")
     return getattr(root, owners[0]), name, owners[0]
 
 
@@ -116,8 +118,14 @@ def apply_overrides(root: object, overrides: Iterable[str]) -> None:
 
 
 def problems(obj: object, where: str = "") -> list[str]:
-    """Every problem `obj` and its sections report, each prefixed with its section path."""
+    """Every problem `obj` and its sections report, each prefixed with its section path; a
+    non-finite float in any field is one (NaN slips through every range comparison)."""
     found = [_path(where, p) for p in getattr(obj, "problems", lambda: [])()]
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                found.append(_path(where, f"{f.name} must be a finite number, got {value}"))
     for name in sections(obj):
         found += problems(getattr(obj, name), _path(where, name))
     return found

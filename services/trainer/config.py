@@ -17,14 +17,31 @@ Torch- and grpc-free: parsing a config imports no model or transport code.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 import yaml
 
 from rlhf.config import apply_mapping, apply_overrides, check, load_yaml_mapping
-from rlhf.config.checks import at_least
+from rlhf.config.checks import at_least, at_most
+from rlhf.config.yaml_text import clip
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS
 from services.trainer.learner.config import PPOConfig
+
+MAX_CONFIG_BYTES = 64 * 1024
+"""Largest run config a StartRun takes: its YAML text and its overrides together."""
+MAX_NEW_TOKENS = 8192
+"""Largest generation.max_new_tokens (the policy service applies its own, lower cap too)."""
+TEMPERATURE_RANGE = (0.01, 100.0)
+"""generation.temperature's bounds: below 0.01 the scaled logits overflow to inf; 0 would
+travel as the wire's "unset" and mean 1.0."""
+MAX_TOP_K = 1_000_000
+"""Largest generation.top_k (above any vocabulary)."""
+MAX_STEPS = 10_000_000
+"""Largest run.steps, run.save_every and run.sync_every."""
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A run id is a folder name: no separators, no leading dot, so never `..` or a path."""
+RUN_ID_RULE = "use 1-64 letters, digits, '.', '_', '-', starting with a letter or digit"
 
 
 @dataclass
@@ -48,9 +65,12 @@ class GenerationConfig:
 
     def problems(self) -> list[str]:
         found = at_least(self, 1, "max_new_tokens") + at_least(self, 0, "min_new_tokens", "top_k")
+        found += at_most(self, MAX_NEW_TOKENS, "max_new_tokens") + at_most(self, MAX_TOP_K, "top_k")
         if self.min_new_tokens > self.max_new_tokens:
             found.append(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens")
-        found += at_least(self, 0, "temperature")
+        low, high = TEMPERATURE_RANGE
+        if not low <= self.temperature <= high:
+            found.append(f"temperature must be in [{low:g}, {high:g}], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             found.append(f"top_p must be in (0, 1], got {self.top_p}")
         return found
@@ -61,11 +81,13 @@ class RunConfig:
     """Everything about a run that is not PPO math or sampling."""
 
     run_id: str = ""
-    """Name of the run and of its folder under output_dir; empty: made from the time."""
+    """Name of the run and of its folder under output_dir: letters, digits, `.`, `_`, `-`
+    (64 at most, starting with a letter or digit); empty: made from the time."""
     steps: int = 20
     """PPO steps (each: one batch of batch_size prompts -> generate -> score -> update)."""
     prompts: str = "builtin"
-    """Prompt source: "builtin" (the shipped set), a .jsonl file or a datasets folder."""
+    """Prompt source: "builtin" (the shipped set), a .jsonl file or a datasets folder (through
+    a trainer service: inside one of its --data-root folders)."""
     policy: str = ""
     """host:port of the PolicyService. Empty: the trainer service's --policy (for `rlhf train`
     without a trainer service: rlhf.defaults.POLICY_ADDRESS)."""
@@ -74,8 +96,8 @@ class RunConfig:
     trainer service's --reward (without a trainer service: rlhf.defaults.REWARD_ADDRESS)."""
     output_dir: str = ""
     """Root of run folders: <output_dir>/<run_id>/{metrics.jsonl, tensorboard/, checkpoints/}.
-    Empty: the trainer service's --output-dir (without a trainer service:
-    rlhf.defaults.DEFAULT_OUTPUT_DIR)."""
+    Empty: the trainer service's --output-dir, the only one a trainer service accepts (without
+    a trainer service: rlhf.defaults.DEFAULT_OUTPUT_DIR)."""
     save_every: int = 10
     """Checkpoint every N steps (0: only at the end and at stop)."""
     keep_checkpoints: int = 2
@@ -89,7 +111,13 @@ class RunConfig:
 
     def problems(self) -> list[str]:
         found = at_least(self, 1, "steps", "keep_checkpoints", "sync_every", "step_retries")
-        return found + at_least(self, 0, "save_every", "retry_backoff_s")
+        found += at_least(self, 0, "save_every", "retry_backoff_s")
+        found += at_most(self, MAX_STEPS, "steps", "save_every", "sync_every")
+        found += at_most(self, 1000, "keep_checkpoints") + at_most(self, 100, "step_retries")
+        found += at_most(self, 3600, "retry_backoff_s")
+        if self.run_id and not RUN_ID.fullmatch(self.run_id):
+            found.append(f"run_id {clip(self.run_id)}: {RUN_ID_RULE}")
+        return found
 
 
 @dataclass
@@ -101,14 +129,17 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def load_train_config(text: str | None, overrides: list[str] | None = None) -> TrainConfig:
+def load_train_config(
+    text: str | None, overrides: list[str] | None = None, max_bytes: int | None = None
+) -> TrainConfig:
     """A TrainConfig from YAML text (None or "": the defaults), then `key=value` overrides
     (`section.field=value`, or `field=value` when the name is unique across sections).
 
-    Raises ValueError naming the field and the reason; every problem at once."""
+    The text is plain YAML (no anchors or aliases); with `max_bytes`, longer text is refused
+    unparsed. Raises ValueError naming the field and the reason; every problem at once."""
     config = TrainConfig()
     if text:
-        apply_mapping(config, load_yaml_mapping(text, "run config"))
+        apply_mapping(config, load_yaml_mapping(text, "run config", max_bytes))
     apply_overrides(config, overrides or [])
     check(config, "run config")
     return config
@@ -121,17 +152,40 @@ def dump_train_config(config: TrainConfig) -> str:
 
 @dataclass
 class TrainerServiceConfig:
-    """`rlhf trainer serve`: what a StartRun that leaves fields empty gets."""
+    """`rlhf trainer serve`: what a StartRun that leaves fields empty gets, and what a StartRun
+    may name at all (endpoints, data and model folders; everything it writes stays under
+    output_dir)."""
 
     policy: str = POLICY_ADDRESS
-    """Default PolicyService host:port."""
+    """Default PolicyService host:port (always allowed)."""
     reward: list[str] = field(default_factory=lambda: [REWARD_ADDRESS])
-    """Default reward endpoints, comma-separated HOST:PORT[=WEIGHT]."""
+    """Default reward endpoints, comma-separated HOST:PORT[=WEIGHT] (always allowed)."""
     output_dir: str = DEFAULT_OUTPUT_DIR
-    """Root of run folders."""
+    """Root of run folders: everything a run writes goes under it; a StartRun cannot name
+    another."""
+    allowed_endpoints: list[str] = field(default_factory=list)
+    """Further policy and reward addresses a StartRun or SetRewardEndpoints may name,
+    comma-separated HOST:PORT or HOST:* (any port); --policy and --reward are always
+    allowed."""
+    data_root: list[str] = field(default_factory=list)
+    """Folders, comma-separated, whose files and datasets a run's run.prompts may name;
+    "builtin" (the shipped prompts) is always allowed."""
+    model_root: list[str] = field(default_factory=list)
+    """Folders, comma-separated, whose models a run's ppo.model_name may name; the embedded
+    default policy's alias is always allowed."""
 
     def __post_init__(self) -> None:
         check(self, "trainer settings")
 
     def problems(self) -> list[str]:
-        return [] if self.policy else ["policy must not be empty (a host:port)"]
+        found = [] if self.policy else ["policy must not be empty (a host:port)"]
+        if not self.output_dir:
+            found.append("output_dir must not be empty (the root of every run folder)")
+        for name in ("data_root", "model_root"):  # "" would allow the working directory
+            if any(not entry.strip() for entry in getattr(self, name)):
+                found.append(f"{name}: an entry is empty; name folders")
+        for entry in self.allowed_endpoints:
+            host, _, port = entry.rpartition(":")
+            if not host or not (port == "*" or port.isdigit()):
+                found.append(f"allowed_endpoints: {clip(entry)} is not HOST:PORT or HOST:*")
+        return found

@@ -67,14 +67,15 @@ class TrainerClient:
             stream.cancel()  # a caller that stops early ends the call at once
 
     def stop(self, run_id: str = "") -> trainer_pb2.RunStatus:
-        """Asks the run to stop; answers at once (STOPPING). `watch` ends when it has."""
-        request = trainer_pb2.StopRunRequest(run_id=run_id)
+        """Asks the run to stop; answers at once (STOPPING). `watch` ends when it has. An empty
+        run_id stops the latest run, named explicitly (the trainer refuses an empty one)."""
+        request = trainer_pb2.StopRunRequest(run_id=run_id or self.get().run_id)
         return self._call(lambda: self.stub.StopRun(request, timeout=self.timeout_s))
 
     def swap(self, run_id: str, endpoints: list[str]) -> trainer_pb2.SetRewardEndpointsResponse:
         specs = [EndpointSpec.parse(e) for e in endpoints]
         request = trainer_pb2.SetRewardEndpointsRequest(
-            run_id=run_id,
+            run_id=run_id or self.get().run_id,  # the latest, named: the trainer needs a name
             rewards=[
                 trainer_pb2.RewardEndpoint(address=s.address, weight=s.weight, name=s.name)
                 for s in specs

@@ -22,7 +22,15 @@ from rlhf.errors import RpcError, handle_errors, invalid, precondition
 from rlhf.protocol import TRAINER_SERVICE
 from rlhf.server import Registration
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
+from services.trainer.api.inputs import (
+    InputRules,
+    apply_rules,
+    check_config_size,
+    check_resumable,
+    check_run_id,
+)
 from services.trainer.config import (
+    MAX_CONFIG_BYTES,
     TrainConfig,
     TrainerServiceConfig,
     load_train_config,
@@ -144,9 +152,10 @@ def _to_proto(spec: EndpointSpec) -> trainer_pb2.RewardEndpoint:
 
 
 def _from_proto(endpoint: trainer_pb2.RewardEndpoint) -> EndpointSpec:
-    if ":" not in endpoint.address:
-        raise invalid(f"reward endpoint address {endpoint.address!r}: expected HOST:PORT")
-    return EndpointSpec(endpoint.address, endpoint.weight or 1.0, endpoint.name)
+    try:  # the spec refuses a malformed address, a non-finite weight, an odd name
+        return EndpointSpec(endpoint.address, endpoint.weight or 1.0, endpoint.name)
+    except ValueError as err:
+        raise invalid(str(err)) from None
 
 
 @dataclass
@@ -169,13 +178,23 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> None:
         """`transports`: gRPC unless given (tests run runs with in-process ones)."""
         self.defaults = defaults
+        self.rules = InputRules(defaults)
         self.transports = transports or Transports.grpc()
         self.runs: dict[str, Run] = {}
         self.latest: Run | None = None
         self._lock = threading.Lock()
 
     # --- helpers -----------------------------------------------------------------------------
-    def _find(self, run_id: str) -> Run:
+    def _find(self, run_id: str, rpc: str = "") -> Run:
+        """The run named `run_id`; empty: the latest, for the read-only RPCs. Calls that change
+        a run (`rpc` names them) must name it: "the latest" may not be the caller's."""
+        if not run_id and rpc:
+            raise invalid(
+                f"{rpc} needs a run_id: the run to change (GetRun with an empty run_id names "
+                "the latest run)"
+            )
+        if run_id:
+            check_run_id(run_id)
         run = self.runs.get(run_id) if run_id else self.latest
         if run is None:
             raise RpcError(
@@ -185,9 +204,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return run
 
     def _config(self, request: trainer_pb2.StartRunRequest) -> TrainConfig:
+        """The run's config from the request, every name checked against the trainer's rules
+        (services/trainer/api/inputs.py); the YAML is text only, never a path."""
+        if request.run_id:
+            check_run_id(request.run_id)
+        check_config_size(request.config_yaml, dict(request.overrides))
         try:
             overrides = [f"{k}={v}" for k, v in request.overrides.items()]
-            config = load_train_config(request.config_yaml or None, overrides)
+            config = load_train_config(request.config_yaml or None, overrides, MAX_CONFIG_BYTES)
         except (ValueError, TypeError, KeyError) as err:
             raise invalid(f"bad run config: {err}") from None
         run = config.run
@@ -199,7 +223,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if not run.rewards:
             raise invalid("no reward endpoints: set run.rewards or start the trainer with --reward")
         run.run_id = request.run_id or run.run_id or time.strftime("run-%Y%m%d-%H%M%S")
-        run.output_dir = run.output_dir or self.defaults.output_dir
+        apply_rules(self.rules, config)
         return config
 
     # --- RPCs --------------------------------------------------------------------------------
@@ -208,6 +232,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.StartRunRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.RunStatus:
         config = self._config(request)
+        if request.resume:
+            check_resumable(config)
         try:  # the model check before the run starts (the run's TrainingLoop checks again)
             served_model_check(config.run.policy, config.ppo.model_name)
         except ModelMismatch as err:
@@ -274,7 +300,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def StopRun(
         self, request: trainer_pb2.StopRunRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.RunStatus:
-        run = self._find(request.run_id)
+        run = self._find(request.run_id, "StopRun")
         run.request_stop()  # the loop finishes its step and checkpoints; WatchRun tells when
         return run.status()
 
@@ -282,16 +308,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def SetRewardEndpoints(
         self, request: trainer_pb2.SetRewardEndpointsRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.SetRewardEndpointsResponse:
-        run = self._find(request.run_id)
+        run = self._find(request.run_id, "SetRewardEndpoints")
         if not request.rewards:
             raise invalid("SetRewardEndpoints needs at least one reward endpoint")
+        specs = self.rules.rewards([_from_proto(r) for r in request.rewards], "rewards")
         mixer = run.rewards
         if not run.active or mixer is None:
             raise precondition(
                 f"run {run.run_id} takes no swap in state {State.Name(run.state)}"
                 + (" (its first reward endpoints are still being probed)" if run.active else "")
             )
-        specs = [_from_proto(r) for r in request.rewards]
         try:
             applied, in_step = mixer.set_endpoints(specs)
         except RewardError as err:

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.config.checks import at_least, choice_problems, device_problems, dtype_problems
+from rlhf.config.checks import at_least, at_most, choice_problems, device_problems, dtype_problems
 from rlhf.config.sections import check
 from rlhf.defaults import DEFAULT_POLICY_MODEL
 
 KL_PENALTIES = ("kl", "abs", "mse", "full")
+MAX_BATCH_SIZE = 4096
+"""Largest batch_size (rollouts per step), a bound on what one run config can allocate."""
+MAX_SEED = 2**63 - 1
+"""Largest seed torch takes."""
 LOGGERS = (None, "tensorboard", "jsonl")
 
 
@@ -134,6 +138,9 @@ class PPOConfig:
         """Every invalid field, each text starting with the field's name."""
         errors = at_least(self, 1, "batch_size", "mini_batch_size")
         errors += at_least(self, 1, "gradient_accumulation_steps", "ppo_epochs", "lora_r")
+        errors += at_most(self, MAX_BATCH_SIZE, "batch_size") + at_most(self, 100, "ppo_epochs")
+        errors += at_most(self, 4096, "lora_r", "lora_alpha") + at_most(self, 1.0, "learning_rate")
+        errors += at_least(self, 0, "seed") + at_most(self, MAX_SEED, "seed")
         if not errors and self.batch_size % self.backward_batch_size:
             errors.append(
                 f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size * "

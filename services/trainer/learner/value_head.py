@@ -75,7 +75,10 @@ class PolicyWithValueHead(nn.Module):
 
         path = resolve_model(model_name)
         torch_device = parse_device(device)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
+        # safetensors only: a folder's pytorch_model.bin would be a pickle to run.
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, dtype=parse_dtype(dtype), use_safetensors=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -11,10 +11,13 @@ a half checkpoint that looks complete.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+_FOLDER = re.compile(r"step-\d{6,}")
 
 
 def _folder_name(step: int) -> str:
@@ -47,9 +50,13 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: 
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under root, or None."""
+    """The newest complete checkpoint under root, or None. The `latest` pointer must name a
+    step-NNNNNN folder of root itself: a planted `../elsewhere` is refused."""
     pointer = root / "latest"
     if not pointer.is_file():
         return None
-    folder = root / pointer.read_text().strip()
-    return folder if folder.is_dir() else None
+    name = pointer.read_text(errors="replace").strip()
+    if not _FOLDER.fullmatch(name):
+        raise ValueError(f"{pointer} names {name[:40]!r}, not a step-NNNNNN checkpoint folder")
+    folder = root / name
+    return folder if folder.is_dir() and not folder.is_symlink() else None

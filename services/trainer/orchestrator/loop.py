@@ -41,6 +41,7 @@ from services.trainer.orchestrator.peers import (
 )
 from services.trainer.orchestrator.progress import ProgressTracker
 from services.trainer.orchestrator.rewards import RewardMixer, RewardSource
+from services.trainer.orchestrator.trainer_state import read_state, write_state
 
 log = logging.getLogger("rlhf.trainer.loop")
 T = TypeVar("T")
@@ -314,7 +315,8 @@ class TrainingLoop:
 
         def write(folder: Path) -> None:
             self.model.save_pretrained(folder / "policy")
-            torch.save(
+            write_state(  # safetensors + JSON: resuming loads no pickle (trainer_state.py)
+                folder,
                 {
                     "step": self.step,
                     "weight_version": self.weight_version,
@@ -324,7 +326,6 @@ class TrainingLoop:
                     "rewards": [str(s.spec) for s in self.rewards.sources],
                     "config": asdict(self.config),
                 },
-                folder / "trainer_state.pt",
             )
 
         self.progress.enter("checkpointing", self.step)
@@ -336,7 +337,7 @@ class TrainingLoop:
         folder = latest_checkpoint(self.checkpoints)
         if folder is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoints}")
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        state = read_state(folder)
         self.trainer.load_state_dict(state["trainer"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]

@@ -10,11 +10,17 @@ step at once (FatalError, RewardError): nothing is applied for that step.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from rlhf.config.yaml_text import clip
 from services.trainer.orchestrator.peers import FatalError, PeerError, RewardTransport
+
+MAX_WEIGHT = 1e6
+"""Largest |weight| of a reward endpoint: the weighted sum stays far from float overflow."""
+_NAME = re.compile(r"[A-Za-z0-9._:@-]{0,64}")
 
 
 class RewardError(FatalError):
@@ -29,21 +35,37 @@ class EndpointSpec:
     weight: float = 1.0
     name: str = ""
 
+    def __post_init__(self) -> None:
+        """Refuses (ValueError) an address that is not HOST:PORT, a weight that is not finite
+        or above MAX_WEIGHT in size, and a name that is not a short plain label (it becomes a
+        metric key, env/reward/<name>)."""
+        host, _, port = self.address.rpartition(":")
+        if not host or len(self.address) > 255 or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"reward endpoint address {clip(self.address)}: expected HOST:PORT")
+        if not math.isfinite(self.weight) or abs(self.weight) > MAX_WEIGHT:
+            raise ValueError(
+                f"reward endpoint {clip(self.address)}: weight must be finite and at most "
+                f"{MAX_WEIGHT:g} in size, got {self.weight}"
+            )
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(
+                f"reward endpoint name {clip(self.name)}: use at most 64 letters, digits or "
+                "._:@- characters"
+            )
+
     @classmethod
     def parse(cls, text: str) -> EndpointSpec:
         """ "host:port", "host:port=0.2" or "name@host:port=0.2"."""
         name, _, rest = text.rpartition("@")
         address, _, weight = rest.partition("=")
         if ":" not in address:
-            raise ValueError(f"reward endpoint {text!r}: expected HOST:PORT[=WEIGHT]")
+            raise ValueError(f"reward endpoint {clip(text)}: expected HOST:PORT[=WEIGHT]")
         try:
             value = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(
-                f"reward endpoint {text!r}: weight {weight!r} is not a number"
+                f"reward endpoint {clip(text)}: weight {clip(weight)} is not a number"
             ) from None
-        if not math.isfinite(value):
-            raise ValueError(f"reward endpoint {text!r}: weight must be finite")
         return cls(address=address, weight=value, name=name)
 
     def __str__(self) -> str:
