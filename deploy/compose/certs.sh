@@ -10,14 +10,18 @@
 #   docker compose run --rm -e ROTATE=1 certs     new keys and certificates from the same CA;
 #                                                 then `docker compose restart` the services
 # A new CA: `docker compose down`, `docker volume rm <project>_ca`, `docker compose up`.
+# CA_DIR, OUT_DIR and OWNER are for tests/test_compose_config.py, which runs it outside docker.
 set -eu
 SERVICES=policy,reward,reward-b,trainer
 CLIENTS=admin
+CA=${CA_DIR:-/ca}
+OUT=${OUT_DIR:-/out}
+OWNER=${OWNER:-10001:10001}
 
-if [ ! -f /ca/ca.pem ]; then
-  rlhf certs --out /ca --services "$SERVICES" --clients "$CLIENTS"
+if [ ! -f "$CA/ca.pem" ]; then
+  rlhf certs --out "$CA" --services "$SERVICES" --clients "$CLIENTS"
 elif [ "${ROTATE:-0}" = 1 ]; then
-  rlhf certs --out /ca --services "$SERVICES" --clients "$CLIENTS" --force
+  rlhf certs --out "$CA" --services "$SERVICES" --clients "$CLIENTS" --force
 fi
 
 # put SOURCE DEST MODE: a fresh copy (never written through: DEST may be a reader's 0400 file),
@@ -26,15 +30,15 @@ put() {
   rm -f "$2"
   cp "$1" "$2"
   chmod "$3" "$2"
-  chown 10001:10001 "$2"
+  chown "$OWNER" "$2"
 }
 
-# issue FOLDER NAME: NAME's certificate and key, and the CA, into /out/FOLDER.
+# issue FOLDER NAME: NAME's certificate and key, and the CA, into $OUT/FOLDER.
 issue() {
-  mkdir -p "/out/$1"
-  put /ca/ca.pem "/out/$1/ca.crt" 0444
-  put "/ca/$2.pem" "/out/$1/tls.crt" 0444
-  put "/ca/$2.key" "/out/$1/tls.key" 0400
+  mkdir -p "$OUT/$1"
+  put "$CA/ca.pem" "$OUT/$1/ca.crt" 0444
+  put "$CA/$2.pem" "$OUT/$1/tls.crt" 0444
+  put "$CA/$2.key" "$OUT/$1/tls.key" 0400
   echo "certs: $2 -> volume folder $1"
 }
 
