@@ -12,8 +12,9 @@ authorisation on as the compose file sets them (certificates made at `up` by its
      over TLS) and depends_on bring them up in order.
   2. Strangers are refused UpdateWeights on the policy: a container with the admin certificate
      (PERMISSION_DENIED: only `trainer` may push), one with no certificate and one speaking
-     plaintext (both refused at the TLS handshake). The test itself reads the trainer from the
-     host with the admin certificate copied out of the stack.
+     plaintext (both refused at the TLS handshake); and StartRun on the trainer with the reward
+     service's certificate (PERMISSION_DENIED: only `admin` may). The test itself reads
+     the trainer from the host with the admin certificate copied out of the stack.
   3. The one-shot client service (the admin certificate) starts a 5-step run and follows it.
   4. After step 1 the policy container is paused (tiny steps take well under a second, so the
      run is held where it is: its next Generate or UpdateWeights waits on the frozen policy);
@@ -43,7 +44,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from rlhf.defaults import POLICY_PORT, REWARD_PORT, TRAINER_ADDRESS
+from rlhf.defaults import POLICY_PORT, REWARD_PORT, TRAINER_ADDRESS, TRAINER_PORT
 from rlhf.tls import TlsConfig, open_secure_channel
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from tools.launch import free_port
@@ -83,6 +84,21 @@ ways = {{
     "plaintext": TlsConfig(allow_plaintext=True),
 }}
 print(json.dumps({{way: push(cfg) for way, cfg in ways.items()}}))
+"""
+# Run in a one-shot of the certs service (which holds every certificate in /ca): StartRun on the
+# trainer with the reward service's certificate; only `admin` may call it. Prints the status name.
+START_RUN_AS_REWARD = f"""
+import grpc
+from rlhf.tls import TlsConfig, open_secure_channel
+from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
+cfg = TlsConfig(tls_cert="/ca/reward.pem", tls_key="/ca/reward.key", tls_ca="/ca/ca.pem")
+with open_secure_channel("trainer:{TRAINER_PORT}", cfg) as channel:
+    try:
+        trainer_pb2_grpc.TrainerServiceStub(channel).StartRun(
+            trainer_pb2.StartRunRequest(), timeout=30)
+        print("OK")
+    except grpc.RpcError as err:
+        print(err.code().name)
 """
 
 
@@ -275,7 +291,7 @@ def test_ppo_run_through_compose_with_swap_and_reward_restart(stack: Stack) -> N
 
 def _scenario(stack: Stack) -> None:
     _assert_all_healthy(stack)
-    _assert_strangers_cannot_push_weights(stack)
+    _assert_strangers_refused(stack)
     trainer = Trainer(stack.trainer_address, stack.admin_tls(stack.host_certs))
     client_proc = stack.popen("run", "--rm", "-T", "client")
     policy_id = stack.container("policy")
@@ -293,10 +309,11 @@ def _assert_all_healthy(stack: Stack) -> None:
         assert health == "healthy", (service, health)
 
 
-def _assert_strangers_cannot_push_weights(stack: Stack) -> None:
+def _assert_strangers_refused(stack: Stack) -> None:
     """Only the trainer's certificate may UpdateWeights: a one-shot container with the admin
     certificate is refused by the authorisation interceptor, one without a certificate or in
-    plaintext by the policy's mutual TLS (the handshake fails: UNAVAILABLE)."""
+    plaintext by the policy's mutual TLS (the handshake fails: UNAVAILABLE). Only the admin
+    certificate may StartRun: the reward service's is refused."""
     out = stack.run(
         "run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "client",
         "-c", PUSH_AS_STRANGER,
@@ -309,6 +326,13 @@ def _assert_strangers_cannot_push_weights(stack: Stack) -> None:
     assert answers["plaintext"] in ("UNAVAILABLE", "UNAUTHENTICATED"), answers
     refused = stack.log_records("policy", "call refused")
     assert any(r.get("code") == "PERMISSION_DENIED" for r in refused), refused
+    # Nor can another service of the stack drive runs: only admin may.
+    out = stack.run(
+        "run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "certs",
+        "-c", START_RUN_AS_REWARD,
+        timeout=180,
+    )  # fmt: skip
+    assert out.strip().splitlines()[-1] == "PERMISSION_DENIED", out
 
 
 def _swap_and_crash_mid_run(
