@@ -37,6 +37,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("swap-reward",), "services.trainer.api.commands:SwapReward", "point a run at other rewards"),
     (("models", "prepare"), "rlhf.models_cli", "convert the embedded default policy"),
     (("health",), "rlhf.health_cli", "exit 0 if a service's gRPC health is SERVING"),
+    (("certs",), "rlhf.certs_cli", "make a development CA and TLS certificates"),
     (("sft",), "tools.stages.cli:Sft", "supervised fine-tuning (TRL SFTTrainer)"),
     (("rm",), "tools.stages.cli:Rm", "train a reward model (TRL RewardTrainer)"),
     (("pipeline",), "tools.stages.cli:Pipeline", "SFT -> reward model -> PPO"),
