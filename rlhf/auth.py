@@ -142,15 +142,15 @@ class AuthInterceptor(grpc.ServerInterceptor):
         level = self.level(method)
         return level == WRITE or (level == READ and not self.read_open)
 
-    def check_reachable(self, services: Iterable[str] = ()) -> None:
-        """Raises AuthConfigError when some guarded RPC of `services` (full names; default:
-        every service in the table) has no way to be authorised: a server that can never
-        accept its mutating RPCs is a configuration mistake, said at start-up."""
-        served = set(services)
+    def check_reachable(self, services: Iterable[str] | None = None) -> None:
+        """Raises AuthConfigError when some guarded RPC of `services` (full names; None: every
+        service in the table) has no way to be authorised: a server that can never accept its
+        mutating RPCs is a configuration mistake, said at start-up."""
+        served = None if services is None else set(services)
         guarded = [
             m
             for m in self.table
-            if self.needs_identity(m) and (not served or m.split("/")[1] in served)
+            if self.needs_identity(m) and (served is None or m.split("/")[1] in served)
         ]
         if guarded and not self.identities and not self._digests:
             names = ", ".join(m.rsplit("/", 1)[-1] for m in guarded)
