@@ -187,7 +187,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
             self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, method, missing)
         reasons = []
         if certified:
-            shown = ", ".join(_short(i) for i in sorted(certified)[:3])
+            # Certificate names before the host names every service certificate carries.
+            ordered = sorted(certified, key=lambda i: (i in HOST_IDENTITIES or _is_ip(i), i))
+            shown = ", ".join(_short(i) for i in ordered[:3])
             reasons.append(f"client certificate identity ({shown}) is not in --allow-identity")
         if token is not None:
             reasons.append("the bearer token matches none in --auth-token-file")
