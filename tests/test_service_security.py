@@ -21,7 +21,7 @@ from rlhf.certs import make_certs
 from rlhf.channels import check_health, open_channel
 from rlhf.cli import main
 from rlhf.config import add_server_arguments, server_config
-from rlhf.config.security import AuthConfig, ClientConfig, TlsConfig
+from rlhf.config.security import LOCAL_HOSTS, AuthConfig, ClientConfig, TlsConfig
 from rlhf.config.server import ServerConfig
 from rlhf.defaults import LOOPBACK
 from rlhf.server import GrpcService, build_server
@@ -38,7 +38,7 @@ from services.trainer.api.service import servicers as trainer_servicers
 from services.trainer.config import TrainerServiceConfig
 from services.trainer.orchestrator.transports import GrpcPolicy
 from tests.test_grpcurl import GRPCURL
-from tools.launch import ADMIN, ALLOWED_CALLERS, LocalPki
+from tools.launch import ADMIN, ALLOWED_CALLERS, SERVICE_KINDS, LocalPki
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "trainer-token-0123456789abcdef"
@@ -55,7 +55,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> LocalPki:
 def other_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalPki:
     """Certificates with the same names from another CA (trusting ours: a stranger's client)."""
     folder = tmp_path_factory.mktemp("other")
-    make_certs(folder, ["policy", "reward", "trainer"], [ADMIN], ["localhost", LOOPBACK])
+    make_certs(folder, list(SERVICE_KINDS), [ADMIN], list(LOCAL_HOSTS))
     return LocalPki(folder)
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from rlhf.certs import make_certs
 from rlhf.channels import open_channel, wait_until_serving
-from rlhf.config.security import ClientConfig, TlsConfig
-from rlhf.defaults import LOOPBACK
+from rlhf.config.security import LOCAL_HOSTS, ClientConfig, TlsConfig
+from rlhf.defaults import DEFAULT_PORTS, LOOPBACK
 
 ADMIN = "admin"
 """The client identity the launcher's own clients (run control, probes) present."""
@@ -32,7 +32,8 @@ ADMIN = "admin"
 ALLOWED_CALLERS = {"policy": "trainer", "trainer": ADMIN}
 """Per service kind (the first word of its `rlhf` arguments): who may call its mutating RPCs."""
 
-SERVICE_KINDS = ("policy", "reward", "trainer")
+SERVICE_KINDS = tuple(DEFAULT_PORTS)
+"""policy, reward, trainer: each gets its own certificate."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class LocalPki:
     @classmethod
     def make(cls, folder: Path) -> LocalPki:
         """Writes them (the CA in `folder` is reused, the leaf certificates are renewed)."""
-        make_certs(folder, list(SERVICE_KINDS), [ADMIN], ["localhost", LOOPBACK], force=True)
+        make_certs(folder, list(SERVICE_KINDS), [ADMIN], list(LOCAL_HOSTS), force=True)
         return cls(folder)
 
     @property

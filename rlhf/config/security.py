@@ -10,8 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlhf.defaults import LOOPBACK
+
 READ_OPEN, READ_IDENTITY = "open", "identity"
 READ_ACCESS_MODES = (READ_OPEN, READ_IDENTITY)
+
+LOCAL_HOSTS = ("localhost", LOOPBACK)
+"""Names every development service certificate carries by default (`rlhf certs --hosts`):
+clients on the same host reach a service by either."""
 
 TLS_GROUP = "TLS"
 AUTH_GROUP = "authorisation"
