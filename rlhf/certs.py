@@ -50,6 +50,7 @@ CA_NAME = "ca"
 """File stem of the CA's certificate and key in the output folder."""
 
 CA_COMMON_NAME = "rlhf-services development CA"
+
 KEY_MODE = 0o600
 
 # A name becomes a file name and a DNS name: lowercase DNS-label characters only.
