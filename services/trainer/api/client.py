@@ -18,7 +18,10 @@ from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.orchestrator.rewards import EndpointSpec
 
 T = TypeVar("T")
-HINT = "is `rlhf trainer serve` running there? (--trainer / RLHF_TRAINER)"
+HINT = (
+    "is `rlhf trainer serve` running there? (--trainer / RLHF_TRAINER; a trainer serving TLS "
+    "also needs --tls-ca, --tls-cert, --tls-key)"
+)
 """What to check when no trainer answers at an address."""
 _UNREACHED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
