@@ -78,7 +78,7 @@ def main() -> int:
     from services.trainer.orchestrator.loop import TrainingLoop
     from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
     from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
-    from tools.launch import running_services
+    from tools.launch import LocalPki, running_services
 
     setup_logging("bench", "WARNING")
     work = Path(tempfile.mkdtemp(prefix="bench-loop-"))
@@ -108,12 +108,15 @@ def main() -> int:
         ("policy", ["policy", "serve", "--model", model]),
         ("reward", ["reward", "serve", "--backend", "vader"]),
     ]
-    with running_services(specs, work / "logs") as services:
+    pki = LocalPki.make(work / "certs")  # the services serve mutual TLS, as `make run` does
+    with running_services(specs, work / "logs", pki) as services:
 
         def grpc_loop() -> TrainingLoop:
-            mixer = RewardMixer(GrpcReward)
+            client = pki.client("trainer")
+            mixer = RewardMixer(lambda address: GrpcReward(address, client))
             mixer.set_endpoints([EndpointSpec(services["reward"].address)])
-            return TrainingLoop(config("grpc"), GrpcPolicy(services["policy"].address), mixer)
+            policy = GrpcPolicy(services["policy"].address, client)
+            return TrainingLoop(config("grpc"), policy, mixer)
 
         loops = {"local": local_loop(), "grpc": grpc_loop()}
         seconds, phases = _measure_alternating(loops, args.steps)

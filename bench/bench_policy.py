@@ -76,6 +76,7 @@ def serve(model: str) -> int:
     """Serves the PolicyService and the raw byte-stream handler; prints PORT n when ready."""
     import numpy as np
 
+    from rlhf.config.security import AuthConfig
     from rlhf.logs import setup_logging
     from rlhf.server import Registration, ServerConfig, build_server
     from services.policy.engine import PolicyEngine
@@ -108,7 +109,8 @@ def serve(model: str) -> int:
         None,
         "bench.RawStream",
     )
-    config = ServerConfig(host="127.0.0.1", port=0, workers=4)
+    # Plaintext loopback without authorisation: the wire's cost alone is measured here.
+    config = ServerConfig(host="127.0.0.1", port=0, workers=4, auth=AuthConfig(no_auth=True))
     service = build_server("policy", [*servicers(PolicyServicer(engine)), raw], config)
     print(f"PORT {service.port}", flush=True)
     service.wait_for_termination()

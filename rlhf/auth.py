@@ -23,7 +23,6 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,13 +30,12 @@ import grpc
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
+from rlhf.config.security import READ_ACCESS_MODES, READ_OPEN, AuthConfig
+
 log = logging.getLogger("rlhf.auth")
 
 PUBLIC, READ, WRITE = "public", "read", "write"
 ACCESS_LEVELS = (PUBLIC, READ, WRITE)
-
-READ_OPEN, READ_IDENTITY = "open", "identity"
-READ_ACCESS_MODES = (READ_OPEN, READ_IDENTITY)
 
 ALWAYS_PUBLIC_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
 """Probes and grpcurl must reach these whatever the table says."""
@@ -54,26 +52,6 @@ QUOTE_CHARS = 40
 
 class AuthConfigError(ValueError):
     """Authorisation settings that cannot work; the message names the flag."""
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    """Who may call this service's RPCs."""
-
-    allow_identity: str = ""
-    """Comma-separated client-certificate identities (e.g. trainer,admin) allowed to call the
-    mutating RPCs; needs mutual TLS (--tls-ca). Certificate names, not host names."""
-    auth_token_file: str = ""
-    """File with the bearer token(s) a caller may present instead (`authorization: Bearer
-    <token>`): one per line, at least 16 characters; two lines while rotating."""
-    read_access: str = READ_OPEN
-    """Read-only RPCs (Generate, Score, GetInfo, GetRun, WatchRun): "open" to any caller that
-    passed TLS, or "identity" to require an authorised identity like the mutating ones."""
-    no_auth: bool = False
-    """Turn authorisation off: every caller may call every RPC (local development only)."""
-
-    def identities(self) -> frozenset[str]:
-        return frozenset(p.strip() for p in self.allow_identity.split(",") if p.strip())
 
 
 def _is_ip(text: str) -> bool:
@@ -93,13 +71,15 @@ def _short(text: str) -> str:
     return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
 
 
-def read_tokens(path: str) -> tuple[bytes, ...]:
-    """The tokens in an operator's token file (blank lines and # comments skipped)."""
-    flag = "--auth-token-file"
+def read_tokens(path: str, flag: str = "--auth-token-file") -> tuple[bytes, ...]:
+    """The tokens in a token file (blank lines and # comments skipped); `flag` names the file
+    in errors (a server's --auth-token-file, a client's --token-file)."""
     try:
         text = Path(path).read_text(encoding="ascii")
     except FileNotFoundError:
         raise AuthConfigError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise AuthConfigError(f"{flag} {path}: is a folder, not a token file") from None
     except PermissionError:
         raise AuthConfigError(f"{flag} {path}: not readable by this process") from None
     except UnicodeDecodeError:
@@ -118,6 +98,11 @@ def read_tokens(path: str) -> tuple[bytes, ...]:
                 "print(secrets.token_urlsafe(32))'`)"
             )
     return tuple(t.encode("ascii") for t in tokens)
+
+
+def client_token(path: str) -> bytes:
+    """The token a client presents: the first in its --token-file."""
+    return read_tokens(path, "--token-file")[0]
 
 
 def _digest(token: bytes) -> bytes:
@@ -157,15 +142,15 @@ class AuthInterceptor(grpc.ServerInterceptor):
         level = self.level(method)
         return level == WRITE or (level == READ and not self.read_open)
 
-    def check_reachable(self, services: Iterable[str] = ()) -> None:
-        """Raises AuthConfigError when some guarded RPC of `services` (full names; default:
-        every service in the table) has no way to be authorised: a server that can never
-        accept its mutating RPCs is a configuration mistake, said at start-up."""
-        served = set(services)
+    def check_reachable(self, services: Iterable[str] | None = None) -> None:
+        """Raises AuthConfigError when some guarded RPC of `services` (full names; None: every
+        service in the table) has no way to be authorised: a server that can never accept its
+        mutating RPCs is a configuration mistake, said at start-up."""
+        served = None if services is None else set(services)
         guarded = [
             m
             for m in self.table
-            if self.needs_identity(m) and (not served or m.split("/")[1] in served)
+            if self.needs_identity(m) and (served is None or m.split("/")[1] in served)
         ]
         if guarded and not self.identities and not self._digests:
             names = ", ".join(m.rsplit("/", 1)[-1] for m in guarded)
@@ -202,7 +187,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
             self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, method, missing)
         reasons = []
         if certified:
-            shown = ", ".join(_short(i) for i in sorted(certified)[:3])
+            # Certificate names before the host names every service certificate carries.
+            ordered = sorted(certified, key=lambda i: (i in HOST_IDENTITIES or _is_ip(i), i))
+            shown = ", ".join(_short(i) for i in ordered[:3])
             reasons.append(f"client certificate identity ({shown}) is not in --allow-identity")
         if token is not None:
             reasons.append("the bearer token matches none in --auth-token-file")
@@ -355,3 +342,41 @@ def service_access_table(services: Iterable[str] = ()) -> dict[str, str]:
         for method in service.methods:
             table[method_path(full_name, method.name)] = WRITE if method.name in writes else READ
     return table
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, details: grpc.ClientCallDetails, metadata: list[tuple[str, str]]) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Client side: adds `authorization: Bearer <token>` to every call of a channel (metadata,
+    not call credentials, so it also works on a loopback plaintext channel)."""
+
+    def __init__(self, token: bytes) -> None:
+        self._entry = (AUTHORIZATION, f"Bearer {token.decode('ascii')}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details, [*(details.metadata or ()), self._entry])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from rlhf.config.security import LOCAL_HOSTS
+
 
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
@@ -41,7 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hosts",
         type=_names,
-        default="localhost,127.0.0.1",
+        default=",".join(LOCAL_HOSTS),
         help="comma-separated DNS names and IPs added to every service certificate "
         "(each service's own name is always in its own certificate; never list one here)",
     )

@@ -1,4 +1,5 @@
-"""Client channels: message limits for chunked weights; no retries of their own.
+"""Client channels: TLS and a bearer token per ClientConfig, message limits for chunked
+weights, no retries of their own.
 
 A call fails at once with the peer's status (UNAVAILABLE when nothing listens), and every call
 passes its own deadline (`timeout=`). Who retries decides that in one place: the trainer's loop
@@ -11,14 +12,24 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rlhf.auth import BearerToken, client_token
+from rlhf.config.security import ClientConfig
 from rlhf.server import GRPC_OPTIONS
+from rlhf.tls import open_secure_channel
+
+# Off altogether (not only unconfigured): no call is replayed behind its caller's back, and a
+# weight stream is never buffered for a replay.
+CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.enable_retries", 0)]
 
 
-def open_channel(address: str) -> grpc.Channel:
-    """An insecure channel to host:port with large message limits and gRPC's retries off."""
-    # Off altogether (not only unconfigured): no call is replayed behind its caller's back,
-    # and a weight stream is never buffered for a replay.
-    return grpc.insecure_channel(address, options=[*GRPC_OPTIONS, ("grpc.enable_retries", 0)])
+def open_channel(address: str, client: ClientConfig | None = None) -> grpc.Channel:
+    """A channel to host:port: TLS per `client.tls` (plaintext only where rlhf.tls allows it),
+    presenting `client.token_file`'s token on every call, with large message limits and gRPC's
+    retries off. Raises TlsConfigError / AuthConfigError for files that cannot work."""
+    client = client or ClientConfig()
+    token = client_token(client.token_file) if client.token_file else None
+    channel = open_secure_channel(address, client.tls, CHANNEL_OPTIONS)
+    return grpc.intercept_channel(channel, BearerToken(token)) if token else channel
 
 
 def check_health(channel: grpc.Channel, service: str = "", timeout_s: float = 2.0) -> str:

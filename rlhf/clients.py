@@ -1,4 +1,5 @@
-"""Typed clients of the policy and reward services: one channel each, a deadline on every call.
+"""Typed clients of the policy and reward services: one channel each (TLS and token per a
+ClientConfig, rlhf.channels), a deadline on every call.
 
 Nothing here retries (rlhf.channels): a failed call raises grpc.RpcError with the server's
 status and message, and the caller decides (the trainer's transports translate it into
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.channels import open_channel, wait_until_serving
+from rlhf.config.security import ClientConfig
 from rlhf.protocol import POLICY_SERVICE, REWARD_SERVICE
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 from rlhf.weights import CHUNK_BYTES, encode_weight_frames
@@ -30,10 +32,12 @@ class Deadlines:
 
 
 class PolicyClient:
-    def __init__(self, address: str, deadlines: Deadlines | None = None) -> None:
+    def __init__(
+        self, address: str, deadlines: Deadlines | None = None, client: ClientConfig | None = None
+    ) -> None:
         self.address = address
         self.deadlines = deadlines or Deadlines()
-        self.channel = open_channel(address)
+        self.channel = open_channel(address, client)
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
         # UpdateWeights fed with encode_weight_frames' ready-serialized chunks (same wire bytes
         # as stub.UpdateWeights with WeightChunk messages, two copies fewer per payload byte).
@@ -75,10 +79,12 @@ class PolicyClient:
 
 
 class RewardClient:
-    def __init__(self, address: str, deadlines: Deadlines | None = None) -> None:
+    def __init__(
+        self, address: str, deadlines: Deadlines | None = None, client: ClientConfig | None = None
+    ) -> None:
         self.address = address
         self.deadlines = deadlines or Deadlines()
-        self.channel = open_channel(address)
+        self.channel = open_channel(address, client)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         self.max_samples_per_call = 0
         """Samples per Score call, from info(); 0 until info() has been called: one call."""

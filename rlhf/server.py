@@ -1,9 +1,14 @@
 """Server bootstrap shared by the three services.
 
 Every service gets the same things: a thread-pool gRPC server with message limits sized for
-chunked weights, grpc.health.v1 (NOT_SERVING until its model is loaded, SERVING after,
-NOT_SERVING again while it drains), server reflection, and a graceful stop on SIGTERM/SIGINT
-that lets in-flight calls finish.
+chunked weights, TLS or mutual TLS (rlhf.tls; plaintext only on loopback or when asked for),
+the one authorisation interceptor (rlhf.auth: mutating RPCs need an authorised identity),
+grpc.health.v1 (NOT_SERVING until its model is loaded, SERVING after, NOT_SERVING again while
+it drains; always public), server reflection, and a graceful stop on SIGTERM/SIGINT that lets
+in-flight calls finish.
+
+Settings that cannot work stop the process before it serves, with the flag to fix: a port in
+use, unreadable certificates, mutating RPCs nobody could be authorised to call.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rlhf.auth import AuthConfigError, AuthInterceptor, auth_interceptor, service_access_table
+from rlhf.command_errors import CommandError
 from rlhf.config.server import ServerConfig
 from rlhf.defaults import LOOPBACK
+from rlhf.tls import TlsConfigError, add_port
 
 log = logging.getLogger("rlhf.server")
 
@@ -31,6 +39,9 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# gRPC shares a port with another process by default (SO_REUSEPORT): a second server on a port
+# in use would start and "serve" while the first one answers. Off, binding fails instead.
+SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 class Registration(NamedTuple):
@@ -60,11 +71,14 @@ class GrpcService:
     """One process's gRPC server: its servicers, health, reflection and graceful shutdown."""
 
     def __init__(self, name: str, config: ServerConfig) -> None:
+        """Raises AuthConfigError for authorisation settings that cannot work."""
         self.name = name
         self.config = config
+        self.auth = self._interceptor(config)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=name),
-            options=GRPC_OPTIONS,
+            options=SERVER_OPTIONS,
+            interceptors=[self.auth] if self.auth else [],
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -79,16 +93,30 @@ class GrpcService:
         add_fn(servicer, self.server)
         self.service_names.append(full_name)
 
+    @staticmethod
+    def _interceptor(config: ServerConfig) -> AuthInterceptor | None:
+        # The table covers the project's three services; start() checks those served.
+        interceptor = auth_interceptor(
+            config.auth, service_access_table(), mutual_tls=bool(config.tls.tls_ca)
+        )
+        if interceptor is None:
+            log.warning("authorisation is off (--no-auth): every caller may call every RPC")
+        return interceptor
+
     def start(self) -> int:
-        """Binds and starts serving; health reports NOT_SERVING until set_serving()."""
+        """Binds and starts serving; health reports NOT_SERVING until set_serving().
+
+        Raises AuthConfigError when a mutating RPC served here could never be authorised,
+        TlsConfigError for TLS settings that cannot work, OSError when the address cannot be
+        bound (a port in use)."""
+        if self.auth is not None:
+            self.auth.check_reachable(self.service_names)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
-        self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"{self.name}: cannot bind {address} (port in use?)")
+        self.port = add_port(self.server, address, self.config.tls)
         self.server.start()
         log.info("listening", extra={"address": f"{self.config.host}:{self.port}"})
         return self.port
@@ -137,6 +165,10 @@ def build_server(
     loopback port 0, a free port) with health SERVING, or NOT_SERVING until `set_serving()`
     when `serving` is False (a model still loading). Stop it with `stop()`.
 
+    The default config is plaintext on loopback with authorisation on, so a policy or trainer
+    service refuses to start without credentials; tests whose subject is not security pass
+    `ServerConfig(auth=AuthConfig(no_auth=True))`.
+
     run_service is this plus the load and the wait for SIGTERM; tests and benchmarks use it
     directly with `servicers(...)` of the service they start.
     """
@@ -158,9 +190,14 @@ def run_service(
     """The main of every service: start NOT_SERVING, load, report SERVING, serve until SIGTERM.
 
     A `load` that raises stops the process with the error logged: a service whose model does
-    not load never serves (there is no fallback).
+    not load never serves (there is no fallback). Security or bind settings that cannot work
+    end it before that, as a CommandError naming the flag to fix.
     """
-    service = build_server(name, registrations, config, serving=False)
+    try:
+        service = build_server(name, registrations, config, serving=False)
+    except (AuthConfigError, TlsConfigError, OSError) as err:
+        log.error("cannot start", extra={"reason": str(err)})
+        raise CommandError(str(err)) from None
     try:
         load()
     except Exception:

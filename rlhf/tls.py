@@ -25,6 +25,18 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from rlhf.config.security import TlsConfig
+
+__all__ = [
+    "TlsConfig",
+    "TlsConfigError",
+    "add_port",
+    "check_plaintext",
+    "is_loopback",
+    "open_secure_channel",
+    "server_credentials",
+]
+
 log = logging.getLogger("rlhf.tls")
 
 TARGET_NAME_OVERRIDE = "grpc.ssl_target_name_override"
@@ -35,30 +47,6 @@ LOOPBACK_NAMES = ("localhost",)
 
 class TlsConfigError(ValueError):
     """TLS settings that cannot work; the message names the flag and the file."""
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """How one process protects its gRPC traffic. Empty everywhere: plaintext (loopback only)."""
-
-    tls_cert: str = ""
-    """PEM certificate (chain) this process presents: a server's certificate, and a client's
-    certificate for mutual TLS. Needs --tls-key."""
-    tls_key: str = ""
-    """PEM private key (unencrypted, e.g. mounted from a Secret) of --tls-cert."""
-    tls_ca: str = ""
-    """PEM CA bundle. Server: accept only clients whose certificate one of these CAs signed
-    (mutual TLS). Client: the CAs that may sign the server's certificate."""
-    tls_server_name: str = ""
-    """Client only: the name the server's certificate must carry when it differs from the host
-    in the address (connecting by IP, through a port-forward). Empty: the address's host."""
-    allow_plaintext: bool = False
-    """Allow plaintext gRPC off loopback (a warning is logged). Never needed on 127.0.0.1."""
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any TLS file is set (then traffic is TLS, never plaintext)."""
-        return bool(self.tls_cert or self.tls_key or self.tls_ca)
 
 
 @dataclass(frozen=True)

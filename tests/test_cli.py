@@ -99,5 +99,6 @@ def test_the_process_prints_no_traceback(dead_address: str) -> None:
     assert done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         f"rlhf status: no trainer service answers at {dead_address} (UNAVAILABLE): is "
-        "`rlhf trainer serve` running there? (--trainer / RLHF_TRAINER)"
+        "`rlhf trainer serve` running there? (--trainer / RLHF_TRAINER; a trainer serving TLS "
+        "also needs --tls-ca, --tls-cert, --tls-key)"
     ]

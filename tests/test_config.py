@@ -21,6 +21,7 @@ from rlhf.config import (
     from_args,
     server_config,
 )
+from rlhf.defaults import LOOPBACK
 from services.policy.config import PolicyServiceConfig
 from services.reward.config import RewardServiceConfig
 from services.trainer.config import TrainConfig, TrainerServiceConfig, load_train_config
@@ -146,7 +147,7 @@ def test_server_flags_take_each_services_port(monkeypatch: pytest.MonkeyPatch) -
     assert (config.port, config.workers, config.host, config.log_level) == (
         5000,
         2,
-        "0.0.0.0",
+        LOOPBACK,
         "debug",
     )
     with pytest.raises(ValueError, match="log_level must be one of"):

@@ -21,6 +21,7 @@ from services.policy.server import servicers as policy_servicers
 from services.reward.backends.vader import VaderBackend
 from services.reward.server import RewardServicer, ScoreSettings
 from services.reward.server import servicers as reward_servicers
+from tests.servers import open_config
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
@@ -39,7 +40,9 @@ def test_grpcurl_lists_describes_and_calls_both_services(tiny_lm: Path) -> None:
     reward = build_server(
         "reward", reward_servicers(RewardServicer(ScoreSettings(), VaderBackend()))
     )
-    policy = build_server("policy", policy_servicers(PolicyServicer(PolicyEngine(str(tiny_lm)))))
+    policy = build_server(
+        "policy", policy_servicers(PolicyServicer(PolicyEngine(str(tiny_lm)))), open_config()
+    )
     try:
         r, p = f"127.0.0.1:{reward.port}", f"127.0.0.1:{policy.port}"
         listed = _grpcurl(p, "list").split()

@@ -24,6 +24,7 @@ from services.policy.server import servicers as policy_servicers
 from services.reward.backends.hf_classifier import HFClassifierBackend
 from services.reward.server import RewardServicer, ScoreSettings
 from services.reward.server import servicers as reward_servicers
+from tests.servers import open_config
 from tests.stage_data import PAIRS, write_jsonl, write_pair_data, write_sft_data
 from tools.stages import make_demo_preferences
 from tools.stages.reward_model import (
@@ -78,7 +79,7 @@ def test_sft_output_is_served_by_the_policy_service_and_its_loss_is_logged(
     # The folder as it is: the policy service loads it, chat template included, and generates.
     engine = PolicyEngine(str(out))
     assert engine.info().tokenizer.has_chat_template
-    config = ServerConfig(host=LOOPBACK, port=0, workers=2)
+    config = open_config(workers=2)
     service = build_server("policy", policy_servicers(PolicyServicer(engine)), config)
     channel = grpc.insecure_channel(f"{LOOPBACK}:{service.port}")
     try:

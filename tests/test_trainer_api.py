@@ -13,7 +13,7 @@ import pytest
 
 from bench.local_transports import LocalPolicy, LocalReward
 from rlhf.cli import main
-from rlhf.server import GrpcService, ServerConfig
+from rlhf.server import GrpcService
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.reward.backends.vader import VaderBackend
 from services.trainer.api.client import TrainerClient, TrainerError
@@ -25,6 +25,7 @@ from services.trainer.api.service import (
 from services.trainer.config import GenerationConfig, TrainerServiceConfig
 from services.trainer.orchestrator.peers import Rollout
 from services.trainer.orchestrator.progress import PHASES, Progress
+from tests.servers import open_config
 
 END = trainer_pb2.WATCH_EVENT_END
 
@@ -69,7 +70,7 @@ def trainer(policy: GatedPolicy, tmp_path: Path, tiny_lm: Path) -> Iterator[Trai
         ),
         transports,
     )
-    service = GrpcService("trainer", ServerConfig(host="127.0.0.1", port=0, grace_s=0))
+    service = GrpcService("trainer", open_config(grace_s=0))
     service.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, "trainer")
     port = service.start()
     service.set_serving()

@@ -5,7 +5,9 @@ single-logit classifier served by hf-classifier) plus a length rule; one trainer
 starts on A; after a step it is swapped to the weighted composition 1.0 x B + 0.2 x length:
 the weight version advances every step, the step counter and the KL controller carry on, the
 per-source statistics show the switch, a swap to a dead endpoint is refused, and StopRun
-answers at once while the run finishes the step in progress and checkpoints.
+answers at once while the run finishes the step in progress and checkpoints. Every process
+serves mutual TLS with the launcher's certificates (the trainer pushes weights as `trainer`,
+the test drives the run as `admin`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import yaml
 from rlhf.clients import PolicyClient
 from rlhf.v1 import policy_pb2, trainer_pb2
 from services.trainer.api.client import TrainerClient, TrainerError
-from tools.launch import free_port, running_services
+from tools.launch import LocalPki, free_port, running_services
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +55,8 @@ def test_ppo_run_across_processes_with_a_reward_swap(
             + ["--name", "rm", "--input", "prompt+response"],
         ),
     ]
-    with running_services(specs, tmp_path / "logs") as services:
+    pki = LocalPki.make(tmp_path / "certs")
+    with running_services(specs, tmp_path / "logs", pki) as services:
         trainer_args = [
             "trainer", "serve",
             "--policy", services["policy"].address,
@@ -62,8 +65,8 @@ def test_ppo_run_across_processes_with_a_reward_swap(
             "--model-root", str(tiny_lm),
             "--allowed-endpoints", "127.0.0.1:*",  # the swap's reward services
         ]  # fmt: skip
-        with running_services([("trainer", trainer_args)], tmp_path / "logs") as trainer:
-            client = TrainerClient(trainer["trainer"].address)
+        with running_services([("trainer", trainer_args)], tmp_path / "logs", pki) as trainer:
+            client = TrainerClient(trainer["trainer"].address, client=pki.client())
             status = client.start(
                 trainer_pb2.StartRunRequest(
                     run_id="it", config_yaml=_config(tiny_lm, tmp_path / "runs", steps=200)
@@ -131,7 +134,7 @@ def test_ppo_run_across_processes_with_a_reward_swap(
         assert at_swap.metrics["objective/kl_coef"] == pytest.approx(expected_beta, rel=1e-6)
 
         # The policy service serves the last version, and says so on Generate.
-        policy = PolicyClient(services["policy"].address)
+        policy = PolicyClient(services["policy"].address, client=pki.client())
         assert policy.info().weight_version == final.weight_version >= versions[-1]
         reply = policy.generate(["hello"], policy_pb2.GenerationParams(max_new_tokens=2, seed=1))
         assert reply.weight_version == final.weight_version

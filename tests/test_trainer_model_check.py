@@ -23,6 +23,7 @@ from services.trainer.config import TrainerServiceConfig, load_train_config
 from services.trainer.orchestrator.model_check import ModelMismatch, trainer_model_facts
 from services.trainer.orchestrator.peers import policy_facts
 from services.trainer.orchestrator.rewards import RewardMixer
+from tests.servers import open_config
 from tools.tiny import make_causal_lm
 
 
@@ -83,7 +84,9 @@ def test_training_loop_refuses_a_policy_serving_another_model(
 
 @pytest.fixture(scope="module")
 def policy_a(tiny_lm: Path) -> Iterator[str]:
-    service = build_server("policy", servicers(PolicyServicer(PolicyEngine(str(tiny_lm)))))
+    service = build_server(
+        "policy", servicers(PolicyServicer(PolicyEngine(str(tiny_lm)))), open_config()
+    )
     yield f"127.0.0.1:{service.port}"
     service.stop(grace_s=0)
 

@@ -24,6 +24,7 @@ from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
 from services.trainer.orchestrator.peers import FatalError, TransientError, VersionConflict
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
+from tests.servers import open_config
 
 REPO = Path(__file__).resolve().parents[1]
 Code = grpc.StatusCode
@@ -168,7 +169,7 @@ def test_policy_facts_are_read_once_per_connection(tiny_lm: Path) -> None:
         return info()
 
     engine.info = counted  # type: ignore[method-assign]
-    service = build_server("policy", servicers(PolicyServicer(engine)))
+    service = build_server("policy", servicers(PolicyServicer(engine)), open_config())
     policy = GrpcPolicy(f"127.0.0.1:{service.port}")
     try:
         facts = policy.facts()
@@ -203,7 +204,9 @@ def test_the_policy_services_log_probs_reach_the_loop(tiny_lm: Path, tmp_path: P
     from bench.local_transports import LocalReward
     from services.reward.backends.vader import VaderBackend
 
-    service = build_server("policy", servicers(PolicyServicer(PolicyEngine(str(tiny_lm)))))
+    service = build_server(
+        "policy", servicers(PolicyServicer(PolicyEngine(str(tiny_lm)))), open_config()
+    )
     config = load_train_config(
         None,
         [
@@ -241,7 +244,7 @@ def test_a_policy_refusal_fails_the_step_at_once(tiny_lm: Path, tmp_path: Path) 
     from services.reward.backends.vader import VaderBackend
 
     engine = PolicyEngine(str(tiny_lm), limits=EngineLimits(max_new_tokens_cap=2))
-    service = build_server("policy", servicers(PolicyServicer(engine)))
+    service = build_server("policy", servicers(PolicyServicer(engine)), open_config())
     config = load_train_config(
         None,
         [f"model_name={tiny_lm}", "batch_size=2", "mini_batch_size=1", "log_with=jsonl"]

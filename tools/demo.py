@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rlhf.clients import PolicyClient, RewardClient
 from rlhf.v1 import policy_pb2
-from tools.launch import describe, running_services
+from tools.launch import LocalPki, describe, running_services
 
 PROMPTS = [
     "Write one sentence about a rainy Monday morning.",
@@ -29,10 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         ("policy", ["policy", "serve", "--model", args.model]),
         ("reward", ["reward", "serve", "--backend", "vader", "--input", "response"]),
     ]
-    with running_services(specs, args.log_dir) as services:
+    pki = LocalPki.make(args.log_dir / "certs")  # mutual TLS between the demo's processes
+    with running_services(specs, args.log_dir, pki) as services:
         print(f"services up:\n{describe(services.values())}", flush=True)
-        policy = PolicyClient(services["policy"].address)
-        reward = RewardClient(services["reward"].address)
+        policy = PolicyClient(services["policy"].address, client=pki.client())
+        reward = RewardClient(services["reward"].address, client=pki.client())
         info = policy.info()
         print(
             f"policy  {services['policy'].address}: {info.model} on {info.device}/{info.dtype}, "

@@ -1,7 +1,11 @@
 """Start services as separate OS processes on localhost, wait for them, stop them cleanly.
 
 Used by `make run`, the integration tests and the benchmarks: each service runs exactly as a
-user would run it (`rlhf <service> serve ...`), in its own process.
+user would run it (`rlhf <service> serve ...`), in its own process, with mutual TLS: a
+development CA and certificates are made for the stack (LocalPki, rlhf.certs), every service
+serves with its own certificate, the policy service lets only the identity `trainer` push
+weights and the trainer's control API only `admin` (the certificate the launcher's clients
+present). Reward services answer any client the CA signed.
 """
 
 from __future__ import annotations
@@ -17,14 +21,63 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
+from rlhf.certs import make_certs
+from rlhf.channels import open_channel, wait_until_serving
+from rlhf.config.security import LOCAL_HOSTS, ClientConfig, TlsConfig
+from rlhf.defaults import DEFAULT_PORTS, LOOPBACK
 
-from rlhf.channels import wait_until_serving
+ADMIN = "admin"
+"""The client identity the launcher's own clients (run control, probes) present."""
+
+ALLOWED_CALLERS = {"policy": "trainer", "trainer": ADMIN}
+"""Per service kind (the first word of its `rlhf` arguments): who may call its mutating RPCs."""
+
+SERVICE_KINDS = tuple(DEFAULT_PORTS)
+"""policy, reward, trainer: each gets its own certificate."""
+
+
+@dataclass(frozen=True)
+class LocalPki:
+    """A development CA and a certificate per service kind and for ADMIN, in `folder`."""
+
+    folder: Path
+
+    @classmethod
+    def make(cls, folder: Path) -> LocalPki:
+        """Writes them (the CA in `folder` is reused, the leaf certificates are renewed)."""
+        make_certs(folder, list(SERVICE_KINDS), [ADMIN], list(LOCAL_HOSTS), force=True)
+        return cls(folder)
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.pem"
+
+    def tls(self, name: str) -> TlsConfig:
+        """NAME's certificate and key, trusting the stack's CA."""
+        cert, key = self.folder / f"{name}.pem", self.folder / f"{name}.key"
+        return TlsConfig(tls_cert=str(cert), tls_key=str(key), tls_ca=str(self.ca))
+
+    def client(self, name: str = ADMIN) -> ClientConfig:
+        """What a client presenting NAME's certificate uses (`trainer` may UpdateWeights)."""
+        return ClientConfig(tls=self.tls(name))
+
+    def serve_flags(self, kind: str) -> list[str]:
+        """`rlhf KIND serve` flags: mutual TLS with KIND's certificate and its allow-list."""
+        if kind not in SERVICE_KINDS:
+            raise ValueError(f"no certificate for a {kind!r} service; kinds: {SERVICE_KINDS}")
+        tls = self.tls(kind)
+        flags = ["--tls-cert", tls.tls_cert, "--tls-key", tls.tls_key, "--tls-ca", tls.tls_ca]
+        if kind in ALLOWED_CALLERS:
+            flags += ["--allow-identity", ALLOWED_CALLERS[kind]]
+        return flags
+
+    def grpcurl_flags(self, name: str = ADMIN) -> str:
+        return f"-cacert {self.ca} -cert {self.folder / name}.pem -key {self.folder / name}.key"
 
 
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
 
 
@@ -60,16 +113,23 @@ def start_service(
     port: int | None = None,
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 600.0,
+    pki: LocalPki | None = None,
 ) -> ServiceProcess:
     """Runs `rlhf <args> --host 127.0.0.1 --port P` and waits until its health is SERVING.
 
+    With `pki`, the service serves mutual TLS with the certificate of its kind (`args[0]`) and
+    that kind's allow-list (LocalPki.serve_flags); without, plaintext (the args say the rest).
     Output goes to log_dir/<name>.log. Raises RuntimeError with the log's tail if the process
     exits or does not become ready in time.
     """
     port = port or free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    command = [sys.executable, "-m", "rlhf.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
+    security = pki.serve_flags(args[0]) if pki else []
+    command = [
+        *(sys.executable, "-m", "rlhf.cli", *args, *security),
+        *("--host", LOOPBACK, "--port", str(port)),
+    ]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             command,
@@ -77,8 +137,8 @@ def start_service(
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-    service = ServiceProcess(name, f"127.0.0.1:{port}", process, log_path)
-    channel = grpc.insecure_channel(service.address)
+    service = ServiceProcess(name, f"{LOOPBACK}:{port}", process, log_path)
+    channel = open_channel(service.address, pki.client() if pki else None)
     deadline = time.monotonic() + ready_timeout_s
     try:
         while True:
@@ -107,13 +167,15 @@ def describe(services: Iterable[ServiceProcess]) -> str:
 
 @contextmanager
 def running_services(
-    specs: Sequence[tuple[str, Sequence[str]]], log_dir: Path
+    specs: Sequence[tuple[str, Sequence[str]]], log_dir: Path, pki: LocalPki | None = None
 ) -> Iterator[dict[str, ServiceProcess]]:
-    """Starts each (name, args) service in turn; stops them all on exit, also on errors."""
+    """Starts each (name, args) service in turn, with mutual TLS from `pki` (default: one made
+    in log_dir/certs); stops them all on exit, also on errors."""
+    pki = pki or LocalPki.make(log_dir / "certs")
     with ExitStack() as stack:
         started: dict[str, ServiceProcess] = {}
         for name, args in specs:
-            service = start_service(name, args, log_dir)
+            service = start_service(name, args, log_dir, pki=pki)
             stack.callback(service.stop)
             started[name] = service
         yield started

@@ -59,15 +59,17 @@ def run_ppo_job(
     from services.trainer.api.client import TrainerClient
     from services.trainer.api.commands import watch_run
     from services.trainer.orchestrator.metrics import read_metrics
-    from tools.launch import describe, running_services
+    from tools.launch import LocalPki, describe, running_services
 
     run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S")
     logs = output_dir / run_id / "logs"
     print(f"starting policy, reward and trainer services (logs in {logs}) ...", flush=True)
     started = time.monotonic()
+    # Mutual TLS between the three: a development CA and certificates for this run.
+    pki = LocalPki.make(output_dir / run_id / "certs")
     specs = [("policy", ["policy", "serve", "--model", model])]
     specs += [(r.name, r.args) for r in rewards]
-    with running_services(specs, logs) as services:
+    with running_services(specs, logs, pki) as services:
         endpoints = [
             trainer_pb2.RewardEndpoint(address=services[r.name].address, weight=r.weight)
             for r in rewards
@@ -84,11 +86,14 @@ def run_ppo_job(
         ]
         if Path(model).is_dir():  # the trainer loads only models inside its --model-root
             trainer_args += ["--model-root", model]
-        with running_services([("trainer", trainer_args)], logs) as trainer:
+        with running_services([("trainer", trainer_args)], logs, pki) as trainer:
             address = trainer["trainer"].address
             print(f"services up:\n{describe([*services.values(), trainer['trainer']])}")
-            print(f"  e.g. grpcurl -plaintext {address} {TRAINER_SERVICE}/GetRun", flush=True)
-            client = TrainerClient(address)
+            print(
+                f"  e.g. grpcurl {pki.grpcurl_flags()} {address} {TRAINER_SERVICE}/GetRun",
+                flush=True,
+            )
+            client = TrainerClient(address, client=pki.client())
             # The addresses travel in the request too: a config's run.policy / run.rewards
             # would otherwise win over the trainer's defaults.
             request = trainer_pb2.StartRunRequest(

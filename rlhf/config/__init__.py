@@ -4,6 +4,8 @@
 - `sections`: a config of sections: YAML text, `section.field=value` overrides, validation.
 - `flags`: argparse flags `--field-name` with RLHF_FIELD_NAME defaults, generated from a class.
 - `server`: ServerConfig, the listening settings every service shares.
+- `security`: TlsConfig and AuthConfig (inside ServerConfig), ClientConfig (clients' TLS and
+  bearer token).
 
 Torch- and grpc-free: `rlhf --help` and config parsing import it.
 """

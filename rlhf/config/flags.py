@@ -7,6 +7,7 @@ docstring, its default and its variable. The prefix keeps clear of the `<SERVICE
 variables Kubernetes injects.
 
 Field metadata refines a flag: `choices` (allowed values) and `group` (a help section title).
+A field whose type is a dataclass contributes that class's fields, flat (no prefix).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 from rlhf.config.fields import coerce_value, field_docs, field_types, split_optional
@@ -105,33 +106,67 @@ def _option(
 
 
 def add_dataclass_arguments(
-    parser: argparse.ArgumentParser, cls: type, defaults: Mapping[str, Any] | None = None
+    parser: argparse.ArgumentParser,
+    cls: type,
+    defaults: Mapping[str, Any] | None = None,
+    exclude: Collection[str] = (),
 ) -> None:
     """Adds `--field-name` for every init field of dataclass `cls` (dest: the field name).
 
     `defaults` replaces some fields' defaults (e.g. each service's own port). Booleans are
-    switches: `--flag` (and `--no-flag` when the default is true)."""
+    switches: `--flag` (and `--no-flag` when the default is true). A field whose type is a
+    dataclass adds its own fields' flags, flat (ServerConfig.tls gives --tls-cert), under its
+    `group`. Fields named in `exclude` (at any depth) get no flag."""
+    _add_fields(parser, cls, defaults or {}, frozenset(exclude), None)
+
+
+def _group(parser: argparse.ArgumentParser, title: str) -> Any:
+    """The parser's help section `title`, made on first use (shared by several classes)."""
+    for group in parser._action_groups:  # argparse keeps no public index of its groups
+        if group.title == title:
+            return group
+    return parser.add_argument_group(title)
+
+
+def _add_fields(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    defaults: Mapping[str, Any],
+    exclude: frozenset[str],
+    inherited_group: str | None,
+) -> None:
     docs, types_ = field_docs(cls), field_types(cls)
-    groups: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
-        if not field.init:
+        if not field.init or field.name in exclude:
+            continue
+        title = field.metadata.get("group", inherited_group)
+        annotation = split_optional(types_[field.name])[0]
+        if dataclasses.is_dataclass(annotation):
+            _add_fields(parser, annotation, defaults, exclude, title)
             continue
         flag = "--" + field.name.replace("_", "-")
         env, doc = env_name(flag), docs.get(field.name, "")
-        default = _default(field, defaults or {})
-        if split_optional(types_[field.name])[0] is bool:
+        default = _default(field, defaults)
+        if annotation is bool:
             kwargs = _switch(doc, default, env)
         else:
             kwargs = _option(field, types_[field.name], doc, default, env)
         kwargs["help"] = kwargs["help"].replace("%", "%%")
-        title = field.metadata.get("group")
-        if title and title not in groups:
-            groups[title] = parser.add_argument_group(title)
-        (groups[title] if title else parser).add_argument(flag, dest=field.name, **kwargs)
+        (_group(parser, title) if title else parser).add_argument(flag, dest=field.name, **kwargs)
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
     """The `cls` instance that parsed `add_dataclass_arguments` flags describe (validated by the
-    class's own __post_init__)."""
-    names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
-    return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    class's own __post_init__). Nested dataclass fields are built from the same flat flags;
+    a field without a flag keeps its default."""
+    values: dict[str, Any] = {}
+    types_ = field_types(cls)
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if not field.init:
+            continue
+        annotation = split_optional(types_[field.name])[0]
+        if dataclasses.is_dataclass(annotation):
+            values[field.name] = from_args(annotation, args)  # type: ignore[arg-type]
+        elif hasattr(args, field.name):
+            values[field.name] = getattr(args, field.name)
+    return cls(**values)

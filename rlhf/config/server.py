@@ -1,14 +1,16 @@
-"""ServerConfig: where and how a service listens (grpc-free, so `--help` needs no grpc)."""
+"""ServerConfig: where and how a service listens, and who may call it (grpc-free, so `--help`
+needs no grpc)."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlhf.config.checks import at_least, choice_problems
 from rlhf.config.flags import add_dataclass_arguments, from_args
 from rlhf.config.sections import check
-from rlhf.defaults import POLICY_PORT
+from rlhf.config.security import AUTH_GROUP, SERVER_ONLY_TLS, TLS_GROUP, AuthConfig, TlsConfig
+from rlhf.defaults import LOOPBACK, POLICY_PORT
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -17,8 +19,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 class ServerConfig:
     """Where and how a service listens. Flags and RLHF_* env vars of the same names set it."""
 
-    host: str = "0.0.0.0"
-    """Interface to bind; 0.0.0.0 for all, 127.0.0.1 for loopback only."""
+    host: str = LOOPBACK
+    """Interface to bind: loopback only unless set (0.0.0.0 for all interfaces, as containers
+    need); off loopback, traffic must be TLS or --allow-plaintext given."""
     port: int = POLICY_PORT
     """TCP port; 0 picks a free one (the chosen port is logged and returned by start())."""
     workers: int = 8
@@ -27,6 +30,11 @@ class ServerConfig:
     """Seconds in-flight calls get to finish after SIGTERM."""
     log_level: str = "INFO"
     """Lowest level of the JSON log lines on stderr: DEBUG, INFO, WARNING, ERROR (any case)."""
+    tls: TlsConfig = field(default_factory=TlsConfig, metadata={"group": TLS_GROUP})
+    """TLS of the listening port (its flags: --tls-cert, --tls-key, --tls-ca,
+    --allow-plaintext)."""
+    auth: AuthConfig = field(default_factory=AuthConfig, metadata={"group": AUTH_GROUP})
+    """Who may call which RPC (--allow-identity, --auth-token-file, --read-access, --no-auth)."""
 
     def __post_init__(self) -> None:
         check(self, "server settings")
@@ -37,8 +45,11 @@ class ServerConfig:
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
-    """--host, --port (default: the service's own), --workers, --grace-s, --log-level."""
-    add_dataclass_arguments(parser, ServerConfig, defaults={"port": default_port})
+    """--host, --port (default: the service's own), --workers, --grace-s, --log-level, and the
+    TLS and authorisation flags."""
+    add_dataclass_arguments(
+        parser, ServerConfig, defaults={"port": default_port}, exclude=SERVER_ONLY_TLS
+    )
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:

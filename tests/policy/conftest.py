@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from rlhf.clients import PolicyClient
-from rlhf.server import GrpcService, ServerConfig, build_server
+from rlhf.server import GrpcService, build_server
 from services.policy.engine import PolicyEngine
 from services.policy.server import PolicyServicer, servicers
 from tests.policy.common import LIMITS
+from tests.servers import open_config
 from tools.tiny import make_causal_lm
 
 
@@ -38,7 +39,7 @@ def other_weights(other_engine: PolicyEngine) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="package")
 def service(engine: PolicyEngine) -> Iterator[GrpcService]:
-    config = ServerConfig(host="127.0.0.1", port=0, workers=4)
+    config = open_config(workers=4)
     svc = build_server("policy", servicers(PolicyServicer(engine)), config)
     yield svc
     svc.stop(grace_s=0)

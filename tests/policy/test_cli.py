@@ -15,6 +15,7 @@ import pytest
 
 from rlhf.clients import PolicyClient
 from tests.policy.common import params
+from tests.servers import NO_AUTH_FLAG
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _serve(*flags: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "rlhf.cli", "policy", "serve", *flags],
+        [sys.executable, "-m", "rlhf.cli", "policy", "serve", NO_AUTH_FLAG, *flags],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -18,6 +18,7 @@ from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.policy.engine import PolicyEngine
 from services.policy.server import PolicyServicer, servicers
 from tests.policy.common import PROMPTS, Code, params, tokens
+from tests.servers import open_config
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def test_reflection_lists_the_services(service: GrpcService) -> None:
 def test_not_serving_until_loaded(engine: PolicyEngine) -> None:
     """As in run_service: bound and NOT_SERVING while loading (calls UNAVAILABLE), then SERVING."""
     servicer = PolicyServicer()
-    svc = build_server("policy", servicers(servicer), serving=False)
+    svc = build_server("policy", servicers(servicer), open_config(), serving=False)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)

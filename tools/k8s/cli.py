@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from rlhf.config import add_dataclass_arguments, from_args
+from rlhf.config.security import ClientConfig
 from rlhf.defaults import REWARD_PORT, TRAINER_PORT
 from tools.k8s import manifests
 
@@ -134,6 +136,7 @@ class Status:
             f"`kubectl port-forward svc/trainer {TRAINER_PORT}`): also show the run's step",
         )
         parser.add_argument("--run-id", default="", help="the run (default: the latest)")
+        add_dataclass_arguments(parser, ClientConfig)  # the trainer's TLS and token
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
@@ -149,15 +152,15 @@ class Status:
         if not rows:
             print(f"(no pods labelled {PART_OF} in {namespace})")
         if args.trainer:
-            return _run_status(args.trainer, args.run_id)
+            return _run_status(args.trainer, args.run_id, from_args(ClientConfig, args))
         return 0
 
 
-def _run_status(address: str, run_id: str) -> int:
+def _run_status(address: str, run_id: str, security: ClientConfig) -> int:
     from rlhf.v1 import trainer_pb2
     from services.trainer.api.client import TrainerClient
 
-    trainer = TrainerClient(address, timeout_s=10.0)
+    trainer = TrainerClient(address, timeout_s=10.0, client=security)
     try:
         status = trainer.get(run_id)  # a failure is a TrainerError: rlhf prints its one line
     finally:
@@ -186,13 +189,14 @@ class SwapReward:
             f"localhost:{TRAINER_PORT} through `kubectl port-forward svc/trainer {TRAINER_PORT}`)",
         )
         parser.add_argument("--run-id", default="", help="the run (default: the latest)")
+        add_dataclass_arguments(parser, ClientConfig)  # the trainer's TLS and token
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from services.trainer.api.client import TrainerClient
 
         endpoints = [manifests.with_default_port(e) for e in args.endpoints]
-        trainer = TrainerClient(args.trainer)
+        trainer = TrainerClient(args.trainer, client=from_args(ClientConfig, args))
         try:
             reply = trainer.swap(args.run_id, endpoints)  # TrainerError: rlhf prints it
         finally:

@@ -13,11 +13,15 @@ import grpc
 
 from rlhf.channels import open_channel
 from rlhf.command_errors import CommandError
+from rlhf.config.security import ClientConfig
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.orchestrator.rewards import EndpointSpec
 
 T = TypeVar("T")
-HINT = "is `rlhf trainer serve` running there? (--trainer / RLHF_TRAINER)"
+HINT = (
+    "is `rlhf trainer serve` running there? (--trainer / RLHF_TRAINER; a trainer serving TLS "
+    "also needs --tls-ca, --tls-cert, --tls-key)"
+)
 """What to check when no trainer answers at an address."""
 _UNREACHED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -38,9 +42,16 @@ class TrainerError(CommandError):
 
 
 class TrainerClient:
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, address: str, timeout_s: float = 30.0, client: ClientConfig | None = None
+    ) -> None:
+        """`client`: TLS and token of the channel (default: plaintext, loopback only); TLS or
+        token files that cannot work raise CommandError naming the flag."""
         self.address = address
-        self.channel = open_channel(address)
+        try:
+            self.channel = open_channel(address, client)
+        except ValueError as err:  # TlsConfigError, AuthConfigError
+            raise CommandError(str(err)) from None
         self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
         self.timeout_s = timeout_s
 

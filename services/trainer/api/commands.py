@@ -3,6 +3,10 @@
 Clients of the trainer's control API (TrainerService). Import-light (no torch here): the heavy
 imports happen inside `run`. Failures reach the user as `CommandError` (TrainerClient raises
 `TrainerError`, one of them): the `rlhf` entry point prints its one line.
+
+Every command takes the client TLS flags (--tls-cert, --tls-key, --tls-ca, --tls-server-name,
+--allow-plaintext) and --token-file, generated from ClientConfig (RLHF_* variables too); `rlhf
+train` without --trainer uses them for its channels to the policy and reward services.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import argparse
 import sys
 
 from rlhf.command_errors import CommandError
-from rlhf.config import add_env_argument
+from rlhf.config import add_dataclass_arguments, add_env_argument, from_args
+from rlhf.config.security import ClientConfig
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS, TRAINER_ADDRESS
 
 
@@ -19,6 +24,7 @@ def _add_trainer_address(parser: argparse.ArgumentParser) -> None:
     add_env_argument(
         parser, "--trainer", default=TRAINER_ADDRESS, help="host:port of the trainer service"
     )
+    add_dataclass_arguments(parser, ClientConfig)
 
 
 def _add_run_id(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +34,7 @@ def _add_run_id(parser: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace):  # noqa: ANN202 - a TrainerClient (imported lazily)
     from services.trainer.api.client import TrainerClient
 
-    return TrainerClient(args.trainer)
+    return TrainerClient(args.trainer, client=from_args(ClientConfig, args))
 
 
 # --- rlhf train ----------------------------------------------------------------------------------
@@ -76,6 +82,7 @@ class Train:
         parser.add_argument(
             "--detach", action="store_true", help="start on the trainer, don't watch"
         )
+        add_dataclass_arguments(parser, ClientConfig)
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
@@ -91,14 +98,18 @@ class Train:
         return _train_here(args, overrides)
 
 
-def _require_serving(what: str, address: str, flags: str) -> None:
+def _require_serving(what: str, address: str, flags: str, client: ClientConfig) -> None:
     """Fails at once, in one line, when no service answers at `address` (before any model
     loads)."""
     import grpc
 
-    from rlhf.channels import check_health
+    from rlhf.channels import check_health, open_channel
 
-    with grpc.insecure_channel(address) as channel:
+    try:
+        channel = open_channel(address, client)
+    except ValueError as err:  # TLS or token files that cannot work, named with their flag
+        raise CommandError(str(err)) from None
+    with channel:
         try:
             check_health(channel, timeout_s=5.0)
         except grpc.RpcError as err:
@@ -127,11 +138,12 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     config.run.rewards = config.run.rewards or [REWARD_ADDRESS]
     config.run.output_dir = config.run.output_dir or DEFAULT_OUTPUT_DIR
     specs = [EndpointSpec.parse(r) for r in config.run.rewards]
-    _require_serving("policy", config.run.policy, "--policy / run.policy")
+    client = from_args(ClientConfig, args)
+    _require_serving("policy", config.run.policy, "--policy / run.policy", client)
     for spec in specs:
-        _require_serving("reward", spec.address, "--reward / run.rewards")
-    mixer = connect_rewards(specs)
-    policy = GrpcPolicy(config.run.policy)
+        _require_serving("reward", spec.address, "--reward / run.rewards", client)
+    mixer = connect_rewards(specs, client)
+    policy = GrpcPolicy(config.run.policy, client)
     loop = TrainingLoop(config, policy, mixer, resume=args.resume)
     display = ProgressDisplay(config.run.steps, initial=loop.step)
     loop.progress.listeners.append(

@@ -5,6 +5,10 @@ into TransientError (UNAVAILABLE, DEADLINE_EXCEEDED) or FatalError (any other st
 message that names the peer and quotes its own status message. They do not retry: the loop's
 retry with backoff is the one retry layer. The benchmark's in-process twins live in
 bench/local_transports.py.
+
+Every channel is opened per a ClientConfig (TLS, bearer token): the one passed in, else the
+process's outbound identity that `rlhf trainer serve` sets once with `set_outbound` (the
+trainer's own certificate, which the policy service allows to UpdateWeights).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import grpc
 import torch
 
 from rlhf.clients import PolicyClient, RewardClient
+from rlhf.config.security import ClientConfig
 from rlhf.v1 import policy_pb2
 from services.trainer.config import GenerationConfig
 from services.trainer.orchestrator.peers import (
@@ -31,6 +36,29 @@ from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 """Statuses that say the peer was not reached or did not answer in time."""
+
+_outbound = ClientConfig()
+"""TLS and token of this process's channels to its peers when a transport is given none."""
+
+
+def set_outbound(client: ClientConfig) -> None:
+    """Sets the process's outbound TLS and token (once, at start: `rlhf trainer serve`)."""
+    global _outbound
+    _outbound = client
+
+
+def _client_config(client: ClientConfig | None) -> ClientConfig:
+    return client if client is not None else _outbound
+
+
+@contextmanager
+def _connecting(peer: str) -> Iterator[None]:
+    """TLS or token settings that cannot reach `peer` (a missing file, plaintext off loopback)
+    fail the run with their own message, like a peer that refuses."""
+    try:
+        yield
+    except ValueError as err:  # TlsConfigError, AuthConfigError
+        raise FatalError(f"cannot connect to {peer}: {err}", peer) from None
 
 
 def generation_params(gen: GenerationConfig, seed: int) -> policy_pb2.GenerationParams:
@@ -78,9 +106,10 @@ def _calling(
 class GrpcPolicy:
     """The policy service; its facts are read once per connection."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, client: ClientConfig | None = None) -> None:
         self.address = address
-        self.client = PolicyClient(address)
+        with _connecting(address):
+            self.client = PolicyClient(address, client=_client_config(client))
         self._facts: PolicyFacts | None = None
 
     def facts(self, fresh: bool = False) -> PolicyFacts:
@@ -127,9 +156,10 @@ class GrpcPolicy:
 class GrpcReward:
     """One reward service."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, client: ClientConfig | None = None) -> None:
         self.address = address
-        self.client = RewardClient(address)
+        with _connecting(address):
+            self.client = RewardClient(address, client=_client_config(client))
 
     def name(self) -> str:
         with _calling(self.address, "GetInfo"):
@@ -143,21 +173,24 @@ class GrpcReward:
         self.client.close()
 
 
-def connect_rewards(specs: list[EndpointSpec]) -> RewardMixer:
+def connect_rewards(specs: list[EndpointSpec], client: ClientConfig | None = None) -> RewardMixer:
     """A mixer over gRPC reward endpoints, each probed first."""
-    mixer = RewardMixer(GrpcReward)
+    mixer = RewardMixer(lambda address: GrpcReward(address, client))
     mixer.set_endpoints(specs)
     return mixer
 
 
-def served_model_check(address: str, model_name: str) -> None:
+def served_model_check(address: str, model_name: str, client: ClientConfig | None = None) -> None:
     """StartRun's pre-flight: raises ModelMismatch when the policy service at `address` serves
     another model than `model_name`. Where a side's facts cannot be had (the service does not
     answer GetInfo, the model folder cannot be read) nothing is judged here: the run itself
     checks again (TrainingLoop, with retries) and fails with that side's own error."""
     from services.trainer.orchestrator.model_check import check_served_model, trainer_model_facts
 
-    policy = GrpcPolicy(address)
+    try:
+        policy = GrpcPolicy(address, client)
+    except PeerError:
+        return
     try:
         served = policy.facts().model
     except PeerError:
