@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from bench.local_transports import LocalPolicy, LocalReward
-from rlhf.server import GrpcService, ServerConfig
-from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
+from rlhf.server import build_server
+from rlhf.v1 import trainer_pb2
 from services.reward.backends.vader import VaderBackend
 from services.trainer.api.client import TrainerClient, TrainerError
-from services.trainer.api.service import TrainerServicer, Transports
+from services.trainer.api.service import TrainerServicer, Transports, servicers
 from services.trainer.config import TrainerServiceConfig, load_train_config
 from services.trainer.learner.seeding import rng_state
 from services.trainer.orchestrator.checkpoint import latest_checkpoint
@@ -35,6 +35,7 @@ from services.trainer.orchestrator.trainer_state import (
     read_state,
     write_state,
 )
+from tests.servers import open_config
 
 
 class Planted:
@@ -121,10 +122,9 @@ def trainer(tiny_lm: Path, tmp_path: Path) -> Iterator[TrainerClient]:
         policy="local:1", reward=["local:2"], output_dir=str(tmp_path / "runs"),
         model_root=[str(tiny_lm)],
     )  # fmt: skip
-    service = GrpcService("trainer", ServerConfig(host="127.0.0.1", port=0, grace_s=0))
     servicer = TrainerServicer(settings, transports)
-    service.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, "trainer")
-    client = TrainerClient(f"127.0.0.1:{service.start()}")
+    service = build_server("trainer", servicers(servicer), open_config(grace_s=0))
+    client = TrainerClient(f"127.0.0.1:{service.port}")
     yield client
     client.close()
     for run in servicer.runs.values():

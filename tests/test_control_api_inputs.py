@@ -18,12 +18,13 @@ import pytest
 
 from bench.local_transports import LocalPolicy, LocalReward
 from rlhf.config import load_yaml_mapping
-from rlhf.server import GrpcService, ServerConfig
-from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
+from rlhf.server import build_server
+from rlhf.v1 import trainer_pb2
 from services.reward.backends.vader import VaderBackend
 from services.trainer.api.client import TrainerClient, TrainerError
-from services.trainer.api.service import TrainerServicer, Transports
+from services.trainer.api.service import TrainerServicer, Transports, servicers
 from services.trainer.config import MAX_CONFIG_BYTES, TrainerServiceConfig
+from tests.servers import open_config
 
 ALLOWED_POLICY = "127.0.0.9:5"
 """In --allowed-endpoints through `127.0.0.9:*` (nothing listens: the pre-flight model check
@@ -75,11 +76,8 @@ def setup(roots: dict[str, Path], tiny_lm: Path) -> Iterator[tuple[TrainerClient
         model_root=[str(roots["models"])],
     )
     servicer = TrainerServicer(settings, transports)
-    service = GrpcService("trainer", ServerConfig(host="127.0.0.1", port=0, grace_s=0))
-    service.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, "trainer")
-    port = service.start()
-    service.set_serving()
-    client = TrainerClient(f"127.0.0.1:{port}")
+    service = build_server("trainer", servicers(servicer), open_config(grace_s=0))
+    client = TrainerClient(f"127.0.0.1:{service.port}")
     yield client, servicer
     client.close()
     for run in servicer.runs.values():

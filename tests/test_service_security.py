@@ -320,10 +320,12 @@ def test_rlhf_status_and_stop_speak_tls_and_tokens(
     assert "NOT_FOUND: no run has been started" in capsys.readouterr().err
     assert main(["status", "--trainer", trainer_mtls]) == 1
     assert "no trainer service answers" in capsys.readouterr().err
-    # A mutating command with a token on a plaintext trainer, and without one.
-    assert main(["stop", "--trainer", trainer_plain, "--token-file", token_file]) == 1
+    # A mutating command with a token on a plaintext trainer, and without one (a named run:
+    # without --run-id `rlhf stop` first asks GetRun, a read, for the latest run).
+    stop = ["stop", "--trainer", trainer_plain, "--run-id", "r1"]
+    assert main([*stop, "--token-file", token_file]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
-    assert main(["stop", "--trainer", trainer_plain]) == 1
+    assert main(stop) == 1
     assert "UNAUTHENTICATED: StopRun needs an authorised identity" in capsys.readouterr().err
 
 
