@@ -12,6 +12,9 @@ import sys
 import time
 from typing import Any
 
+QUOTE_CHARS = 40
+"""How much of a client's text a message or log line repeats (`quote`)."""
+
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -59,3 +62,12 @@ class ContextLogger(logging.LoggerAdapter):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
         return msg, kwargs
+
+
+def quote(text: object, limit: int = QUOTE_CHARS) -> str:
+    """Client text for an error message or a log line: its repr, cut to `limit` characters and
+    followed by its length when longer, so a 1 MB run id costs a short line, not 1 MB a time."""
+    value = str(text)
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

@@ -1,7 +1,7 @@
 """Server bootstrap shared by the three services.
 
-Every service gets the same things: a thread-pool gRPC server with message limits sized for
-chunked weights, grpc.health.v1 (NOT_SERVING until its model is loaded, SERVING after,
+Every service gets the same things: a thread-pool gRPC server whose streams have threads of
+their own (rlhf.stream_limit), grpc.health.v1 (NOT_SERVING until its model is loaded, SERVING after,
 NOT_SERVING again while it drains), server reflection, and a graceful stop on SIGTERM/SIGINT
 that lets in-flight calls finish.
 """
@@ -21,11 +21,13 @@ from grpc_reflection.v1alpha import reflection
 
 from rlhf.config.server import ServerConfig
 from rlhf.defaults import LOOPBACK
+from rlhf.stream_limit import StreamLimit, pool_size
 
 log = logging.getLogger("rlhf.server")
 
 MiB = 1024 * 1024
-# Weights travel as a stream of chunks of at most 4 MiB; 64 MiB leaves room for big batches.
+# The transport's outer bound on one message; each method's own, smaller cap is checked on the
+# raw bytes by rlhf.handlers, which answers with the method's sizes.
 MAX_MESSAGE_BYTES = 64 * MiB
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -63,8 +65,7 @@ class GrpcService:
         self.name = name
         self.config = config
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=name),
-            options=GRPC_OPTIONS,
+            _thread_pool(name, config), options=GRPC_OPTIONS, interceptors=_limits(config)
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -125,6 +126,17 @@ class GrpcService:
     def _set_health(self, status: int) -> None:
         for name in ["", *self.service_names]:
             self.health.set(name, status)
+
+
+def _thread_pool(name: str, config: ServerConfig) -> futures.ThreadPoolExecutor:
+    """Threads for `workers` unary calls plus `max_streams` streams (rlhf.stream_limit)."""
+    size = pool_size(config.workers, config.max_streams)
+    return futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix=name)
+
+
+def _limits(config: ServerConfig) -> list[grpc.ServerInterceptor]:
+    """The interceptors that keep streams to their share of the pool."""
+    return [StreamLimit(config.max_streams)]
 
 
 def build_server(
