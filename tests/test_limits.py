@@ -1,0 +1,362 @@
+"""Right status codes and bounded resources at the service boundary (issue #12, items 6 and 7):
+undecodable and oversized bodies, idle and capped streams, stalled and padded uploads, the
+reward service's per-call work bound and its dropping of calls nobody waits for."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rlhf.errors import MAX_DETAIL_CHARS, RpcError, handle_errors
+from rlhf.logs import quote
+from rlhf.protocol import POLICY_DESCRIPTOR, REWARD_DESCRIPTOR, TRAINER_DESCRIPTOR
+from rlhf.server import GrpcService, ServerConfig, build_server
+from rlhf.v1 import (
+    common_pb2,
+    policy_pb2,
+    policy_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
+from rlhf.weights import encode_weights
+from services.policy.config import PolicyServiceConfig
+from services.policy.engine import PolicyEngine
+from services.policy.server import PolicyServicer
+from services.policy.server import servicers as policy_servicers
+from services.reward.backends.base import RewardBackend
+from services.reward.backends.vader import VaderBackend
+from services.reward.server import RewardServicer, ScoreSettings
+from services.reward.server import servicers as reward_servicers
+from services.trainer.api.service import Run, TrainerServicer
+from services.trainer.api.service import servicers as trainer_servicers
+from services.trainer.config import TrainerServiceConfig
+
+Code = grpc.StatusCode
+GARBAGE = b"\xff\xff\xff\xff\x0f"  # a truncated varint tag: no message parses from it
+
+
+def _server(name: str, registrations: list, **config: object) -> GrpcService:
+    return build_server(name, registrations, ServerConfig(host="127.0.0.1", port=0, **config))
+
+
+def _raw_call(channel: grpc.Channel, service, method: str, body: bytes, timeout: float = 5):
+    """Calls `method` with a raw body through a generic method; returns (code, details)."""
+    descriptor = service.methods_by_name[method]
+    path = f"/{service.full_name}/{method}"
+    kind = (descriptor.client_streaming, descriptor.server_streaming)
+    try:
+        if kind == (False, False):
+            channel.unary_unary(path)(body, timeout=timeout)
+        elif kind == (False, True):
+            list(channel.unary_stream(path)(body, timeout=timeout))
+        else:
+            channel.stream_unary(path)(iter([body]), timeout=timeout)
+    except grpc.RpcError as err:
+        return err.code(), err.details()
+    return Code.OK, ""
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_lm: Path) -> PolicyEngine:
+    return PolicyEngine(str(tiny_lm))
+
+
+@pytest.fixture(scope="module")
+def policy(engine: PolicyEngine) -> Iterator[tuple[PolicyServicer, grpc.Channel]]:
+    settings = PolicyServiceConfig(model="tiny", upload_idle_s=0.5, max_upload_chunks=4)
+    servicer = PolicyServicer(engine, settings)
+    service = _server("policy", policy_servicers(servicer))
+    channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
+    yield servicer, channel
+    channel.close()
+    service.stop(grace_s=0)
+
+
+class IdleTrainer(TrainerServicer):
+    """A trainer whose run "r" stays STARTING forever: WatchRun streams on it stay idle."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(TrainerServiceConfig(output_dir=str(tmp)))
+        self.runs["r"] = self.latest = Run("r", 5)
+
+
+def test_quote_cuts_client_text() -> None:
+    assert quote("abc") == "'abc'"
+    long = quote("x" * 1_000_000)
+    assert len(long) < 80 and "1000000 characters" in long
+
+
+def test_handle_errors_cuts_long_messages() -> None:
+    class Context:
+        def abort(self, code: grpc.StatusCode, details: str) -> None:
+            self.code, self.details = code, details
+            raise RuntimeError("aborted")
+
+    @handle_errors
+    def method(self: object, request: object, context: object) -> None:
+        raise RpcError(Code.NOT_FOUND, "no run " + "y" * 100_000)
+
+    context = Context()
+    with pytest.raises(RuntimeError):
+        method(None, None, context)
+    assert context.code == Code.NOT_FOUND and len(context.details) < MAX_DETAIL_CHARS + 40
+
+
+def test_undecodable_bodies_are_invalid_argument_on_every_rpc(
+    policy: tuple[PolicyServicer, grpc.Channel], tmp_path: Path
+) -> None:
+    reward = _server("reward", reward_servicers(RewardServicer(ScoreSettings(), VaderBackend())))
+    trainer = _server("trainer", trainer_servicers(IdleTrainer(tmp_path)))
+    _, policy_channel = policy
+    try:
+        for service, channel in [
+            (POLICY_DESCRIPTOR, policy_channel),
+            (REWARD_DESCRIPTOR, grpc.insecure_channel(f"127.0.0.1:{reward.port}")),
+            (TRAINER_DESCRIPTOR, grpc.insecure_channel(f"127.0.0.1:{trainer.port}")),
+        ]:
+            for method in service.methods_by_name:
+                code, details = _raw_call(channel, service, method, GARBAGE)
+                assert code == Code.INVALID_ARGUMENT, (method, code, details)
+                assert "not a valid request message" in details or "malformed" in details
+    finally:
+        reward.stop(grace_s=0)
+        trainer.stop(grace_s=0)
+
+
+def test_a_huge_run_id_gets_a_short_answer(tmp_path: Path) -> None:
+    trainer = _server("trainer", trainer_servicers(IdleTrainer(tmp_path)))
+    stub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(f"127.0.0.1:{trainer.port}"))
+    try:
+        for size, code in [(1_000_000, Code.INVALID_ARGUMENT), (200_000, Code.NOT_FOUND)]:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetRun(trainer_pb2.GetRunRequest(run_id="x" * size), timeout=5)
+            assert err.value.code() == code and len(err.value.details()) < 200
+    finally:
+        trainer.stop(grace_s=0)
+
+
+def test_fifty_idle_watchers_leave_health_and_get_run_fast(tmp_path: Path) -> None:
+    trainer = _server("trainer", trainer_servicers(IdleTrainer(tmp_path)))
+    channel = grpc.insecure_channel(f"127.0.0.1:{trainer.port}")
+    stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    watches = [stub.WatchRun(trainer_pb2.WatchRunRequest(run_id="r")) for _ in range(50)]
+    try:
+        for watch in watches:  # each has its first message: all 50 are open on the server
+            assert next(watch).event == trainer_pb2.WATCH_EVENT_PROGRESS
+        for _ in range(5):
+            started = time.monotonic()
+            assert stub.GetRun(trainer_pb2.GetRunRequest(run_id="r"), timeout=1).run_id == "r"
+            check = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            assert time.monotonic() - started < 1
+    finally:
+        for watch in watches:
+            watch.cancel()
+        channel.close()
+        trainer.stop(grace_s=0)
+
+
+def test_streams_beyond_max_streams_are_refused_and_slots_come_back(tmp_path: Path) -> None:
+    trainer = _server("trainer", trainer_servicers(IdleTrainer(tmp_path)), max_streams=2)
+    channel = grpc.insecure_channel(f"127.0.0.1:{trainer.port}")
+    stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+    request = trainer_pb2.WatchRunRequest(run_id="r")
+    try:
+        open_ = [stub.WatchRun(request) for _ in range(2)]
+        for watch in open_:
+            next(watch)
+        with pytest.raises(grpc.RpcError) as err:
+            next(stub.WatchRun(request, timeout=5))
+        assert err.value.code() == Code.RESOURCE_EXHAUSTED
+        assert "--max-streams" in err.value.details()
+        assert stub.GetRun(trainer_pb2.GetRunRequest(run_id="r"), timeout=1).run_id == "r"
+        open_[0].cancel()
+        deadline = time.monotonic() + 5
+        while True:  # the cancelled stream's slot is given back once its generator is closed
+            try:
+                next(stub.WatchRun(request, timeout=5))
+                break
+            except grpc.RpcError as again:
+                assert again.code() == Code.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "the slot never came back"
+                time.sleep(0.05)
+        open_[1].cancel()
+    finally:
+        channel.close()
+        trainer.stop(grace_s=0)
+
+
+def _upload(engine: PolicyEngine, version: int, chunk_bytes: int) -> list[policy_pb2.WeightChunk]:
+    weights = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    return list(encode_weights(weights, version, chunk_bytes=chunk_bytes))
+
+
+def test_a_stalled_upload_is_ended_and_the_old_weights_serve(
+    policy: tuple[PolicyServicer, grpc.Channel], engine: PolicyEngine
+) -> None:
+    _, channel = policy
+    stub = policy_pb2_grpc.PolicyServiceStub(channel)
+    served = engine.weight_version
+    chunks = _upload(engine, served + 1, chunk_bytes=1 << 30)
+    never = threading.Event()
+
+    def stall() -> Iterator[policy_pb2.WeightChunk]:
+        yield chunks[0]
+        never.wait(30)  # sends nothing more; the server's idle limit (0.5 s) ends the call
+
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UpdateWeights(stall(), timeout=20)
+    never.set()
+    assert err.value.code() == Code.DEADLINE_EXCEEDED and "idle" in err.value.details()
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 10
+    while any(t.name == "UpdateWeights-reader" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the ended upload's reader thread lives on"
+        time.sleep(0.05)
+    assert stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5).weight_version == served
+    reply = stub.Generate(
+        policy_pb2.GenerateRequest(prompts=["hello"], params={"max_new_tokens": 2}), timeout=10
+    )
+    assert reply.weight_version == served
+
+
+def test_upload_chunk_count_is_capped_and_empty_chunks_refused(
+    policy: tuple[PolicyServicer, grpc.Channel], engine: PolicyEngine
+) -> None:
+    _, channel = policy
+    stub = policy_pb2_grpc.PolicyServiceStub(channel)
+    served = engine.weight_version
+    many = _upload(engine, served + 1, chunk_bytes=4096)  # far more than max_upload_chunks 4
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UpdateWeights(iter(many), timeout=20)
+    assert err.value.code() == Code.RESOURCE_EXHAUSTED
+    assert "max-upload-chunks" in err.value.details()
+    one = _upload(engine, served + 1, chunk_bytes=1 << 30)
+    empty = policy_pb2.WeightChunk(offset=0, crc32=0)  # the manifest chunk carried no data
+    padded = [policy_pb2.WeightChunk(manifest=one[0].manifest, crc32=0), empty]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UpdateWeights(iter(padded), timeout=20)
+    assert err.value.code() == Code.INVALID_ARGUMENT and "no data" in err.value.details()
+    assert stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5).weight_version == served
+    assert stub.UpdateWeights(iter(one), timeout=20).version == served + 1  # a good one still
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"temperature": math.inf},
+        {"temperature": 1e-45},
+        {"temperature": math.nan},
+        {"temperature": 1e6},
+        {"top_p": math.nan},
+        {"top_p": -math.inf},
+    ],
+)
+def test_non_finite_or_out_of_range_floats_are_invalid(
+    policy: tuple[PolicyServicer, grpc.Channel], knobs: dict[str, float]
+) -> None:
+    stub = policy_pb2_grpc.PolicyServiceStub(policy[1])
+    params = policy_pb2.GenerationParams(max_new_tokens=2, **knobs)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(policy_pb2.GenerateRequest(prompts=["hi"], params=params), timeout=10)
+    assert err.value.code() == Code.INVALID_ARGUMENT, err.value.details()
+
+
+def test_a_long_request_id_is_refused_in_short(policy: tuple[PolicyServicer, grpc.Channel]) -> None:
+    stub = policy_pb2_grpc.PolicyServiceStub(policy[1])
+    request = policy_pb2.GenerateRequest(
+        prompts=["hi"], params={"max_new_tokens": 2}, request_id="r" * 100_000
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request, timeout=10)
+    assert err.value.code() == Code.INVALID_ARGUMENT and len(err.value.details()) < 200
+
+
+class RecordingBackend(RewardBackend):
+    """Scores every text 0.5 and remembers it."""
+
+    name = "recording"
+    description = "0.5 for every text"
+
+    def __init__(self) -> None:
+        self.scored: list[str] = []
+
+    def score(self, texts: list[str]) -> list[float]:
+        self.scored.extend(texts)
+        return [0.5] * len(texts)
+
+
+def test_reward_total_characters_are_capped_and_reported() -> None:
+    servicer = RewardServicer(ScoreSettings(max_total_chars=100), RecordingBackend())
+    service = _server("reward", reward_servicers(servicer))
+    stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{service.port}"))
+    try:
+        assert stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5).max_total_chars == 100
+        samples = [reward_pb2.Sample(prompt="p" * 20, response="r" * 20) for _ in range(3)]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(reward_pb2.ScoreRequest(samples=samples), timeout=5)
+        assert err.value.code() == Code.RESOURCE_EXHAUSTED and "120 characters" in (
+            err.value.details()
+        )
+        assert servicer.backend.scored == []  # refused before any work
+        ok = stub.Score(reward_pb2.ScoreRequest(samples=samples[:2]), timeout=5)
+        assert list(ok.scores) == [0.5, 0.5]
+    finally:
+        service.stop(grace_s=0)
+
+
+def test_reward_drops_calls_whose_deadline_passed_while_queued() -> None:
+    backend = RecordingBackend()
+    servicer = RewardServicer(ScoreSettings(), backend)
+    service = _server("reward", reward_servicers(servicer))
+    stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{service.port}"))
+    busy, release = threading.Event(), threading.Event()
+
+    def occupy() -> None:  # the compute thread is busy with an earlier call
+        busy.set()
+        release.wait(30)
+
+    try:
+        servicer.compute.submit(occupy)
+        assert busy.wait(10)
+        late = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(response="too late")])
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(late, timeout=0.3)
+        assert err.value.code() == Code.DEADLINE_EXCEEDED
+        release.set()
+        fresh = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(response="on time")])
+        assert list(stub.Score(fresh, timeout=10).scores) == [0.5]
+        assert backend.scored == ["on time"]  # the expired call was dropped unscored
+    finally:
+        release.set()
+        service.stop(grace_s=0)
+
+
+def test_oversized_score_is_refused_before_parsing() -> None:
+    servicer = RewardServicer(ScoreSettings(max_total_chars=1000, max_samples=4), VaderBackend())
+    service = _server("reward", reward_servicers(servicer))
+    channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
+    try:
+        body = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(response="a" * 9000)])
+        code, details = _raw_call(channel, REWARD_DESCRIPTOR, "Score", body.SerializeToString())
+        assert code == Code.RESOURCE_EXHAUSTED and "bytes" in details
+    finally:
+        channel.close()
+        service.stop(grace_s=0)
+
+
+def test_torch_is_untouched_by_refusals(engine: PolicyEngine) -> None:
+    """The refusals above never reached the model: its weights are all finite."""
+    assert all(torch.isfinite(t).all() for t in engine.model.state_dict().values())
