@@ -27,6 +27,8 @@ def load_yaml_mapping(text: str, what: str) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ValueError(f"{what} is not valid YAML: {err}") from None
+    except RecursionError:  # "[[[[..." thousands deep: the client's text, not our fault
+        raise ValueError(f"{what} is nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
