@@ -207,15 +207,15 @@ def test_fuzz_policy(tiny_lm: Path) -> None:
         assert stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5).weight_version == served
         params = policy_pb2.GenerationParams(max_new_tokens=4, do_sample=False)
         prompts = ["the movie was good", "tell me about a robot"]
-        reply = stub.Generate(policy_pb2.GenerateRequest(prompts=prompts, params=params), timeout=10)
+        request = policy_pb2.GenerateRequest(prompts=prompts, params=params)
+        reply = stub.Generate(request, timeout=10)
         expected = engine.generate(prompts, params_from_proto(params))
         assert [list(c.response_token_ids) for c in reply.completions] == [
             c.response_token_ids for c in expected
         ]
         update = stub.UpdateWeights(iter(_upload(engine, served + 1, 1 << 20)), timeout=10)
         assert update.version == served + 1
-        reply = stub.Generate(policy_pb2.GenerateRequest(prompts=prompts, params=params), timeout=10)
-        assert reply.weight_version == served + 1
+        assert stub.Generate(request, timeout=10).weight_version == served + 1
     finally:
         channel.close()
         service.stop(grace_s=0)
@@ -278,7 +278,8 @@ CONFIG_KEYS = {
 
 
 NASTY_YAML = [
-    "[" * 5000 + "]" * 5000,
+    # Deeper than Python's recursion limit (a deep "[[[[" list costs PyYAML seconds to find
+    # out, so only the mapping, which fails fast, is in the storm).
     "a: " + "{b: " * 3000 + "1" + "}" * 3000,
     "a: &a [x, x, x]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]",
     "run: !!python/name:os.system",

@@ -15,6 +15,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rlhf.clients import RewardClient
 from rlhf.errors import MAX_DETAIL_CHARS, RpcError, handle_errors
 from rlhf.logs import quote
 from rlhf.protocol import POLICY_DESCRIPTOR, REWARD_DESCRIPTOR, TRAINER_DESCRIPTOR
@@ -360,3 +361,27 @@ def test_oversized_score_is_refused_before_parsing() -> None:
 def test_torch_is_untouched_by_refusals(engine: PolicyEngine) -> None:
     """The refusals above never reached the model: its weights are all finite."""
     assert all(torch.isfinite(t).all() for t in engine.model.state_dict().values())
+
+
+def test_reward_client_splits_by_total_characters() -> None:
+    class Batches(RecordingBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[int] = []
+
+        def score(self, texts: list[str]) -> list[float]:
+            self.sizes.append(len(texts))
+            return super().score(texts)
+
+    backend = Batches()
+    servicer = RewardServicer(ScoreSettings(max_total_chars=30), backend)
+    service = _server("reward", reward_servicers(servicer))
+    client = RewardClient(f"127.0.0.1:{service.port}")
+    try:
+        assert client.info().max_total_chars == 30
+        texts = [f"text {i:05d}" for i in range(7)]  # 10 characters each
+        assert client.score([""] * 7, texts) == [0.5] * 7
+        assert backend.sizes == [3, 3, 1] and backend.scored == texts  # in order, within limits
+    finally:
+        client.close()
+        service.stop(grace_s=0)
