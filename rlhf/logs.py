@@ -66,8 +66,11 @@ class ContextLogger(logging.LoggerAdapter):
 
 def quote(text: object, limit: int = QUOTE_CHARS) -> str:
     """Client text for an error message or a log line: its repr, cut to `limit` characters and
-    followed by its length when longer, so a 1 MB run id costs a short line, not 1 MB a time."""
-    value = str(text)
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}... ({len(value)} characters)"
+    followed by its length when longer, so a 1 MB run id costs a short line, not 1 MB a time.
+    Other values (a YAML list, a number) are shown by their repr, cut the same way."""
+    if not isinstance(text, str):
+        shown = repr(text)
+        return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(shown)} characters)"
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from rlhf.defaults import DEVICE_HELP, DTYPE_NAMES
+from rlhf.logs import quote
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
@@ -16,20 +17,20 @@ def device_problems(name: str, value: str) -> list[str]:
     the model is placed."""
     if _DEVICE.fullmatch(value):
         return []
-    return [f"{name}: unknown device {value!r}; use {DEVICE_HELP}"]
+    return [f"{name}: unknown device {quote(value)}; use {DEVICE_HELP}"]
 
 
 def dtype_problems(name: str, value: str) -> list[str]:
     if value in DTYPE_NAMES:
         return []
-    return [f"{name}: unknown dtype {value!r}; choose one of {', '.join(DTYPE_NAMES)}"]
+    return [f"{name}: unknown dtype {quote(value)}; choose one of {', '.join(DTYPE_NAMES)}"]
 
 
 def choice_problems(name: str, value: Any, choices: Iterable[Any]) -> list[str]:
     choices = tuple(choices)
     if value in choices:
         return []
-    return [f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}"]
+    return [f"{name} must be one of {', '.join(map(str, choices))}; got {quote(value)}"]
 
 
 def at_least(obj: object, minimum: float, *names: str) -> list[str]:

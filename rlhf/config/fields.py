@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from rlhf.logs import quote
+
 _TRUE = ("1", "true", "yes", "on", "y", "t")
 _FALSE = ("0", "false", "no", "off", "n", "f")
 _NONE = ("none", "null", "~", "")
@@ -68,7 +70,7 @@ def unknown_field(where: str, name: str, known: typing.Iterable[str]) -> ValueEr
     known = list(known)
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
-    return ValueError(f"{where}: unknown field {name!r}{hint}")
+    return ValueError(f"{where}: unknown field {quote(name)}{hint}")
 
 
 def coerce_value(value: Any, annotation: Any, where: str) -> Any:
@@ -86,31 +88,31 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
             return value.lower() in _TRUE
-        raise ValueError(f"{where} must be a boolean (true/false), got {value!r}")
+        raise ValueError(f"{where} must be a boolean (true/false), got {quote(value)}")
     if tp is int:
         if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{where} must be an integer, got {value!r}")
+            raise ValueError(f"{where} must be an integer, got {quote(value)}")
         try:
             return int(value)
         except ValueError:
-            raise ValueError(f"{where} must be an integer, got {value!r}") from None
+            raise ValueError(f"{where} must be an integer, got {quote(value)}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise ValueError(f"{where} must be a number, got {value!r}")
+            raise ValueError(f"{where} must be a number, got {quote(value)}")
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"{where} must be a number, got {value!r}") from None
+            raise ValueError(f"{where} must be a number, got {quote(value)}") from None
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {value!r}")
+            raise ValueError(f"{where} must be a string, got {quote(value)}")
         return value
     if typing.get_origin(tp) is list:
         if isinstance(value, str):
             text = value.strip()
             value = yaml.safe_load(text) if text.startswith("[") else text.split(",")
         if not isinstance(value, list | tuple):
-            raise ValueError(f"{where} must be a list, got {value!r}")
+            raise ValueError(f"{where} must be a list, got {quote(value)}")
         items = [str(v).strip() for v in value]
         return [v for v in items if v]
     raise TypeError(f"{where}: unsupported field type {tp}")

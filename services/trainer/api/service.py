@@ -147,7 +147,7 @@ def _to_proto(spec: EndpointSpec) -> trainer_pb2.RewardEndpoint:
 
 def _from_proto(endpoint: trainer_pb2.RewardEndpoint) -> EndpointSpec:
     if ":" not in endpoint.address:
-        raise invalid(f"reward endpoint address {endpoint.address!r}: expected HOST:PORT")
+        raise invalid(f"reward endpoint address {quote(endpoint.address)}: expected HOST:PORT")
     return EndpointSpec(endpoint.address, endpoint.weight or 1.0, endpoint.name)
 
 

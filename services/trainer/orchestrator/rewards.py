@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from rlhf.logs import quote
 from services.trainer.orchestrator.peers import FatalError, PeerError, RewardTransport
 
 
@@ -35,15 +36,15 @@ class EndpointSpec:
         name, _, rest = text.rpartition("@")
         address, _, weight = rest.partition("=")
         if ":" not in address:
-            raise ValueError(f"reward endpoint {text!r}: expected HOST:PORT[=WEIGHT]")
+            raise ValueError(f"reward endpoint {quote(text)}: expected HOST:PORT[=WEIGHT]")
         try:
             value = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(
-                f"reward endpoint {text!r}: weight {weight!r} is not a number"
+                f"reward endpoint {quote(text)}: weight {quote(weight)} is not a number"
             ) from None
         if not math.isfinite(value):
-            raise ValueError(f"reward endpoint {text!r}: weight must be finite")
+            raise ValueError(f"reward endpoint {quote(text)}: weight must be finite")
         return cls(address=address, weight=value, name=name)
 
     def __str__(self) -> str:
