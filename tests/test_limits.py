@@ -4,6 +4,7 @@ reward service's per-call work bound and its dropping of calls nobody waits for.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf.clients import RewardClient
 from rlhf.errors import MAX_DETAIL_CHARS, RpcError, handle_errors
-from rlhf.logs import quote
+from rlhf.logs import JsonFormatter, quote
 from rlhf.protocol import POLICY_DESCRIPTOR, REWARD_DESCRIPTOR, TRAINER_DESCRIPTOR
 from rlhf.server import GrpcService, ServerConfig, build_server
 from rlhf.v1 import (
@@ -134,14 +135,37 @@ def test_undecodable_bodies_are_invalid_argument_on_every_rpc(
         trainer.stop(grace_s=0)
 
 
-def test_a_huge_run_id_gets_a_short_answer(tmp_path: Path) -> None:
+def test_a_huge_run_id_gets_a_short_answer_and_a_short_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     trainer = _server("trainer", trainer_servicers(IdleTrainer(tmp_path)))
     stub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(f"127.0.0.1:{trainer.port}"))
+    caplog.set_level(logging.INFO, logger="rlhf")
     try:
         for size, code in [(1_000_000, Code.INVALID_ARGUMENT), (200_000, Code.NOT_FOUND)]:
             with pytest.raises(grpc.RpcError) as err:
                 stub.GetRun(trainer_pb2.GetRunRequest(run_id="x" * size), timeout=5)
             assert err.value.code() == code and len(err.value.details()) < 200
+    finally:
+        trainer.stop(grace_s=0)
+    refusals = [r for r in caplog.records if r.getMessage() == "request refused"]
+    assert len(refusals) == 2
+    assert all(len(JsonFormatter("trainer").format(r)) < 1000 for r in caplog.records)
+
+
+def test_yaml_errors_are_invalid_argument_with_line_and_column(tmp_path: Path) -> None:
+    trainer = _server("trainer", trainer_servicers(IdleTrainer(tmp_path)))
+    stub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(f"127.0.0.1:{trainer.port}"))
+    broken = "run:\n  steps: 3\n ppo: [1,\n"
+    try:
+        for text in (broken, "a: " + "{b: " * 3000 + "1" + "}" * 3000):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.StartRun(trainer_pb2.StartRunRequest(config_yaml=text), timeout=10)
+            assert err.value.code() == Code.INVALID_ARGUMENT, err.value.details()
+            assert len(err.value.details()) < 1000
+        with pytest.raises(grpc.RpcError) as err:
+            stub.StartRun(trainer_pb2.StartRunRequest(config_yaml=broken), timeout=10)
+        assert "line 3, column" in err.value.details()
     finally:
         trainer.stop(grace_s=0)
 
@@ -316,6 +340,40 @@ def test_reward_total_characters_are_capped_and_reported() -> None:
         assert list(ok.scores) == [0.5, 0.5]
     finally:
         service.stop(grace_s=0)
+
+
+def test_policy_drops_a_generate_whose_deadline_passed_while_queued(
+    policy: tuple[PolicyServicer, grpc.Channel], engine: PolicyEngine
+) -> None:
+    servicer, channel = policy
+    stub = policy_pb2_grpc.PolicyServiceStub(channel)
+    busy, release = threading.Event(), threading.Event()
+    calls: list[list[str]] = []
+    original = engine.generate
+
+    def occupy() -> None:
+        busy.set()
+        release.wait(30)
+
+    def counting(prompts: list[str], params: object) -> object:
+        calls.append(list(prompts))
+        return original(prompts, params)
+
+    engine.generate = counting  # type: ignore[method-assign]
+    try:
+        servicer.compute.submit(occupy)
+        assert busy.wait(10)
+        late = policy_pb2.GenerateRequest(prompts=["too late"], params={"max_new_tokens": 2})
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(late, timeout=0.3)
+        assert err.value.code() == Code.DEADLINE_EXCEEDED
+        release.set()
+        fresh = policy_pb2.GenerateRequest(prompts=["on time"], params={"max_new_tokens": 2})
+        assert len(stub.Generate(fresh, timeout=10).completions) == 1
+        assert calls == [["on time"]]  # the expired call never reached the model
+    finally:
+        release.set()
+        del engine.generate
 
 
 def test_reward_drops_calls_whose_deadline_passed_while_queued() -> None:
