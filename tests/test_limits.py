@@ -1,11 +1,9 @@
-"""Right status codes and bounded resources at the service boundary (issue #12, items 6 and 7):
-undecodable and oversized bodies, idle and capped streams, stalled and padded uploads, the
-reward service's per-call work bound and its dropping of calls nobody waits for."""
+"""Bounded resources at the service boundary (issue #12, item 7): idle and capped streams,
+stalled and padded uploads, the reward service's per-call work bound, and calls nobody waits
+for any more dropped before their work starts."""
 
 from __future__ import annotations
 
-import logging
-import math
 import threading
 import time
 from collections.abc import Iterator
@@ -13,14 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf.clients import RewardClient
-from rlhf.errors import MAX_DETAIL_CHARS, RpcError, handle_errors
-from rlhf.logs import JsonFormatter, quote
-from rlhf.protocol import POLICY_DESCRIPTOR, REWARD_DESCRIPTOR, TRAINER_DESCRIPTOR
-from rlhf.server import GrpcService, ServerConfig, build_server
 from rlhf.v1 import (
     common_pb2,
     policy_pb2,
@@ -30,42 +23,19 @@ from rlhf.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
-from rlhf.weights import encode_weights
-from services.policy.config import PolicyServiceConfig
 from services.policy.engine import PolicyEngine
 from services.policy.server import PolicyServicer
-from services.policy.server import servicers as policy_servicers
-from services.reward.backends.base import RewardBackend
-from services.reward.backends.vader import VaderBackend
 from services.reward.server import RewardServicer, ScoreSettings
 from services.reward.server import servicers as reward_servicers
-from services.trainer.api.service import Run, TrainerServicer
 from services.trainer.api.service import servicers as trainer_servicers
-from services.trainer.config import TrainerServiceConfig
-
-Code = grpc.StatusCode
-GARBAGE = b"\xff\xff\xff\xff\x0f"  # a truncated varint tag: no message parses from it
-
-
-def _server(name: str, registrations: list, **config: object) -> GrpcService:
-    return build_server(name, registrations, ServerConfig(host="127.0.0.1", port=0, **config))
-
-
-def _raw_call(channel: grpc.Channel, service, method: str, body: bytes, timeout: float = 5):
-    """Calls `method` with a raw body through a generic method; returns (code, details)."""
-    descriptor = service.methods_by_name[method]
-    path = f"/{service.full_name}/{method}"
-    kind = (descriptor.client_streaming, descriptor.server_streaming)
-    try:
-        if kind == (False, False):
-            channel.unary_unary(path)(body, timeout=timeout)
-        elif kind == (False, True):
-            list(channel.unary_stream(path)(body, timeout=timeout))
-        else:
-            channel.stream_unary(path)(iter([body]), timeout=timeout)
-    except grpc.RpcError as err:
-        return err.code(), err.details()
-    return Code.OK, ""
+from tests.boundary import (
+    Code,
+    IdleTrainer,
+    RecordingBackend,
+    policy_server,
+    server,
+    upload,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,103 +45,12 @@ def engine(tiny_lm: Path) -> PolicyEngine:
 
 @pytest.fixture(scope="module")
 def policy(engine: PolicyEngine) -> Iterator[tuple[PolicyServicer, grpc.Channel]]:
-    settings = PolicyServiceConfig(model="tiny", upload_idle_s=0.5, max_upload_chunks=4)
-    servicer = PolicyServicer(engine, settings)
-    service = _server("policy", policy_servicers(servicer))
-    channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
-    yield servicer, channel
-    channel.close()
-    service.stop(grace_s=0)
-
-
-class IdleTrainer(TrainerServicer):
-    """A trainer whose run "r" stays STARTING forever: WatchRun streams on it stay idle."""
-
-    def __init__(self, tmp: Path) -> None:
-        super().__init__(TrainerServiceConfig(output_dir=str(tmp)))
-        self.runs["r"] = self.latest = Run("r", 5)
-
-
-def test_quote_cuts_client_text() -> None:
-    assert quote("abc") == "'abc'"
-    long = quote("x" * 1_000_000)
-    assert len(long) < 80 and "1000000 characters" in long
-
-
-def test_handle_errors_cuts_long_messages() -> None:
-    class Context:
-        def abort(self, code: grpc.StatusCode, details: str) -> None:
-            self.code, self.details = code, details
-            raise RuntimeError("aborted")
-
-    @handle_errors
-    def method(self: object, request: object, context: object) -> None:
-        raise RpcError(Code.NOT_FOUND, "no run " + "y" * 100_000)
-
-    context = Context()
-    with pytest.raises(RuntimeError):
-        method(None, None, context)
-    assert context.code == Code.NOT_FOUND and len(context.details) < MAX_DETAIL_CHARS + 40
-
-
-def test_undecodable_bodies_are_invalid_argument_on_every_rpc(
-    policy: tuple[PolicyServicer, grpc.Channel], tmp_path: Path
-) -> None:
-    reward = _server("reward", reward_servicers(RewardServicer(ScoreSettings(), VaderBackend())))
-    trainer = _server("trainer", trainer_servicers(IdleTrainer(tmp_path)))
-    _, policy_channel = policy
-    try:
-        for service, channel in [
-            (POLICY_DESCRIPTOR, policy_channel),
-            (REWARD_DESCRIPTOR, grpc.insecure_channel(f"127.0.0.1:{reward.port}")),
-            (TRAINER_DESCRIPTOR, grpc.insecure_channel(f"127.0.0.1:{trainer.port}")),
-        ]:
-            for method in service.methods_by_name:
-                code, details = _raw_call(channel, service, method, GARBAGE)
-                assert code == Code.INVALID_ARGUMENT, (method, code, details)
-                assert "not a valid request message" in details or "malformed" in details
-    finally:
-        reward.stop(grace_s=0)
-        trainer.stop(grace_s=0)
-
-
-def test_a_huge_run_id_gets_a_short_answer_and_a_short_log(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    trainer = _server("trainer", trainer_servicers(IdleTrainer(tmp_path)))
-    stub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(f"127.0.0.1:{trainer.port}"))
-    caplog.set_level(logging.INFO, logger="rlhf")
-    try:
-        for size, code in [(1_000_000, Code.INVALID_ARGUMENT), (200_000, Code.NOT_FOUND)]:
-            with pytest.raises(grpc.RpcError) as err:
-                stub.GetRun(trainer_pb2.GetRunRequest(run_id="x" * size), timeout=5)
-            assert err.value.code() == code and len(err.value.details()) < 200
-    finally:
-        trainer.stop(grace_s=0)
-    refusals = [r for r in caplog.records if r.getMessage() == "request refused"]
-    assert len(refusals) == 2
-    assert all(len(JsonFormatter("trainer").format(r)) < 1000 for r in caplog.records)
-
-
-def test_yaml_errors_are_invalid_argument_with_line_and_column(tmp_path: Path) -> None:
-    trainer = _server("trainer", trainer_servicers(IdleTrainer(tmp_path)))
-    stub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(f"127.0.0.1:{trainer.port}"))
-    broken = "run:\n  steps: 3\n ppo: [1,\n"
-    try:
-        for text in (broken, "a: " + "{b: " * 3000 + "1" + "}" * 3000):
-            with pytest.raises(grpc.RpcError) as err:
-                stub.StartRun(trainer_pb2.StartRunRequest(config_yaml=text), timeout=10)
-            assert err.value.code() == Code.INVALID_ARGUMENT, err.value.details()
-            assert len(err.value.details()) < 1000
-        with pytest.raises(grpc.RpcError) as err:
-            stub.StartRun(trainer_pb2.StartRunRequest(config_yaml=broken), timeout=10)
-        assert "line 3, column" in err.value.details()
-    finally:
-        trainer.stop(grace_s=0)
+    with policy_server(engine) as served:
+        yield served
 
 
 def test_fifty_idle_watchers_leave_health_and_get_run_fast(tmp_path: Path) -> None:
-    trainer = _server("trainer", trainer_servicers(IdleTrainer(tmp_path)))
+    trainer = server("trainer", trainer_servicers(IdleTrainer(tmp_path)))
     channel = grpc.insecure_channel(f"127.0.0.1:{trainer.port}")
     stub = trainer_pb2_grpc.TrainerServiceStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
@@ -193,7 +72,7 @@ def test_fifty_idle_watchers_leave_health_and_get_run_fast(tmp_path: Path) -> No
 
 
 def test_streams_beyond_max_streams_are_refused_and_slots_come_back(tmp_path: Path) -> None:
-    trainer = _server("trainer", trainer_servicers(IdleTrainer(tmp_path)), max_streams=2)
+    trainer = server("trainer", trainer_servicers(IdleTrainer(tmp_path)), max_streams=2)
     channel = grpc.insecure_channel(f"127.0.0.1:{trainer.port}")
     stub = trainer_pb2_grpc.TrainerServiceStub(channel)
     request = trainer_pb2.WatchRunRequest(run_id="r")
@@ -222,18 +101,13 @@ def test_streams_beyond_max_streams_are_refused_and_slots_come_back(tmp_path: Pa
         trainer.stop(grace_s=0)
 
 
-def _upload(engine: PolicyEngine, version: int, chunk_bytes: int) -> list[policy_pb2.WeightChunk]:
-    weights = {k: v.clone() for k, v in engine.model.state_dict().items()}
-    return list(encode_weights(weights, version, chunk_bytes=chunk_bytes))
-
-
 def test_a_stalled_upload_is_ended_and_the_old_weights_serve(
     policy: tuple[PolicyServicer, grpc.Channel], engine: PolicyEngine
 ) -> None:
     _, channel = policy
     stub = policy_pb2_grpc.PolicyServiceStub(channel)
     served = engine.weight_version
-    chunks = _upload(engine, served + 1, chunk_bytes=1 << 30)
+    chunks = upload(engine, served + 1, chunk_bytes=1 << 30)
     never = threading.Event()
 
     def stall() -> Iterator[policy_pb2.WeightChunk]:
@@ -263,12 +137,12 @@ def test_upload_chunk_count_is_capped_and_empty_chunks_refused(
     _, channel = policy
     stub = policy_pb2_grpc.PolicyServiceStub(channel)
     served = engine.weight_version
-    many = _upload(engine, served + 1, chunk_bytes=4096)  # far more than max_upload_chunks 4
+    many = upload(engine, served + 1, chunk_bytes=4096)  # far more than max_upload_chunks 4
     with pytest.raises(grpc.RpcError) as err:
         stub.UpdateWeights(iter(many), timeout=20)
     assert err.value.code() == Code.RESOURCE_EXHAUSTED
     assert "max-upload-chunks" in err.value.details()
-    one = _upload(engine, served + 1, chunk_bytes=1 << 30)
+    one = upload(engine, served + 1, chunk_bytes=1 << 30)
     empty = policy_pb2.WeightChunk(offset=0, crc32=0)  # the manifest chunk carried no data
     padded = [policy_pb2.WeightChunk(manifest=one[0].manifest, crc32=0), empty]
     with pytest.raises(grpc.RpcError) as err:
@@ -278,54 +152,9 @@ def test_upload_chunk_count_is_capped_and_empty_chunks_refused(
     assert stub.UpdateWeights(iter(one), timeout=20).version == served + 1  # a good one still
 
 
-@pytest.mark.parametrize(
-    "knobs",
-    [
-        {"temperature": math.inf},
-        {"temperature": 1e-45},
-        {"temperature": math.nan},
-        {"temperature": 1e6},
-        {"top_p": math.nan},
-        {"top_p": -math.inf},
-    ],
-)
-def test_non_finite_or_out_of_range_floats_are_invalid(
-    policy: tuple[PolicyServicer, grpc.Channel], knobs: dict[str, float]
-) -> None:
-    stub = policy_pb2_grpc.PolicyServiceStub(policy[1])
-    params = policy_pb2.GenerationParams(max_new_tokens=2, **knobs)
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Generate(policy_pb2.GenerateRequest(prompts=["hi"], params=params), timeout=10)
-    assert err.value.code() == Code.INVALID_ARGUMENT, err.value.details()
-
-
-def test_a_long_request_id_is_refused_in_short(policy: tuple[PolicyServicer, grpc.Channel]) -> None:
-    stub = policy_pb2_grpc.PolicyServiceStub(policy[1])
-    request = policy_pb2.GenerateRequest(
-        prompts=["hi"], params={"max_new_tokens": 2}, request_id="r" * 100_000
-    )
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Generate(request, timeout=10)
-    assert err.value.code() == Code.INVALID_ARGUMENT and len(err.value.details()) < 200
-
-
-class RecordingBackend(RewardBackend):
-    """Scores every text 0.5 and remembers it."""
-
-    name = "recording"
-    description = "0.5 for every text"
-
-    def __init__(self) -> None:
-        self.scored: list[str] = []
-
-    def score(self, texts: list[str]) -> list[float]:
-        self.scored.extend(texts)
-        return [0.5] * len(texts)
-
-
 def test_reward_total_characters_are_capped_and_reported() -> None:
     servicer = RewardServicer(ScoreSettings(max_total_chars=100), RecordingBackend())
-    service = _server("reward", reward_servicers(servicer))
+    service = server("reward", reward_servicers(servicer))
     stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{service.port}"))
     try:
         assert stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5).max_total_chars == 100
@@ -379,7 +208,7 @@ def test_policy_drops_a_generate_whose_deadline_passed_while_queued(
 def test_reward_drops_calls_whose_deadline_passed_while_queued() -> None:
     backend = RecordingBackend()
     servicer = RewardServicer(ScoreSettings(), backend)
-    service = _server("reward", reward_servicers(servicer))
+    service = server("reward", reward_servicers(servicer))
     stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{service.port}"))
     busy, release = threading.Event(), threading.Event()
 
@@ -403,24 +232,6 @@ def test_reward_drops_calls_whose_deadline_passed_while_queued() -> None:
         service.stop(grace_s=0)
 
 
-def test_oversized_score_is_refused_before_parsing() -> None:
-    servicer = RewardServicer(ScoreSettings(max_total_chars=1000, max_samples=4), VaderBackend())
-    service = _server("reward", reward_servicers(servicer))
-    channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
-    try:
-        body = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(response="a" * 9000)])
-        code, details = _raw_call(channel, REWARD_DESCRIPTOR, "Score", body.SerializeToString())
-        assert code == Code.RESOURCE_EXHAUSTED and "bytes" in details
-    finally:
-        channel.close()
-        service.stop(grace_s=0)
-
-
-def test_torch_is_untouched_by_refusals(engine: PolicyEngine) -> None:
-    """The refusals above never reached the model: its weights are all finite."""
-    assert all(torch.isfinite(t).all() for t in engine.model.state_dict().values())
-
-
 def test_reward_client_splits_by_total_characters() -> None:
     class Batches(RecordingBackend):
         def __init__(self) -> None:
@@ -433,7 +244,7 @@ def test_reward_client_splits_by_total_characters() -> None:
 
     backend = Batches()
     servicer = RewardServicer(ScoreSettings(max_total_chars=30), backend)
-    service = _server("reward", reward_servicers(servicer))
+    service = server("reward", reward_servicers(servicer))
     client = RewardClient(f"127.0.0.1:{service.port}")
     try:
         assert client.info().max_total_chars == 30
