@@ -67,7 +67,6 @@ class _Method:
         self, descriptor: MethodDescriptor, limits: MethodLimits, decoder: Decoder | None
     ) -> None:
         self.name = descriptor.name
-        self.full_name = f"/{descriptor.containing_service.full_name}/{descriptor.name}"
         self.limits = limits
         request_class = message_factory.GetMessageClass(descriptor.input_type)
         self.decode_fn = decoder or request_class.FromString
@@ -111,17 +110,38 @@ def _requests(method: _Method, raw: Iterator[bytes]) -> Iterator[Any]:
         for index, body in enumerate(raw):
             yield method.decode(body, index)
         return
-    inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    # Two messages of read-ahead at most: gRPC's flow control still holds back a sender that
+    # is faster than the receiver, instead of the queue holding a whole upload.
+    inbox: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
+    done = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not done.is_set():  # the call's thread may have stopped reading
+            try:
+                inbox.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def pump() -> None:
         try:
             for body in raw:
-                inbox.put(("message", body))
-            inbox.put(("end", None))
+                if not put(("message", body)):
+                    return
+            put(("end", None))
         except Exception as err:  # noqa: BLE001 - handed to the call's thread, raised there
-            inbox.put(("error", err))
+            put(("error", err))
 
     threading.Thread(target=pump, name=f"{method.name}-reader", daemon=True).start()
+    try:
+        yield from _drain(method, inbox, idle)
+    finally:
+        done.set()
+
+
+def _drain(method: _Method, inbox: queue.Queue[tuple[str, Any]], idle: float) -> Iterator[Any]:
+    """The reader thread's messages, decoded, until the stream ends or is silent for `idle`."""
     index = 0
     while True:
         try:

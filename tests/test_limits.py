@@ -120,15 +120,20 @@ def test_a_stalled_upload_is_ended_and_the_old_weights_serve(
     never.set()
     assert err.value.code() == Code.DEADLINE_EXCEEDED and "idle" in err.value.details()
     assert time.monotonic() - started < 10
-    deadline = time.monotonic() + 10
-    while any(t.name == "UpdateWeights-reader" for t in threading.enumerate()):
-        assert time.monotonic() < deadline, "the ended upload's reader thread lives on"
-        time.sleep(0.05)
+    _readers_end()
     assert stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5).weight_version == served
     reply = stub.Generate(
         policy_pb2.GenerateRequest(prompts=["hello"], params={"max_new_tokens": 2}), timeout=10
     )
     assert reply.weight_version == served
+
+
+def _readers_end() -> None:
+    """Every ended upload's reader thread (rlhf.handlers) ends too."""
+    deadline = time.monotonic() + 10
+    while any(t.name == "UpdateWeights-reader" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "an ended upload's reader thread lives on"
+        time.sleep(0.05)
 
 
 def test_upload_chunk_count_is_capped_and_empty_chunks_refused(
@@ -142,6 +147,7 @@ def test_upload_chunk_count_is_capped_and_empty_chunks_refused(
         stub.UpdateWeights(iter(many), timeout=20)
     assert err.value.code() == Code.RESOURCE_EXHAUSTED
     assert "max-upload-chunks" in err.value.details()
+    _readers_end()
     one = upload(engine, served + 1, chunk_bytes=1 << 30)
     empty = policy_pb2.WeightChunk(offset=0, crc32=0)  # the manifest chunk carried no data
     padded = [policy_pb2.WeightChunk(manifest=one[0].manifest, crc32=0), empty]
