@@ -88,6 +88,8 @@ class RewardClient:
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         self.max_samples_per_call = 0
         """Samples per Score call, from info(); 0 until info() has been called: one call."""
+        self.max_chars_per_call = 0
+        """Characters (prompts + responses) per Score call, from info(); 0: no limit known."""
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         wait_until_serving(self.channel, REWARD_SERVICE, timeout_s)
@@ -96,19 +98,42 @@ class RewardClient:
         """The service's RewardInfo; also remembers its max_samples_per_request for score()."""
         info = self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=self.deadlines.info_s)
         self.max_samples_per_call = info.max_samples_per_request
+        self.max_chars_per_call = info.max_total_chars
         return info
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """One score per (prompt, response), in order. A batch larger than the service's
-        max_samples_per_request (known once info() was called) goes as several calls, one
-        after another, so a trainer's batch_size is never bound by a reward service's limit."""
+        max_samples_per_request or max_total_chars (known once info() was called) goes as
+        several calls, one after another, so a trainer's batch is never bound by a reward
+        service's limits."""
         samples = [reward_pb2.Sample(prompt=p, response=r) for p, r in zip(prompts, responses)]
-        size = self.max_samples_per_call or len(samples) or 1
         scores: list[float] = []
-        for start in range(0, len(samples), size):
-            request = reward_pb2.ScoreRequest(samples=samples[start : start + size])
+        for group in _groups(samples, self.max_samples_per_call, self.max_chars_per_call):
+            request = reward_pb2.ScoreRequest(samples=group)
             scores.extend(self.stub.Score(request, timeout=self.deadlines.score_s).scores)
         return scores
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _groups(
+    samples: list[reward_pb2.Sample], max_samples: int, max_chars: int
+) -> list[list[reward_pb2.Sample]]:
+    """`samples` in order, cut into groups of at most `max_samples` samples and `max_chars`
+    characters (0: no limit). A sample over `max_chars` alone goes alone (the service says why
+    it refuses it)."""
+    groups: list[list[reward_pb2.Sample]] = []
+    group: list[reward_pb2.Sample] = []
+    chars = 0
+    for sample in samples:
+        size = len(sample.prompt) + len(sample.response)
+        full = (max_samples and len(group) >= max_samples) or (
+            max_chars and chars + size > max_chars
+        )
+        if group and full:
+            groups.append(group)
+            group, chars = [], 0
+        group.append(sample)
+        chars += size
+    return [*groups, group] if group else groups

@@ -12,6 +12,9 @@ import sys
 import time
 from typing import Any
 
+QUOTE_CHARS = 40
+"""How much of a client's text a message or log line repeats (`quote`)."""
+
 # Attributes every LogRecord has; anything else on a record came in through `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -59,3 +62,15 @@ class ContextLogger(logging.LoggerAdapter):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
         return msg, kwargs
+
+
+def quote(text: object, limit: int = QUOTE_CHARS) -> str:
+    """Client text for an error message or a log line: its repr, cut to `limit` characters and
+    followed by its length when longer, so a 1 MB run id costs a short line, not 1 MB a time.
+    Other values (a YAML list, a number) are shown by their repr, cut the same way."""
+    if not isinstance(text, str):
+        shown = repr(text)
+        return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(shown)} characters)"
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -1,7 +1,8 @@
 """Server bootstrap shared by the three services.
 
-Every service gets the same things: a thread-pool gRPC server with message limits sized for
-chunked weights, TLS or mutual TLS (rlhf.tls; plaintext only on loopback or when asked for),
+Every service gets the same things: a thread-pool gRPC server whose streams have threads of
+their own (rlhf.stream_limit), requests decoded and size-capped by the services
+(rlhf.handlers), TLS or mutual TLS (rlhf.tls; plaintext only on loopback or when asked for),
 the one authorisation interceptor (rlhf.auth: mutating RPCs need an authorised identity),
 grpc.health.v1 (NOT_SERVING until its model is loaded, SERVING after, NOT_SERVING again while
 it drains; always public), server reflection, and a graceful stop on SIGTERM/SIGINT that lets
@@ -28,12 +29,14 @@ from rlhf.auth import AuthConfigError, AuthInterceptor, auth_interceptor, servic
 from rlhf.command_errors import CommandError
 from rlhf.config.server import ServerConfig
 from rlhf.defaults import LOOPBACK
+from rlhf.stream_limit import StreamLimit, pool_size
 from rlhf.tls import TlsConfigError, add_port
 
 log = logging.getLogger("rlhf.server")
 
 MiB = 1024 * 1024
-# Weights travel as a stream of chunks of at most 4 MiB; 64 MiB leaves room for big batches.
+# The transport's outer bound on one message; each method's own, smaller cap is checked on the
+# raw bytes by rlhf.handlers, which answers with the method's sizes.
 MAX_MESSAGE_BYTES = 64 * MiB
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -76,9 +79,10 @@ class GrpcService:
         self.config = config
         self.auth = self._interceptor(config)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=name),
+            _thread_pool(name, config),
             options=SERVER_OPTIONS,
-            interceptors=[self.auth] if self.auth else [],
+            # Authorisation first: a refused stream never takes one of the streams' threads.
+            interceptors=[*([self.auth] if self.auth else []), *_limits(config)],
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -153,6 +157,17 @@ class GrpcService:
     def _set_health(self, status: int) -> None:
         for name in ["", *self.service_names]:
             self.health.set(name, status)
+
+
+def _thread_pool(name: str, config: ServerConfig) -> futures.ThreadPoolExecutor:
+    """Threads for `workers` unary calls plus `max_streams` streams (rlhf.stream_limit)."""
+    size = pool_size(config.workers, config.max_streams)
+    return futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix=name)
+
+
+def _limits(config: ServerConfig) -> list[grpc.ServerInterceptor]:
+    """The interceptors that keep streams to their share of the pool."""
+    return [StreamLimit(config.max_streams)]
 
 
 def build_server(

@@ -16,6 +16,7 @@ import torch
 
 from rlhf.crc32 import crc32, crc32_combine
 from rlhf.errors import invalid, precondition
+from rlhf.logs import quote
 from rlhf.v1 import policy_pb2
 from rlhf.weights import DTYPES, dtype_name
 
@@ -211,16 +212,17 @@ class WeightAssembler:
         problems: list[str] = []
         for spec in manifest.tensors:
             if spec.name in seen:
-                problems.append(f"{spec.name}: listed twice")
+                problems.append(f"{quote(spec.name)}: listed twice")
             seen.add(spec.name)
             if spec.name not in self.expected:
-                problems.append(f"{spec.name}: no such tensor in the served model")
+                problems.append(f"{quote(spec.name)}: no such tensor in the served model")
                 continue
             shape, dtype = self.expected[spec.name]
             if tuple(spec.shape) != tuple(shape):
                 problems.append(f"{spec.name}: shape {list(spec.shape)}, served {list(shape)}")
             if spec.dtype != dtype_name(dtype):
-                problems.append(f"{spec.name}: dtype {spec.dtype}, served {dtype_name(dtype)}")
+                served_dtype = dtype_name(dtype)
+                problems.append(f"{spec.name}: dtype {quote(spec.dtype)}, served {served_dtype}")
             if spec.offset != offset:
                 problems.append(f"{spec.name}: offset {spec.offset}, expected {offset}")
             numel = 1

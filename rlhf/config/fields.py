@@ -18,7 +18,8 @@ import types
 import typing
 from typing import Any
 
-from rlhf.config.yaml_text import clip, load_plain_yaml
+from rlhf.config.yaml_text import load_plain_yaml
+from rlhf.logs import quote
 
 _TRUE = ("1", "true", "yes", "on", "y", "t")
 _FALSE = ("0", "false", "no", "off", "n", "f")
@@ -69,7 +70,7 @@ def unknown_field(where: str, name: str, known: typing.Iterable[str]) -> ValueEr
     known = list(known)
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
-    return ValueError(f"{where}: unknown field {clip(name)}{hint}")
+    return ValueError(f"{where}: unknown field {quote(name)}{hint}")
 
 
 def coerce_value(value: Any, annotation: Any, where: str) -> Any:
@@ -87,34 +88,34 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
             return value.lower() in _TRUE
-        raise ValueError(f"{where} must be a boolean (true/false), got {clip(value)}")
+        raise ValueError(f"{where} must be a boolean (true/false), got {quote(value)}")
     if tp is int:
         if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{where} must be an integer, got {clip(value)}")
+            raise ValueError(f"{where} must be an integer, got {quote(value)}")
         try:
             return int(value)
         except (ValueError, TypeError):
-            raise ValueError(f"{where} must be an integer, got {clip(value)}") from None
+            raise ValueError(f"{where} must be an integer, got {quote(value)}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise ValueError(f"{where} must be a number, got {clip(value)}")
+            raise ValueError(f"{where} must be a number, got {quote(value)}")
         try:
             number = float(value)
         except (ValueError, TypeError):
-            raise ValueError(f"{where} must be a number, got {clip(value)}") from None
+            raise ValueError(f"{where} must be a number, got {quote(value)}") from None
         if not math.isfinite(number):  # NaN passes every `<` check: refused here, once
-            raise ValueError(f"{where} must be a finite number, got {clip(value)}")
+            raise ValueError(f"{where} must be a finite number, got {quote(value)}")
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {clip(value)}")
+            raise ValueError(f"{where} must be a string, got {quote(value)}")
         return value
     if typing.get_origin(tp) is list:
         if isinstance(value, str):
             text = value.strip()
             value = load_plain_yaml(text, where) if text.startswith("[") else text.split(",")
         if not isinstance(value, list | tuple):
-            raise ValueError(f"{where} must be a list, got {clip(value)}")
+            raise ValueError(f"{where} must be a list, got {quote(value)}")
         items = [str(v).strip() for v in value]
         return [v for v in items if v]
     raise TypeError(f"{where}: unsupported field type {tp}")

@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rlhf.config.fields import coerce_value, field_types, unknown_field
-from rlhf.config.yaml_text import clip, load_plain_yaml
+from rlhf.config.yaml_text import load_plain_yaml
+from rlhf.logs import quote
 
 
 def load_yaml_mapping(text: str, what: str, max_bytes: int | None = None) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def load_yaml_mapping(text: str, what: str, max_bytes: int | None = None) -> dic
     if not isinstance(data, dict):
         hint = " (a file path? pass the file's text)" if isinstance(data, str) else ""
         raise ValueError(
-            f"{what} must be a mapping of section: {{field: value}}, got {clip(data)}{hint}"
+            f"{what} must be a mapping of section: {{field: value}}, got {quote(data)}{hint}"
         )
     return data
 
@@ -67,7 +68,7 @@ def apply_mapping(obj: object, data: Mapping[str, Any], where: str = "") -> None
             if raw is None:
                 continue
             if not isinstance(raw, Mapping):
-                raise ValueError(f"{_path(where, key)}: a section is a mapping, got {clip(raw)}")
+                raise ValueError(f"{_path(where, key)}: a section is a mapping, got {quote(raw)}")
             apply_mapping(getattr(obj, key), raw, _path(where, key))
         else:
             set_field(obj, key, raw, where)
@@ -78,7 +79,9 @@ def parse_override(item: str) -> tuple[str, str]:
     key, sep, raw = item.partition("=")
     key = key.strip().lstrip("-").replace("-", "_")
     if not sep or not key:
-        raise ValueError(f"override {clip(item)}: expected KEY=VALUE (e.g. ppo.learning_rate=1e-4)")
+        raise ValueError(
+            f"override {quote(item)}: expected KEY=VALUE (e.g. ppo.learning_rate=1e-4)"
+        )
     return key, raw.strip()
 
 
@@ -97,7 +100,7 @@ def _owner(root: object, key: str) -> tuple[object, str, str]:
     owners = [s for s in sections(root) if name in field_types(type(getattr(root, s)))]
     if len(owners) > 1:
         raise ValueError(
-            f"{name!r} is ambiguous; write one of " + ", ".join(f"{s}.{name}" for s in owners)
+            f"{quote(name)} is ambiguous; write one of " + ", ".join(f"{s}.{name}" for s in owners)
         )
     if not owners:
         qualified = {
@@ -105,7 +108,7 @@ def _owner(root: object, key: str) -> tuple[object, str, str]:
         }
         close = difflib.get_close_matches(name, qualified, n=3)
         hint = f"; did you mean {', '.join(qualified[c] for c in close)}?" if close else ""
-        raise ValueError(f"config: unknown field {clip(name)}{hint}")
+        raise ValueError(f"config: unknown field {quote(name)}{hint}")
     return getattr(root, owners[0]), name, owners[0]
 
 

@@ -25,7 +25,10 @@ class ServerConfig:
     port: int = POLICY_PORT
     """TCP port; 0 picks a free one (the chosen port is logged and returned by start())."""
     workers: int = 8
-    """Threads serving calls at once."""
+    """Threads serving unary calls (and health checks) at once."""
+    max_streams: int = 64
+    """Streaming calls (WatchRun, UpdateWeights, ...) open at once, on threads of their own
+    (RESOURCE_EXHAUSTED beyond): streams never take the `workers` threads."""
     grace_s: float = 30.0
     """Seconds in-flight calls get to finish after SIGTERM."""
     log_level: str = "INFO"
@@ -40,7 +43,7 @@ class ServerConfig:
         check(self, "server settings")
 
     def problems(self) -> list[str]:
-        found = at_least(self, 0, "port", "grace_s") + at_least(self, 1, "workers")
+        found = at_least(self, 0, "port", "grace_s") + at_least(self, 1, "workers", "max_streams")
         return found + choice_problems("log_level", self.log_level.upper(), LOG_LEVELS)
 
 

@@ -15,14 +15,6 @@ import yaml
 
 MAX_DEPTH = 20
 """Deepest nesting of mappings and lists a config may have (a run config uses 2)."""
-QUOTE_CHARS = 40
-"""How much of a caller's text an error message repeats."""
-
-
-def clip(value: object, limit: int = QUOTE_CHARS) -> str:
-    """repr(value), cut to `limit` characters with an ellipsis: how messages quote input."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class YamlRefused(ValueError):
@@ -62,8 +54,9 @@ def load_plain_yaml(text: str, what: str) -> Any:
 
     Raises YamlRefused (a ValueError) naming `what`, the line and the column: for syntax
     errors, anchors/aliases, tags that build objects, and nesting deeper than MAX_DEPTH."""
-    loader = _PlainLoader(text)
+    loader = None
     try:
+        loader = _PlainLoader(text)  # its reader refuses NUL and other control characters here
         return loader.get_single_data()
     except YamlRefused as err:
         raise YamlRefused(f"{what}: {err}") from None
@@ -75,4 +68,5 @@ def load_plain_yaml(text: str, what: str) -> Any:
     except (yaml.YAMLError, ValueError) as err:  # unmarked (e.g. an int of 5000 digits)
         raise YamlRefused(f"{what} is not valid YAML: {str(err)[:120]}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=config.max_batch_size,
         max_prompt_chars=config.max_prompt_chars,
     )
-    servicer = PolicyServicer()
+    servicer = PolicyServicer(settings=config)
 
     def load() -> None:
         try:

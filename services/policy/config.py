@@ -33,6 +33,12 @@ class PolicyServiceConfig:
     """Most prompts in one Generate call."""
     max_prompt_chars: int = 32768
     """Longest prompt, in characters, a Generate call may send."""
+    upload_idle_s: float = 30.0
+    """An UpdateWeights stream that sends no chunk for this many seconds is ended
+    (DEADLINE_EXCEEDED); the served weights stay as they were."""
+    max_upload_chunks: int = 100_000
+    """Most chunks in one UpdateWeights stream (RESOURCE_EXHAUSTED beyond): 100 GB in the
+    sender's 1 MiB chunks."""
 
     def __post_init__(self) -> None:
         check(self, "policy service settings")
@@ -40,5 +46,9 @@ class PolicyServiceConfig:
     def problems(self) -> list[str]:
         found = dtype_problems("dtype", self.dtype) + device_problems("device", self.device)
         found += at_least(self, 0, "threads")
-        found += at_least(self, 1, "max_new_tokens_cap", "max_batch_size", "max_prompt_chars")
+        found += at_least(
+            self, 1, "max_new_tokens_cap", "max_batch_size", "max_prompt_chars", "max_upload_chunks"
+        )
+        if not 0 < self.upload_idle_s < float("inf"):
+            found.append(f"upload_idle_s must be > 0 seconds and finite, got {self.upload_idle_s}")
         return found + ([] if self.model else ["model must not be empty"])

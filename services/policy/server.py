@@ -22,14 +22,30 @@ from collections.abc import Iterator
 import grpc
 
 from rlhf.compute import ComputeThread
-from rlhf.errors import RpcError, handle_errors, unavailable
-from rlhf.protocol import POLICY_SERVICE
+from rlhf.errors import RpcError, check_caller, exhausted, handle_errors, invalid, unavailable
+from rlhf.handlers import CONTROL, MethodLimits, MiB, add_service
+from rlhf.protocol import POLICY_DESCRIPTOR, POLICY_SERVICE
 from rlhf.server import Readiness, Registration
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from rlhf.weight_receiver import ChunkView, WeightAssembler, decode_chunk
-from services.policy.engine import FINISH_LENGTH, FINISH_STOP, PolicyEngine, SamplingParams
+from services.policy.config import PolicyServiceConfig
+from services.policy.engine import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineLimits,
+    PolicyEngine,
+    SamplingParams,
+)
+from services.policy.validation import validate_request_id
 
 log = logging.getLogger("rlhf.policy")
+
+CHUNK_MESSAGE_BYTES = 16 * MiB
+"""Largest WeightChunk message: the proto's 4 MiB of data, plus the first chunk's manifest (about
+100 bytes per tensor), with room to spare."""
+CONCURRENT_UPLOADS = 2
+"""UpdateWeights streams at once: each holds a receive buffer the size of the model; two let a
+retry start while a broken upload is still being torn down."""
 
 _FINISH = {
     FINISH_STOP: policy_pb2.FINISH_REASON_STOP,
@@ -54,7 +70,21 @@ def params_from_proto(params: policy_pb2.GenerationParams) -> SamplingParams:
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     """Serves one PolicyEngine; refuses calls with UNAVAILABLE until an engine is attached."""
 
-    def __init__(self, engine: PolicyEngine | None = None) -> None:
+    def __init__(
+        self, engine: PolicyEngine | None = None, settings: PolicyServiceConfig | None = None
+    ) -> None:
+        """`settings`: the request limits (Generate's caps, the uploads' idle time and chunk
+        count); without them, the engine's limits (else the defaults) and the default upload
+        limits."""
+        self.settings = settings or PolicyServiceConfig()
+        if settings is None and engine is not None:
+            self.limits = engine.limits
+        else:
+            self.limits = EngineLimits(
+                max_new_tokens_cap=self.settings.max_new_tokens_cap,
+                max_batch_size=self.settings.max_batch_size,
+                max_prompt_chars=self.settings.max_prompt_chars,
+            )
         self.readiness = Readiness()
         self.compute = ComputeThread("policy-compute")
         """Where the engine is built (`compute.run(PolicyEngine, ...)`) and does its work."""
@@ -78,11 +108,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> policy_pb2.GenerateResponse:
         engine = self.engine
+        validate_request_id(request.request_id)
         request_id = request.request_id or uuid.uuid4().hex[:16]
         started = time.monotonic()
         try:
             completions = self.compute.run(
-                engine.generate, list(request.prompts), params_from_proto(request.params)
+                _generate, context, engine, list(request.prompts), params_from_proto(request.params)
             )
         except RpcError as err:
             log.warning(
@@ -139,7 +170,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         request_iterator: Iterator[policy_pb2.WeightChunk | ChunkView],
         context: grpc.ServicerContext,
     ) -> policy_pb2.UpdateWeightsResponse:
-        started = _receive(assembler, request_iterator)
+        started = _receive(assembler, request_iterator, self.settings.max_upload_chunks)
         tensors = assembler.finish()
         if not context.is_active():
             raise RpcError(
@@ -199,31 +230,33 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         )
 
 
-def add_policy_service(servicer: PolicyServicer, server: grpc.Server) -> None:
-    """policy_pb2_grpc.add_PolicyServiceServicer_to_server, but UpdateWeights' chunks are parsed
-    by rlhf.weight_receiver.decode_chunk, which leaves their payload in the received message
-    instead of copying it twice: the same wire format, a third less work per byte received."""
-    handlers = {
-        "Generate": grpc.unary_unary_rpc_method_handler(
-            servicer.Generate,
-            request_deserializer=policy_pb2.GenerateRequest.FromString,
-            response_serializer=policy_pb2.GenerateResponse.SerializeToString,
+def request_limits(servicer: PolicyServicer) -> dict[str, MethodLimits]:
+    """Each method's request cap: Generate's follows from the servicer's limits (every prompt
+    at max_prompt_chars, 4 bytes a character at most in UTF-8), a chunk from the proto's."""
+    limits = servicer.limits
+    prompt_bytes = 4 * limits.max_prompt_chars + 8  # + the field's tag and length
+    return {
+        "Generate": MethodLimits(max_bytes=limits.max_batch_size * prompt_bytes + 4096),
+        "UpdateWeights": MethodLimits(
+            max_bytes=CHUNK_MESSAGE_BYTES,
+            idle_s=servicer.settings.upload_idle_s,
+            max_concurrent=CONCURRENT_UPLOADS,
         ),
-        "UpdateWeights": grpc.stream_unary_rpc_method_handler(
-            servicer.UpdateWeights,
-            request_deserializer=decode_chunk,
-            response_serializer=policy_pb2.UpdateWeightsResponse.SerializeToString,
-        ),
-        "GetInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetInfo,
-            request_deserializer=common_pb2.GetInfoRequest.FromString,
-            response_serializer=policy_pb2.PolicyInfo.SerializeToString,
-        ),
+        "GetInfo": CONTROL,
     }
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(POLICY_SERVICE, handlers),)
+
+
+def add_policy_service(servicer: PolicyServicer, server: grpc.Server) -> None:
+    """Registers the servicer with rlhf.handlers' self-decoding handlers. UpdateWeights' chunks
+    are parsed by rlhf.weight_receiver.decode_chunk, which leaves their payload in the received
+    message instead of copying it twice: the same wire format, a third less work per byte."""
+    add_service(
+        POLICY_DESCRIPTOR,
+        servicer,
+        server,
+        request_limits(servicer),
+        decoders={"UpdateWeights": decode_chunk},
     )
-    server.add_registered_method_handlers(POLICY_SERVICE, handlers)
 
 
 def servicers(servicer: PolicyServicer) -> list[Registration]:
@@ -231,21 +264,42 @@ def servicers(servicer: PolicyServicer) -> list[Registration]:
     return [Registration(add_policy_service, servicer, POLICY_SERVICE)]
 
 
+def _generate(
+    context: grpc.ServicerContext,
+    engine: PolicyEngine,
+    prompts: list[str],
+    params: SamplingParams,
+) -> list:
+    """Compute-thread work: generate, unless the caller gave up while the call was queued."""
+    check_caller(context, "generation started")
+    return engine.generate(prompts, params)
+
+
 def _receive(
-    assembler: WeightAssembler, request_iterator: Iterator[policy_pb2.WeightChunk | ChunkView]
+    assembler: WeightAssembler,
+    request_iterator: Iterator[policy_pb2.WeightChunk | ChunkView],
+    max_chunks: int,
 ) -> float | None:
     """Feeds the stream into the assembler; returns when its first chunk came (None: none).
 
     A stream the client breaks becomes CANCELLED; a chunk the assembler rejects its RpcError;
-    both logged with the versions involved.
+    both logged with the versions involved. Every chunk after the first must carry data, and a
+    stream may have at most `max_chunks`, so an upload's length is bounded by its payload.
     """
     served = assembler.served_version
     started: float | None = None
     try:
-        for chunk in request_iterator:
+        for index, chunk in enumerate(request_iterator):
             if started is None:
                 started = time.monotonic()
+            if index >= max_chunks:
+                raise exhausted(
+                    f"more than {max_chunks} chunks in one upload (--max-upload-chunks): "
+                    "send bigger chunks"
+                )
             assembler.feed(chunk)
+            if index and not len(chunk.data):
+                raise invalid(f"chunk {index} carries no data: every chunk after the first must")
     except grpc.RpcError:
         # The request iterator raises when the client cancels or its stream breaks.
         log.warning(

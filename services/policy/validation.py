@@ -7,11 +7,21 @@ Nothing here touches a model: any engine (transformers here, vLLM later) calls
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rlhf.errors import exhausted, invalid
+from rlhf.logs import quote
 from services.policy.config import PolicyServiceConfig
+
+MIN_TEMPERATURE = 0.01
+"""Lowest temperature accepted: logits / a smaller one overflow float32 (1e-45 gives inf, and
+sampling fails). Near-greedy is do_sample=false."""
+MAX_TEMPERATURE = 100.0
+"""Highest temperature accepted: above it sampling is uniform noise."""
+MAX_REQUEST_ID_CHARS = 128
+"""Longest GenerateRequest.request_id (echoed in the response and every log line)."""
 
 
 @dataclass
@@ -59,15 +69,33 @@ def validate_request(
             f"params.min_new_tokens {params.min_new_tokens} is above max_new_tokens "
             f"{params.max_new_tokens}: lower it"
         )
-    if not params.temperature >= 0:  # also catches NaN
-        raise invalid(f"params.temperature {params.temperature} must be >= 0 (0 means 1.0)")
-    if not 0 <= params.top_p <= 1:
-        raise invalid(f"params.top_p {params.top_p} must be in [0, 1] (0 means 1.0, off)")
+    _validate_floats(params)
     if params.apply_chat_template and not has_chat_template:
         raise invalid(
             "apply_chat_template is set but this model's tokenizer has no chat template: "
             "send apply_chat_template=false and format the prompts yourself"
         )
+
+
+def validate_request_id(request_id: str) -> None:
+    """Refuses (INVALID_ARGUMENT) a request id longer than MAX_REQUEST_ID_CHARS."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise invalid(
+            f"request_id {quote(request_id)} is longer than {MAX_REQUEST_ID_CHARS} characters"
+        )
+
+
+def _validate_floats(params: SamplingParams) -> None:
+    """temperature 0 (1.0) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]; top_p 0 (off) or in
+    (0, 1]; NaN and infinities refused (every comparison with NaN is false)."""
+    temperature, top_p = params.temperature, params.top_p
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise invalid(
+            f"params.temperature {temperature!r} must be 0 (meaning 1.0) or between "
+            f"{MIN_TEMPERATURE} and {MAX_TEMPERATURE}"
+        )
+    if not (math.isfinite(top_p) and 0 <= top_p <= 1):
+        raise invalid(f"params.top_p {top_p!r} must be in (0, 1] (0 means 1.0, off)")
 
 
 def _validate_prompts(prompts: Sequence[str], limits: EngineLimits) -> None:

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=config.max_batch_size,
         max_samples=config.max_samples,
         max_text_chars=config.max_text_chars,
+        max_total_chars=config.max_total_chars,
     )
     servicer = RewardServicer(settings)
 

@@ -36,6 +36,10 @@ class RewardServiceConfig:
     """Samples accepted per Score call (RESOURCE_EXHAUSTED above)."""
     max_text_chars: int = 20000
     """Largest len(prompt) + len(response) in characters (INVALID_ARGUMENT above)."""
+    max_total_chars: int = 200_000
+    """Largest sum of len(prompt) + len(response) over one Score call's samples
+    (RESOURCE_EXHAUSTED above): bounds one call's work (VADER's cost grows with the square of
+    a text's length: 10 texts at the 20,000-character limit take about 10 s on one core)."""
 
     model: str = field(default="", metadata=HF)
     """AutoModelForSequenceClassification folder or hub name."""
@@ -73,7 +77,9 @@ class RewardServiceConfig:
         found += choice_problems("length_unit", self.length_unit, LENGTH_UNITS)
         found += dtype_problems("dtype", self.dtype) + device_problems("device", self.device)
         found += at_least(self, 0, "threads")
-        found += at_least(self, 1, "max_batch_size", "max_samples", "max_text_chars")
+        found += at_least(
+            self, 1, "max_batch_size", "max_samples", "max_text_chars", "max_total_chars"
+        )
         if self.backend == "hf-classifier" and not self.model:
             found.append("model: --backend hf-classifier needs --model (a folder or hub name)")
         if self.backend == "keyword" and not self.keywords.strip(", "):

@@ -19,8 +19,9 @@ import grpc
 
 from rlhf.compute import ComputeThread
 from rlhf.defaults import REWARD_INPUT_MODES
-from rlhf.errors import RpcError, exhausted, handle_errors, invalid, unavailable
-from rlhf.protocol import REWARD_SERVICE
+from rlhf.errors import RpcError, check_caller, exhausted, handle_errors, invalid, unavailable
+from rlhf.handlers import CONTROL, MethodLimits, add_service
+from rlhf.protocol import REWARD_DESCRIPTOR, REWARD_SERVICE
 from rlhf.server import Registration
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.reward.backends.base import RewardBackend
@@ -47,12 +48,14 @@ class ScoreSettings:
     """Samples per Score call; RESOURCE_EXHAUSTED above."""
     max_text_chars: int = RewardServiceConfig.max_text_chars
     """len(prompt) + len(response) per sample, in characters; INVALID_ARGUMENT above."""
+    max_total_chars: int = RewardServiceConfig.max_total_chars
+    """The sum of those over a call's samples; RESOURCE_EXHAUSTED above."""
 
     def __post_init__(self) -> None:
         if self.input not in REWARD_INPUT_MODES:
             modes = ", ".join(REWARD_INPUT_MODES)
             raise ValueError(f"--input must be one of {modes}, got {self.input!r}")
-        for field in ("max_batch_size", "max_samples", "max_text_chars"):
+        for field in ("max_batch_size", "max_samples", "max_text_chars", "max_total_chars"):
             if getattr(self, field) < 1:
                 flag = "--" + field.replace("_", "-")
                 raise ValueError(f"{flag} must be >= 1, got {getattr(self, field)}")
@@ -99,21 +102,15 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 f"{count} samples in one Score call; this service accepts at most "
                 f"{settings.max_samples} (RewardInfo.max_samples_per_request): split the request"
             )
-        limit = settings.max_text_chars
-        for index, sample in enumerate(request.samples):
-            size = len(sample.prompt) + len(sample.response)
-            if size > limit:
-                raise invalid(
-                    f"sample {index}: prompt + response is {size} characters, over this "
-                    f"service's limit of {limit} (RewardInfo.max_text_chars)"
-                )
+        _check_sizes(request, settings)
         texts = texts_to_score(
             [s.prompt for s in request.samples],
             [s.response for s in request.samples],
             settings.input,
         )
         started = time.perf_counter()
-        scores = self.compute.run(backend.score, texts)  # the backend's exception is raised here
+        # The backend's exception is raised here.
+        scores = self.compute.run(_score, context, backend, texts)
         latency_ms = (time.perf_counter() - started) * 1000.0
         checked = _check_scores(scores, count, backend.name)
         self._score_log.record(count, latency_ms, backend.name)
@@ -134,6 +131,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             max_batch_size=settings.max_batch_size,
             max_samples_per_request=settings.max_samples,
             max_text_chars=settings.max_text_chars,
+            max_total_chars=settings.max_total_chars,
             description=backend.description,
         )
 
@@ -183,6 +181,33 @@ class ScoreLog:
             )
 
 
+def _check_sizes(request: reward_pb2.ScoreRequest, settings: ScoreSettings) -> None:
+    """Each sample within max_text_chars (INVALID_ARGUMENT), all within max_total_chars
+    (RESOURCE_EXHAUSTED), before any work."""
+    limit = settings.max_text_chars
+    total = 0
+    for index, sample in enumerate(request.samples):
+        size = len(sample.prompt) + len(sample.response)
+        if size > limit:
+            raise invalid(
+                f"sample {index}: prompt + response is {size} characters, over this "
+                f"service's limit of {limit} (RewardInfo.max_text_chars)"
+            )
+        total += size
+    if total > settings.max_total_chars:
+        raise exhausted(
+            f"{total} characters in one Score call; this service accepts at most "
+            f"{settings.max_total_chars} (RewardInfo.max_total_chars): split the request"
+        )
+
+
+def _score(context: grpc.ServicerContext, backend: RewardBackend, texts: list[str]) -> object:
+    """Compute-thread work: the backend's scores, unless the caller gave up while the call was
+    queued (then nothing is scored)."""
+    check_caller(context, "scoring started")
+    return backend.score(texts)
+
+
 def texts_to_score(prompts: list[str], responses: list[str], input_mode: str) -> list[str]:
     """What the backend scores: the response, or (prompt+response, the seed's way) the prompt
     followed directly by the response, as the seed decoded query + response together."""
@@ -225,8 +250,19 @@ def _check_scores(scores: object, count: int, backend: str) -> list[float]:
     return checked
 
 
+def request_limits(settings: ScoreSettings) -> dict[str, MethodLimits]:
+    """Score's request cap follows from the settings: every character 4 bytes at most in
+    UTF-8, and each sample's two fields' and its own tag and length bytes."""
+    per_sample = 3 * 6
+    score_bytes = 4 * settings.max_total_chars + per_sample * settings.max_samples + 4096
+    return {"Score": MethodLimits(max_bytes=score_bytes), "GetInfo": CONTROL}
+
+
+def add_reward_service(servicer: RewardServicer, server: grpc.Server) -> None:
+    """Registers the servicer with rlhf.handlers' self-decoding, size-capped handlers."""
+    add_service(REWARD_DESCRIPTOR, servicer, server, request_limits(servicer.settings))
+
+
 def servicers(servicer: RewardServicer) -> list[Registration]:
     """What rlhf.server.run_service / build_server register for the reward service."""
-    return [
-        Registration(reward_pb2_grpc.add_RewardServiceServicer_to_server, servicer, REWARD_SERVICE)
-    ]
+    return [Registration(add_reward_service, servicer, REWARD_SERVICE)]

@@ -24,8 +24,8 @@ import yaml
 
 from rlhf.config import apply_mapping, apply_overrides, check, load_yaml_mapping
 from rlhf.config.checks import at_least, at_most
-from rlhf.config.yaml_text import clip
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS
+from rlhf.logs import quote
 from services.trainer.learner.config import PPOConfig
 
 MAX_CONFIG_BYTES = 64 * 1024
@@ -116,7 +116,7 @@ class RunConfig:
         found += at_most(self, 1000, "keep_checkpoints") + at_most(self, 100, "step_retries")
         found += at_most(self, 3600, "retry_backoff_s")
         if self.run_id and not RUN_ID.fullmatch(self.run_id):
-            found.append(f"run_id {clip(self.run_id)}: {RUN_ID_RULE}")
+            found.append(f"run_id {quote(self.run_id)}: {RUN_ID_RULE}")
         return found
 
 
@@ -187,5 +187,5 @@ class TrainerServiceConfig:
         for entry in self.allowed_endpoints:
             host, _, port = entry.rpartition(":")
             if not host or not (port == "*" or port.isdigit()):
-                found.append(f"allowed_endpoints: {clip(entry)} is not HOST:PORT or HOST:*")
+                found.append(f"allowed_endpoints: {quote(entry)} is not HOST:PORT or HOST:*")
         return found

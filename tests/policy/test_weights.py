@@ -121,7 +121,7 @@ BAD_UPLOADS = [
         None,
         1,
         Code.INVALID_ARGUMENT,
-        "model.extra.weight: no such tensor",
+        "'model.extra.weight': no such tensor",
     ),
     (
         "wrong shape",
@@ -137,7 +137,7 @@ BAD_UPLOADS = [
         None,
         1,
         Code.INVALID_ARGUMENT,
-        "dtype float16, served float32",
+        "dtype 'float16', served float32",
     ),
     ("chunk crc", None, _corrupt_chunk, 1, Code.INVALID_ARGUMENT, "corrupted in transit"),
     ("payload crc", None, _corrupt_payload_crc, 1, Code.INVALID_ARGUMENT, "payload CRC-32"),

@@ -14,9 +14,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from rlhf.config.yaml_text import clip
 from rlhf.defaults import DEFAULT_POLICY_MODEL
 from rlhf.errors import RpcError, invalid, precondition
+from rlhf.logs import quote
 from services.trainer.config import (
     MAX_CONFIG_BYTES,
     RUN_ID,
@@ -72,7 +72,7 @@ def check_resumable(config: TrainConfig) -> None:
 def check_run_id(run_id: str, what: str = "run_id") -> str:
     """`run_id` if it is a plain folder name (RUN_ID), else INVALID_ARGUMENT."""
     if not RUN_ID.fullmatch(run_id):
-        raise invalid(f"{what} {clip(run_id)} is not a run id: {RUN_ID_RULE}")
+        raise invalid(f"{what} {quote(run_id)} is not a run id: {RUN_ID_RULE}")
     return run_id
 
 
@@ -83,7 +83,7 @@ def _real(path: str | Path) -> Path:
 
 def _no_nul(value: str, what: str) -> str:
     if "\x00" in value:  # os.path refuses it with a ValueError of its own
-        raise invalid(f"{what} {clip(value)}: a path cannot hold a NUL character")
+        raise invalid(f"{what} {quote(value)}: a path cannot hold a NUL character")
     return value
 
 
@@ -109,7 +109,7 @@ class InputRules:
         if (host, port) in self._endpoints or (host, "*") in self._endpoints:
             return address
         raise denied(
-            f"{what} {clip(address)} is not an address this trainer may use: its own --policy "
+            f"{what} {quote(address)} is not an address this trainer may use: its own --policy "
             "and --reward, or one its operator listed in --allowed-endpoints"
         )
 
@@ -125,7 +125,7 @@ class InputRules:
         """The trainer's output root; a run may name it, but no other folder."""
         if value and _real(_no_nul(value, "run.output_dir")) != self.output_root:
             raise denied(
-                f"run.output_dir {clip(value)}: runs write under this trainer's --output-dir "
+                f"run.output_dir {quote(value)}: runs write under this trainer's --output-dir "
                 "only; leave run.output_dir empty"
             )
         return str(self.output_root)
@@ -134,7 +134,7 @@ class InputRules:
         """<output root>/<run_id>, refused if it leads elsewhere (a planted symlink)."""
         folder = _real(self.output_root / check_run_id(run_id, "run.run_id"))
         if folder.parent != self.output_root:
-            raise denied(f"run folder of {clip(run_id)} leads outside the trainer's output root")
+            raise denied(f"run folder of {quote(run_id)} leads outside the trainer's output root")
         return folder
 
     def prompts(self, source: str) -> str:
@@ -143,7 +143,7 @@ class InputRules:
             return BUILTIN
         path = self._inside(source, self.data_roots, "run.prompts", "--data-root")
         if not path.exists():
-            raise invalid(f"run.prompts {clip(source)}: no such file or folder")
+            raise invalid(f"run.prompts {quote(source)}: no such file or folder")
         return str(path)
 
     def model(self, name: str) -> str:
@@ -153,7 +153,7 @@ class InputRules:
             return name
         path = self._inside(name, self.model_roots, "ppo.model_name", "--model-root")
         if not path.is_dir():
-            raise invalid(f"ppo.model_name {clip(name)}: no such model folder")
+            raise invalid(f"ppo.model_name {quote(name)}: no such model folder")
         return str(path)
 
     @staticmethod
@@ -162,7 +162,7 @@ class InputRules:
         if any(path == root or path.is_relative_to(root) for root in roots):
             return path
         raise denied(
-            f"{what} {clip(value)} is outside the folders this trainer allows ({flag}); ask its "
+            f"{what} {quote(value)} is outside the folders this trainer allows ({flag}); ask its "
             f"operator to place it there or to add a {flag} folder"
         )
 

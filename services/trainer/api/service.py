@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import grpc
 
 from rlhf.errors import RpcError, handle_errors, invalid, precondition
-from rlhf.protocol import TRAINER_SERVICE
+from rlhf.handlers import CONTROL, add_service
+from rlhf.logs import quote
+from rlhf.protocol import TRAINER_DESCRIPTOR, TRAINER_SERVICE
 from rlhf.server import Registration
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.api.inputs import (
@@ -199,7 +201,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if run is None:
             raise RpcError(
                 grpc.StatusCode.NOT_FOUND,
-                f"no run {run_id!r} on this trainer" if run_id else "no run has been started",
+                f"no run {quote(run_id)} on this trainer" if run_id else "no run has been started",
             )
         return run
 
@@ -282,10 +284,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def WatchRun(
         self, request: trainer_pb2.WatchRunRequest, context: grpc.ServicerContext
     ) -> Iterator[trainer_pb2.StepMetrics]:
-        try:
-            run = self._find(request.run_id)
-        except RpcError as err:
-            context.abort(err.code, err.message)
+        """A generator: its RpcErrors become statuses in rlhf.handlers (no decorator can)."""
+        run = self._find(request.run_id)
         gone = threading.Event()
 
         def client_gone() -> None:  # the call ended: cancelled, or the server is stopping
@@ -397,10 +397,13 @@ def _progress_message(
     )
 
 
+def add_trainer_service(servicer: TrainerServicer, server: grpc.Server) -> None:
+    """Registers the servicer with rlhf.handlers' self-decoding handlers: every method is a
+    control call, capped at CONTROL_REQUEST_BYTES (a run config is a few KB)."""
+    limits = dict.fromkeys(TRAINER_DESCRIPTOR.methods_by_name, CONTROL)
+    add_service(TRAINER_DESCRIPTOR, servicer, server, limits)
+
+
 def servicers(servicer: TrainerServicer) -> list[Registration]:
     """What `rlhf trainer serve` (and tests) put on a server: the TrainerService."""
-    return [
-        Registration(
-            trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, TRAINER_SERVICE
-        )
-    ]
+    return [Registration(add_trainer_service, servicer, TRAINER_SERVICE)]

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from rlhf.config.yaml_text import clip
+from rlhf.logs import quote
 from services.trainer.orchestrator.peers import FatalError, PeerError, RewardTransport
 
 MAX_WEIGHT = 1e6
@@ -41,15 +41,15 @@ class EndpointSpec:
         metric key, env/reward/<name>)."""
         host, _, port = self.address.rpartition(":")
         if not host or len(self.address) > 255 or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"reward endpoint address {clip(self.address)}: expected HOST:PORT")
+            raise ValueError(f"reward endpoint address {quote(self.address)}: expected HOST:PORT")
         if not math.isfinite(self.weight) or abs(self.weight) > MAX_WEIGHT:
             raise ValueError(
-                f"reward endpoint {clip(self.address)}: weight must be finite and at most "
+                f"reward endpoint {quote(self.address)}: weight must be finite and at most "
                 f"{MAX_WEIGHT:g} in size, got {self.weight}"
             )
         if not _NAME.fullmatch(self.name):
             raise ValueError(
-                f"reward endpoint name {clip(self.name)}: use at most 64 letters, digits or "
+                f"reward endpoint name {quote(self.name)}: use at most 64 letters, digits or "
                 "._:@- characters"
             )
 
@@ -59,12 +59,12 @@ class EndpointSpec:
         name, _, rest = text.rpartition("@")
         address, _, weight = rest.partition("=")
         if ":" not in address:
-            raise ValueError(f"reward endpoint {clip(text)}: expected HOST:PORT[=WEIGHT]")
+            raise ValueError(f"reward endpoint {quote(text)}: expected HOST:PORT[=WEIGHT]")
         try:
             value = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(
-                f"reward endpoint {clip(text)}: weight {clip(weight)} is not a number"
+                f"reward endpoint {quote(text)}: weight {quote(weight)} is not a number"
             ) from None
         return cls(address=address, weight=value, name=name)
 
