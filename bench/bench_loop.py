@@ -27,11 +27,17 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.measure import alternate, speed_ratio  # noqa: E402
+
+if TYPE_CHECKING:  # the heavy imports happen in the functions that use them
+    from services.trainer.config import TrainConfig
+    from services.trainer.orchestrator.loop import TrainingLoop
+    from tools.launch import LocalPki
 
 TARGET = 0.95
 PHASES = ["time/generate", "time/score", "time/ref_values", "time/update", "time/weight_sync"]
@@ -63,69 +69,76 @@ def _measure_alternating(
     return seconds, phases
 
 
-def main() -> int:
+def _flags() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
     parser.add_argument("--quick", action="store_true", help="tiny random model")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    from bench.local_transports import LocalPolicy, LocalReward
-    from rlhf.logs import setup_logging
+
+def _model(quick: bool, work: Path) -> str:
+    """A tiny random model (--quick) or the default policy, as a path."""
+    if quick:
+        from tools.tiny import make_causal_lm
+
+        return str(make_causal_lm(work / "tiny"))
     from rlhf.models import prepare_default_policy
-    from services.reward.backends.vader import VaderBackend
+
+    return str(prepare_default_policy())
+
+
+def _loop_config(args: argparse.Namespace, model: str, work: Path, name: str) -> TrainConfig:
+    """The run config both sides share, under the run id `name`; nothing is checkpointed."""
     from services.trainer.config import load_train_config
+
+    overrides = [
+        f"ppo.model_name={model}",
+        "ppo.log_with=jsonl",
+        f"run.output_dir={work}",
+        f"run.run_id={name}",
+        "run.save_every=0",
+    ]
+    return load_train_config(Path(args.config).read_text() if args.config else None, overrides)
+
+
+def _local_loop(config: TrainConfig, model: str) -> TrainingLoop:
+    """The loop on in-process transports: no gRPC, no other process."""
+    from bench.local_transports import LocalPolicy, LocalReward
+    from services.reward.backends.vader import VaderBackend
+    from services.trainer.orchestrator.loop import TrainingLoop
+    from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
+
+    mixer = RewardMixer(lambda address: LocalReward(VaderBackend(), address=address))
+    mixer.set_endpoints([EndpointSpec("local:0")])
+    return TrainingLoop(config, LocalPolicy(model), mixer)
+
+
+def _grpc_loop(config: TrainConfig, services: dict, pki: LocalPki) -> TrainingLoop:
+    """The loop on the gRPC transports, as the trainer's certificate, to the running services."""
     from services.trainer.orchestrator.loop import TrainingLoop
     from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
     from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
-    from tools.launch import LocalPki, running_services
 
-    setup_logging("bench", "WARNING")
-    work = Path(tempfile.mkdtemp(prefix="bench-loop-"))
-    if args.quick:
-        from tools.tiny import make_causal_lm
+    client = pki.client("trainer")
+    mixer = RewardMixer(lambda address: GrpcReward(address, client))
+    mixer.set_endpoints([EndpointSpec(services["reward"].address)])
+    policy = GrpcPolicy(services["policy"].address, client)
+    return TrainingLoop(config, policy, mixer)
 
-        model = str(make_causal_lm(work / "tiny"))
-    else:
-        model = str(prepare_default_policy())
 
-    def config(name: str):  # noqa: ANN202
-        overrides = [
-            f"ppo.model_name={model}",
-            "ppo.log_with=jsonl",
-            f"run.output_dir={work}",
-            f"run.run_id={name}",
-            "run.save_every=0",
-        ]
-        return load_train_config(Path(args.config).read_text() if args.config else None, overrides)
-
-    def local_loop() -> TrainingLoop:
-        mixer = RewardMixer(lambda address: LocalReward(VaderBackend(), address=address))
-        mixer.set_endpoints([EndpointSpec("local:0")])
-        return TrainingLoop(config("local"), LocalPolicy(model), mixer)
-
-    specs = [
-        ("policy", ["policy", "serve", "--model", model]),
-        ("reward", ["reward", "serve", "--backend", "vader"]),
-    ]
-    pki = LocalPki.make(work / "certs")  # the services serve mutual TLS, as `make run` does
-    with running_services(specs, work / "logs", pki) as services:
-
-        def grpc_loop() -> TrainingLoop:
-            client = pki.client("trainer")
-            mixer = RewardMixer(lambda address: GrpcReward(address, client))
-            mixer.set_endpoints([EndpointSpec(services["reward"].address)])
-            policy = GrpcPolicy(services["policy"].address, client)
-            return TrainingLoop(config("grpc"), policy, mixer)
-
-        loops = {"local": local_loop(), "grpc": grpc_loop()}
-        seconds, phases = _measure_alternating(loops, args.steps)
+def _print_table(
+    steps: int,
+    model: str,
+    episodes: int,
+    seconds: dict[str, list[float]],
+    phases: dict[str, dict[str, float]],
+) -> None:
     local_phases, grpc_phases = phases["local"], phases["grpc"]
-    episodes = loops["local"].config.ppo.batch_size
     local_rate = episodes / statistics.median(seconds["local"])
     grpc_rate = episodes / statistics.median(seconds["grpc"])
     ratio = speed_ratio(seconds["grpc"], seconds["local"])
-    print(f"\nPPO loop, {args.steps} timed steps per side, model {Path(model).name}")
+    print(f"\nPPO loop, {steps} timed steps per side, model {Path(model).name}")
     print(f"{'phase (median s/step)':<22}{'in-process':>12}{'services':>12}")
     for key in PHASES + ["time/step"]:
         label = key.removeprefix("time/")
@@ -138,6 +151,29 @@ def main() -> int:
         f"ratio services / in-process (median of the steps' ratios): {ratio:.3f} "
         f"(target >= {TARGET}: {verdict})"
     )
+
+
+def main() -> int:
+    args = _flags()
+    from rlhf.logs import setup_logging
+    from tools.launch import LocalPki, running_services
+
+    setup_logging("bench", "WARNING")
+    work = Path(tempfile.mkdtemp(prefix="bench-loop-"))
+    model = _model(args.quick, work)
+    specs = [
+        ("policy", ["policy", "serve", "--model", model]),
+        ("reward", ["reward", "serve", "--backend", "vader"]),
+    ]
+    pki = LocalPki.make(work / "certs")  # the services serve mutual TLS, as `make run` does
+    with running_services(specs, work / "logs", pki) as services:
+        loops = {
+            "local": _local_loop(_loop_config(args, model, work, "local"), model),
+            "grpc": _grpc_loop(_loop_config(args, model, work, "grpc"), services, pki),
+        }
+        seconds, phases = _measure_alternating(loops, args.steps)
+    episodes = loops["local"].config.ppo.batch_size
+    _print_table(args.steps, model, episodes, seconds, phases)
     return 0
 
 

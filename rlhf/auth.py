@@ -23,7 +23,6 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -31,6 +30,7 @@ from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
 from rlhf.config.security import READ_ACCESS_MODES, READ_OPEN, AuthConfig
+from rlhf.flag_files import read_flag_file
 
 log = logging.getLogger("rlhf.auth")
 
@@ -74,18 +74,11 @@ def _short(text: str) -> str:
 def read_tokens(path: str, flag: str = "--auth-token-file") -> tuple[bytes, ...]:
     """The tokens in a token file (blank lines and # comments skipped); `flag` names the file
     in errors (a server's --auth-token-file, a client's --token-file)."""
+    data = read_flag_file(flag, path, "a token file", AuthConfigError)
     try:
-        text = Path(path).read_text(encoding="ascii")
-    except FileNotFoundError:
-        raise AuthConfigError(f"{flag} {path}: no such file") from None
-    except IsADirectoryError:
-        raise AuthConfigError(f"{flag} {path}: is a folder, not a token file") from None
-    except PermissionError:
-        raise AuthConfigError(f"{flag} {path}: not readable by this process") from None
+        text = data.decode("ascii")
     except UnicodeDecodeError:
         raise AuthConfigError(f"{flag} {path}: tokens must be ASCII (gRPC metadata)") from None
-    except OSError as err:
-        raise AuthConfigError(f"{flag} {path}: {err.strerror}") from None
     tokens = [line.strip() for line in text.splitlines()]
     tokens = [t for t in tokens if t and not t.startswith("#")]
     if not tokens:

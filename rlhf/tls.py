@@ -18,7 +18,6 @@ import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from rlhf.config.security import TlsConfig
+from rlhf.flag_files import read_flag_file
 
 __all__ = [
     "TlsConfig",
@@ -63,16 +63,7 @@ def _flag(field: str) -> str:
 
 
 def _read(field: str, path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise TlsConfigError(f"{_flag(field)} {path}: no such file") from None
-    except IsADirectoryError:
-        raise TlsConfigError(f"{_flag(field)} {path}: is a folder, not a PEM file") from None
-    except PermissionError:
-        raise TlsConfigError(f"{_flag(field)} {path}: not readable by this process") from None
-    except OSError as err:
-        raise TlsConfigError(f"{_flag(field)} {path}: {err.strerror}") from None
+    return read_flag_file(_flag(field), path, "a PEM file", TlsConfigError)
 
 
 def _certificates(field: str, path: str, data: bytes) -> list[x509.Certificate]:

@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 
 from tests.cli_flags import env_flags, settings
+from tests.deploy_scripts import run_script
 from tools.k8s import manifests as m
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,21 +313,12 @@ def test_servers_start_after_their_certificates(base: dict) -> None:
 
 def _run_certs_script(ca: Path, out: Path, **env: str) -> str:
     """deploy/compose/certs.sh outside docker: the worktree's `rlhf`, files owned by us."""
-    done = subprocess.run(
+    done = run_script(
         ["sh", str(CERTS_SCRIPT)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "PYTHONPATH": str(ROOT),
-            "CA_DIR": str(ca),
-            "OUT_DIR": str(out),
-            "OWNER": f"{os.getuid()}:{os.getgid()}",
-            **env,
-        },
+        CA_DIR=str(ca),
+        OUT_DIR=str(out),
+        OWNER=f"{os.getuid()}:{os.getgid()}",
+        **env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout

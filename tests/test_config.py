@@ -20,6 +20,7 @@ from rlhf.config import (
     field_docs,
     from_args,
     server_config,
+    service_settings,
 )
 from rlhf.defaults import LOOPBACK
 from services.policy.config import PolicyServiceConfig
@@ -156,6 +157,22 @@ def test_server_flags_take_each_services_port(monkeypatch: pytest.MonkeyPatch) -
     parser = argparse.ArgumentParser()
     add_server_arguments(parser, default_port=5000)
     assert server_config(parser.parse_args([])).port == 6001
+
+
+def test_service_settings_exit_2_with_the_command_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clear_env(monkeypatch)
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser, default_port=5000)
+    add_dataclass_arguments(parser, PolicyServiceConfig)
+    server, config = service_settings(parser.parse_args([]), PolicyServiceConfig, "rlhf x")
+    assert server.port == 5000 and isinstance(config, PolicyServiceConfig)
+    with pytest.raises(SystemExit) as bad:
+        service_settings(parser.parse_args(["--dtype", "float8"]), PolicyServiceConfig, "rlhf x")
+    assert bad.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf x: ") and "float8" in err
 
 
 # --- value conversion ---------------------------------------------------------------------------

@@ -1,82 +1,38 @@
-"""deploy/k8s: every overlay renders (kubectl kustomize) and validates strictly (offline), every
-pod speaks mutual TLS with its own certificate from Secrets that the development script and the
-cert-manager resources both make, and the manifests agree with the services' real command lines.
-Fast, no torch, no cluster; the one test that needs a cluster runs only when KUBECONFIG points at
-one."""
+"""deploy/k8s: every overlay renders (kubectl kustomize) and validates strictly (offline), the
+workloads are shaped as a cluster expects (resources, security contexts, volumes, GPUs, network
+policies), and the manifests agree with the services' real command lines. The TLS and Secret
+checks are in test_k8s_security.py. Fast, no torch, no cluster; the one test that needs a
+cluster runs only when KUBECONFIG points at one."""
 
 from __future__ import annotations
 
-import base64
 import copy
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from cryptography import x509
 
 from tests.cli_flags import env_flags, settings
+from tests.k8s_helpers import (
+    OVERLAYS,
+    SWAP_JOB,
+    VERSIONS,
+    Rendered,
+    all_workloads,
+    render_overlays,
+    validate,
+)
 from tools.k8s import manifests as m
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAYS = ["cpu", "gpu", "reward-swap"]
 SERVICES = {"policy": "Deployment", "reward": "Deployment", "trainer": "StatefulSet"}
-SWAP_JOB = m.OVERLAYS_DIR / "reward-swap" / "swap-reward-job.yaml"
-CERT_MANAGER = m.K8S_DIR / "cert-manager"
-DEV_SECRETS = m.K8S_DIR / "dev-secrets.sh"
-# Whose certificate each workload presents (Secret rlhf-tls-NAME), and whom each server lets call
-# its mutating RPCs: only the trainer pushes weights, only admin drives runs.
-IDENTITY = {"policy": "policy", "reward": "reward", "reward-b": "reward-b", "trainer": "trainer",
-            "swap-reward": "admin"}  # fmt: skip
-ALLOWED = {"policy": "trainer", "trainer": "admin"}
-TLS_ENV = {"RLHF_TLS_CERT": "/certs/tls.crt", "RLHF_TLS_KEY": "/certs/tls.key",
-           "RLHF_TLS_CA": "/certs/ca.crt"}  # fmt: skip
-CA_SECRET = "rlhf-ca"
-VALIDATE = str(Path(sys.executable).parent / "kubernetes-validate")
-
-
-def _bundled_versions() -> list[str]:
-    import kubernetes_validate
-
-    folder = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
-    found = {
-        tuple(int(x) for x in d.name[1:].split("-")[0].split("."))
-        for d in folder.iterdir()
-        if re.fullmatch(r"v\d+\.\d+\.\d+-local-strict", d.name)
-    }
-    return [".".join(map(str, v)) for v in sorted(found)]
-
-
-def _validation_versions() -> list[str]:
-    bundled = _bundled_versions()
-    assert "1.29.0" in bundled, bundled
-    return sorted({"1.29.0", bundled[-1]})
-
-
-VERSIONS = _validation_versions()
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[dict]]]:
-    folder = tmp_path_factory.mktemp("k8s")
-    out = {}
-    for overlay in OVERLAYS:
-        text = m.render(overlay)
-        path = folder / f"{overlay}.yaml"
-        path.write_text(text)
-        out[overlay] = (path, m.load(text))
-    return out
-
-
-def _validate(paths: list[Path], version: str, strict: bool = True) -> subprocess.CompletedProcess:
-    command = [VALIDATE, "--quiet", "-k", version, *map(str, paths)]
-    if strict:
-        command.insert(1, "--strict")
-    return subprocess.run(command, capture_output=True, text=True, check=False)
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
+    return render_overlays(tmp_path_factory.mktemp("k8s"))
 
 
 # --- rendering and schema validation ---------------------------------------------------------
@@ -89,7 +45,7 @@ def test_overlays_found() -> None:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_overlays_validate_strictly(rendered: dict, version: str) -> None:
     paths = [rendered[o][0] for o in OVERLAYS] + [SWAP_JOB]
-    result = _validate(paths, version)
+    result = validate(paths, version)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -99,10 +55,10 @@ def test_strict_catches_a_misspelt_field(rendered: dict, tmp_path: Path) -> None
     container["readinessProbes"] = container.pop("readinessProbe")
     path = tmp_path / "misspelt.yaml"
     path.write_text(yaml.safe_dump_all(objects))
-    strict = _validate([path], VERSIONS[-1])
+    strict = validate([path], VERSIONS[-1])
     assert strict.returncode != 0 and "readinessProbes" in strict.stdout + strict.stderr
     # Plain mode lets it through: this is why the suite validates with --strict.
-    assert _validate([path], VERSIONS[-1], strict=False).returncode == 0
+    assert validate([path], VERSIONS[-1], strict=False).returncode == 0
 
 
 def test_run_config_is_the_default_config(rendered: dict) -> None:
@@ -119,165 +75,8 @@ def test_run_config_is_the_default_config(rendered: dict) -> None:
 # --- structure ----------------------------------------------------------------------------------
 
 
-def _all_workloads(rendered: dict):
-    for overlay in OVERLAYS:
-        for obj, spec in m.workloads(rendered[overlay][1]):
-            yield overlay, obj, spec
-    for obj, spec in m.workloads(m.load(SWAP_JOB.read_text())):
-        yield "swap-reward-job", obj, spec
-
-
-def test_servers_probe_health_over_tls(rendered: dict) -> None:
-    """Kubernetes' grpc probes speak plaintext only: with TLS on, every probe runs `rlhf health`
-    in the container (its RLHF_PORT and RLHF_TLS_* give the address and the certificate)."""
-    servers = 0
-    for overlay, obj, spec in _all_workloads(rendered):
-        if obj["kind"] == "Job":
-            continue  # run-to-completion stages serve nothing
-        for c in m.containers(spec):
-            servers += 1
-            assert m.env_value(c, "RLHF_PORT") and m.env_value(c, "RLHF_TLS_CA"), m.key(obj)
-            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                where = (overlay, m.key(obj), probe)
-                assert c[probe]["exec"]["command"] == ["rlhf", "health"], where
-                assert "grpc" not in c[probe], where
-                # A Python start plus a TLS handshake: more than the 1 s default.
-                assert c[probe]["timeoutSeconds"] >= 5, where
-    assert servers == 3 * len(OVERLAYS) + 1  # reward-b in reward-swap
-
-
-def _certs_volume(spec: dict, c: dict) -> dict:
-    mount = next(v for v in c["volumeMounts"] if v["mountPath"] == "/certs")
-    assert mount["readOnly"] is True
-    return next(v for v in spec["volumes"] if v["name"] == mount["name"])
-
-
-def _secret_items(volume: dict) -> dict[str, dict[str, str]]:
-    """Secret name -> {key: path} of a projected volume."""
-    return {
-        s["secret"]["name"]: {i["key"]: i["path"] for i in s["secret"]["items"]}
-        for s in volume["projected"]["sources"]
-    }
-
-
-def test_every_pod_presents_its_own_certificate(rendered: dict) -> None:
-    """Each workload mounts its own Secret's tls.crt/tls.key and the CA's ca.crt at /certs, and
-    its RLHF_TLS_* variables point there; no stage Job holds a certificate."""
-    seen = set()
-    for overlay, obj, spec in _all_workloads(rendered):
-        for c in m.containers(spec):
-            where = (overlay, m.key(obj), c["name"])
-            identity = IDENTITY.get(c["name"])
-            if identity is None:  # sft, rm: no network peers
-                assert not any(n.startswith("RLHF_TLS") for n in m.env_names(c)), where
-                continue
-            seen.add(c["name"])
-            assert {n: m.env_value(c, n) for n in TLS_ENV} == TLS_ENV, where
-            volume = _certs_volume(spec, c)
-            assert _secret_items(volume) == {
-                f"rlhf-tls-{identity}": {"tls.crt": "tls.crt", "tls.key": "tls.key"},
-                CA_SECRET: {"ca.crt": "ca.crt"},
-            }, where
-            # Readable by the pod's group (fsGroup 10001) only.
-            assert volume["projected"]["defaultMode"] == 0o440, where
-            assert spec["securityContext"]["fsGroup"] == 10001, where
-    assert seen == set(IDENTITY)
-
-
-def test_servers_listen_on_all_interfaces_with_allow_lists(rendered: dict) -> None:
-    for overlay, obj, spec in _all_workloads(rendered):
-        if obj["kind"] == "Job":
-            continue
-        for c in m.containers(spec):
-            where = (overlay, m.key(obj))
-            assert m.env_value(c, "RLHF_HOST") == "0.0.0.0", where  # the default is loopback
-            assert m.env_value(c, "RLHF_ALLOW_IDENTITY") == ALLOWED.get(c["name"]), where
-            for off in ("RLHF_NO_AUTH", "RLHF_ALLOW_PLAINTEXT"):
-                assert off not in m.env_names(c), where
-
-
-def _mounted_secrets(rendered: dict) -> set[str]:
-    names = set()
-    for _, _obj, spec in _all_workloads(rendered):
-        for volume in spec.get("volumes", []):
-            if "projected" in volume:
-                names |= set(_secret_items(volume))
-    return names
-
-
-def test_cert_manager_makes_the_mounted_secrets(rendered: dict) -> None:
-    """deploy/k8s/cert-manager renders, and issues every Secret the pods mount (rlhf-ca aside,
-    the trust bundle the operator makes from the CA's certificate) with the right identity."""
-    objects = m.load(
-        subprocess.run(
-            [m.kubectl(), "kustomize", str(CERT_MANAGER)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    issuers = {o["metadata"]["name"] for o in objects if o["kind"] == "Issuer"}
-    certificates = {
-        o["spec"]["secretName"]: o["spec"] for o in objects if o["kind"] == "Certificate"
-    }
-    assert _mounted_secrets(rendered) - {CA_SECRET} == {f"rlhf-tls-{i}" for i in IDENTITY.values()}
-    for name in _mounted_secrets(rendered) - {CA_SECRET}:
-        spec = certificates[name]
-        identity = name.removeprefix("rlhf-tls-")
-        assert spec["commonName"] == identity and identity in spec["dnsNames"], name
-        assert spec["issuerRef"]["name"] in issuers, name
-        assert "client auth" in spec["usages"], name
-        if identity == "admin":  # a client certificate only: it cannot serve
-            assert "server auth" not in spec["usages"]
-        else:  # the exec probes and port-forwards dial 127.0.0.1 / localhost
-            assert "server auth" in spec["usages"], name
-            assert "localhost" in spec["dnsNames"] and "127.0.0.1" in spec["ipAddresses"], name
-        assert spec["privateKey"]["rotationPolicy"] == "Always", name
-    # The CA's key lives in a Secret that no pod mounts.
-    ca = next(s for s in certificates.values() if s.get("isCA"))
-    assert ca["secretName"] not in _mounted_secrets(rendered)
-
-
-def test_dev_secrets_script_makes_the_mounted_secrets(rendered: dict, tmp_path: Path) -> None:
-    """deploy/k8s/dev-secrets.sh: `rlhf certs`, then every mounted Secret as strict-valid YAML,
-    each service certificate naming its service."""
-    done = subprocess.run(
-        ["bash", str(DEV_SECRETS), "rlhf", str(tmp_path / "certs")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "PYTHONPATH": str(ROOT),
-            "KUBECTL": m.kubectl(),
-        },
-    )
-    assert done.returncode == 0, done.stderr
-    path = tmp_path / "secrets.yaml"
-    path.write_text(done.stdout)
-    result = _validate([path], VERSIONS[-1])
-    assert result.returncode == 0, result.stdout + result.stderr
-    secrets = {s["metadata"]["name"]: s for s in m.load(done.stdout)}
-    assert set(secrets) == _mounted_secrets(rendered)
-    assert set(secrets[CA_SECRET]["data"]) == {"ca.crt"}  # the certificate, never the CA key
-    for name, secret in secrets.items():
-        if name == CA_SECRET:
-            continue
-        assert secret["type"] == "kubernetes.io/tls", name
-        pem = base64.b64decode(secret["data"]["tls.crt"])
-        cert = x509.load_pem_x509_certificate(pem)
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = names.get_values_for_type(x509.DNSName)
-        identity = name.removeprefix("rlhf-tls-")
-        assert identity in dns, (name, dns)
-        if identity != "admin":
-            assert f"{identity}.rlhf.svc" in dns and "localhost" in dns, (name, dns)
-
-
 def test_every_container_has_resources_and_security(rendered: dict) -> None:
-    for overlay, obj, spec in _all_workloads(rendered):
+    for overlay, obj, spec in all_workloads(rendered):
         where = (overlay, m.key(obj))
         pod_sc = spec["securityContext"]
         assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] == 10001, where
@@ -307,7 +106,7 @@ def test_every_container_has_resources_and_security(rendered: dict) -> None:
 
 
 def test_images_and_args(rendered: dict) -> None:
-    for overlay, obj, spec in _all_workloads(rendered):
+    for overlay, obj, spec in all_workloads(rendered):
         for c in m.containers(spec):
             assert c["image"] == "rlhf-services:0.1.0", (overlay, m.key(obj))
             assert "command" not in c, "the image's entrypoint is rlhf: pass args"
@@ -391,7 +190,7 @@ def test_reward_swap_runs_two_rewards(rendered: dict) -> None:
 
 def test_env_args_and_ports_match_the_command_lines(rendered: dict) -> None:
     checked = 0
-    for overlay, obj, spec in _all_workloads(rendered):
+    for overlay, obj, spec in all_workloads(rendered):
         for c in m.containers(spec):
             where = (overlay, m.key(obj), c["name"])
             args = c["args"]

@@ -14,9 +14,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhf.command_errors import CommandError
 from rlhf.defaults import DEFAULT_OUTPUT_DIR
+
+if TYPE_CHECKING:  # grpc, the stubs and the launcher load only when a job runs
+    from rlhf.v1.trainer_pb2 import RewardEndpoint, StartRunRequest
+    from tools.launch import LocalPki, ServiceProcess
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -54,12 +59,8 @@ def run_ppo_job(
     a trainer service, starts the run (PPOConfig.model_name = `model`) through the trainer's
     API, follows it with a progress bar and stops the services. `overrides` are KEY=VALUE
     config fields (e.g. run.steps=2)."""
-    from rlhf.protocol import TRAINER_SERVICE
     from rlhf.v1 import trainer_pb2
-    from services.trainer.api.client import TrainerClient
-    from services.trainer.api.commands import watch_run
-    from services.trainer.orchestrator.metrics import read_metrics
-    from tools.launch import LocalPki, describe, running_services
+    from tools.launch import LocalPki, running_services
 
     run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S")
     logs = output_dir / run_id / "logs"
@@ -74,43 +75,68 @@ def run_ppo_job(
             trainer_pb2.RewardEndpoint(address=services[r.name].address, weight=r.weight)
             for r in rewards
         ]
-        trainer_args = [
-            "trainer",
-            "serve",
-            "--policy",
-            services["policy"].address,
-            "--reward",
-            ",".join(f"{e.address}={e.weight:g}" for e in endpoints),
-            "--output-dir",
-            str(output_dir),
-        ]
-        if Path(model).is_dir():  # the trainer loads only models inside its --model-root
-            trainer_args += ["--model-root", model]
+        trainer_args = _trainer_args(model, services["policy"].address, endpoints, output_dir)
         with running_services([("trainer", trainer_args)], logs, pki) as trainer:
-            address = trainer["trainer"].address
-            print(f"services up:\n{describe([*services.values(), trainer['trainer']])}")
-            print(
-                f"  e.g. grpcurl {pki.grpcurl_flags()} {address} {TRAINER_SERVICE}/GetRun",
-                flush=True,
-            )
-            client = TrainerClient(address, client=pki.client())
-            # The addresses travel in the request too: a config's run.policy / run.rewards
-            # would otherwise win over the trainer's defaults.
             request = trainer_pb2.StartRunRequest(
                 run_id=run_id,
                 config_yaml=config.read_text(),
+                # The addresses travel in the request too: a config's run.policy / run.rewards
+                # would otherwise win over the trainer's defaults.
                 policy_address=services["policy"].address,
                 rewards=endpoints,
                 overrides=_overrides(model, overrides),
             )
-            status = client.start(request)
-            print(f"run {status.run_id}: {status.total_steps} PPO steps on {config.name}")
-            code = watch_run(client, status.run_id, from_step=1)
-            client.close()
-    folder = output_dir / run_id
+            code = _follow_run([*services.values(), trainer["trainer"]], pki, request, config)
+    return _result(code, output_dir / run_id, time.monotonic() - started)
+
+
+def _trainer_args(
+    model: str, policy: str, endpoints: Sequence[RewardEndpoint], output_dir: Path
+) -> list[str]:
+    """`rlhf trainer serve` pointed at the running policy and reward services."""
+    args = [
+        "trainer",
+        "serve",
+        "--policy",
+        policy,
+        "--reward",
+        ",".join(f"{e.address}={e.weight:g}" for e in endpoints),
+        "--output-dir",
+        str(output_dir),
+    ]
+    if Path(model).is_dir():  # the trainer loads only models inside its --model-root
+        args += ["--model-root", model]
+    return args
+
+
+def _follow_run(
+    processes: list[ServiceProcess], pki: LocalPki, request: StartRunRequest, config: Path
+) -> int:
+    """Says where the services are, starts the run through the trainer (the last process) and
+    follows it to its end; the exit code of `rlhf watch`."""
+    from rlhf.protocol import TRAINER_SERVICE
+    from services.trainer.api.client import TrainerClient
+    from services.trainer.api.commands import watch_run
+    from tools.launch import describe
+
+    address = processes[-1].address
+    print(f"services up:\n{describe(processes)}")
+    print(f"  e.g. grpcurl {pki.grpcurl_flags()} {address} {TRAINER_SERVICE}/GetRun", flush=True)
+    client = TrainerClient(address, client=pki.client())
+    status = client.start(request)
+    print(f"run {status.run_id}: {status.total_steps} PPO steps on {config.name}")
+    code = watch_run(client, status.run_id, from_step=1)
+    client.close()
+    return code
+
+
+def _result(code: int, folder: Path, seconds: float) -> PPOJobResult:
+    """The job's result, with the run's metrics rows when it wrote any."""
+    from services.trainer.orchestrator.metrics import read_metrics
+
     path = folder / "metrics.jsonl"
     rows = read_metrics(path) if path.exists() else []
-    return PPOJobResult(code, folder, time.monotonic() - started, rows)
+    return PPOJobResult(code, folder, seconds, rows)
 
 
 def _overrides(model: str, items: Sequence[str]) -> dict[str, str]:

@@ -15,7 +15,12 @@ from __future__ import annotations
 from rlhf.config.fields import coerce_value, field_docs
 from rlhf.config.flags import add_dataclass_arguments, add_env_argument, env_name, from_args
 from rlhf.config.sections import apply_mapping, apply_overrides, check, load_yaml_mapping
-from rlhf.config.server import ServerConfig, add_server_arguments, server_config
+from rlhf.config.server import (
+    ServerConfig,
+    add_server_arguments,
+    server_config,
+    service_settings,
+)
 from rlhf.defaults import ENV_PREFIX
 
 __all__ = [
@@ -33,4 +38,5 @@ __all__ = [
     "from_args",
     "load_yaml_mapping",
     "server_config",
+    "service_settings",
 ]

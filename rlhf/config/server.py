@@ -4,13 +4,17 @@ needs no grpc)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from rlhf.config.checks import at_least, choice_problems
 from rlhf.config.flags import add_dataclass_arguments, from_args
 from rlhf.config.sections import check
 from rlhf.config.security import AUTH_GROUP, SERVER_ONLY_TLS, TLS_GROUP, AuthConfig, TlsConfig
 from rlhf.defaults import LOOPBACK, POLICY_PORT
+
+T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -57,3 +61,15 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return from_args(ServerConfig, args)
+
+
+def service_settings(
+    args: argparse.Namespace, cls: type[T], command: str
+) -> tuple[ServerConfig, T]:
+    """A service's ServerConfig and its own settings (`cls`) from parsed flags; a bad value is
+    printed as one line, `command: reason`, and exits 2 (argparse's code for bad usage)."""
+    try:
+        return server_config(args), from_args(cls, args)
+    except ValueError as err:
+        print(f"{command}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlhf.config import add_dataclass_arguments, add_server_arguments, from_args, server_config
+from rlhf.config import add_dataclass_arguments, add_server_arguments, service_settings
 from rlhf.defaults import POLICY_PORT
 from services.policy.config import PolicyServiceConfig
 
@@ -24,12 +24,7 @@ def run(args: argparse.Namespace) -> int:
     """Serves until SIGTERM; exits non-zero, with the reason logged, if the model cannot load."""
     from rlhf.logs import setup_logging
 
-    try:
-        server = server_config(args)
-        config = from_args(PolicyServiceConfig, args)
-    except ValueError as err:
-        print(f"rlhf policy serve: {err}", file=sys.stderr)
-        return 2
+    server, config = service_settings(args, PolicyServiceConfig, "rlhf policy serve")
     log = setup_logging("policy", server.log_level)
 
     from rlhf.models import parse_device

@@ -10,10 +10,9 @@ Import-light (no torch here): the heavy imports happen inside `run`.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from rlhf.command_errors import CommandError
-from rlhf.config import add_dataclass_arguments, add_server_arguments, from_args, server_config
+from rlhf.config import add_dataclass_arguments, add_server_arguments, from_args, service_settings
 from rlhf.config.security import ClientConfig
 from rlhf.defaults import TRAINER_PORT
 from services.trainer.config import TrainerServiceConfig
@@ -28,12 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        server = server_config(args)
-        config = from_args(TrainerServiceConfig, args)
-    except ValueError as err:
-        print(f"rlhf trainer serve: {err}", file=sys.stderr)
-        return 2
+    server, config = service_settings(args, TrainerServiceConfig, "rlhf trainer serve")
     outbound = from_args(ClientConfig, args)
 
     from rlhf.auth import client_token

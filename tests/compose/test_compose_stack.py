@@ -37,30 +37,21 @@ import shutil
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
 from rlhf.defaults import POLICY_PORT, REWARD_PORT, TRAINER_ADDRESS, TRAINER_PORT
-from rlhf.tls import TlsConfig, open_secure_channel
-from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
+from rlhf.v1 import trainer_pb2
+from tests.compose.stack import CA, CERT, KEY, Stack, Trainer, docker, engine_reachable
 from tools.launch import free_port
 from tools.tiny import make_causal_lm, make_classifier
 
 pytestmark = pytest.mark.compose
 
-ROOT = Path(__file__).resolve().parents[2]
-COMPOSE_FILE = ROOT / "deploy" / "compose" / "docker-compose.yml"
-TEST_OVERRIDE = Path(__file__).with_name("docker-compose.test.yml")
-RUN_CONFIG = Path(__file__).with_name("run.yaml")
-IMAGE = os.environ.get("RLHF_IMAGE", "rlhf-services:0.1.0")
 RUN_ID = "compose-it"
 STEPS = 5
-# Where the compose file mounts each container's certificate, key and CA (deploy/compose).
-CERT, KEY, CA = "/certs/tls.crt", "/certs/tls.key", "/certs/ca.crt"
 # The admin certificate inside the trainer container, for `docker compose exec trainer rlhf ...`.
 ADMIN_IN_TRAINER = ("--tls-cert", "/certs/admin/tls.crt", "--tls-key", "/certs/admin/tls.key")
 
@@ -102,144 +93,16 @@ with open_secure_channel("trainer:{TRAINER_PORT}", cfg) as channel:
 """
 
 
-def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
-    done = subprocess.run(
-        ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
-    return done.stdout.strip()
-
-
-class Stack:
-    """One compose project of the real file plus the test override, on the engine at hand."""
-
-    def __init__(self, models: Path, host_certs: Path, trainer_port: int) -> None:
-        self.project = f"rlhf-it-{uuid.uuid4().hex[:8]}"
-        self.trainer_address = f"127.0.0.1:{trainer_port}"
-        self.host_certs = host_certs
-        self.env = {
-            **os.environ,
-            "RLHF_IMAGE": IMAGE,
-            "RLHF_TEST_MODELS": str(models),
-            "RLHF_TRAINER_HOST_PORT": str(trainer_port),
-            "RLHF_RUN_CONFIG": str(RUN_CONFIG),
-            "RLHF_TRAIN_ARGS": f"--run-id {RUN_ID}",
-        }
-
-    def command(self, *args: str) -> list[str]:
-        return [
-            "docker", "compose", "-p", self.project,
-            "-f", str(COMPOSE_FILE), "-f", str(TEST_OVERRIDE), *args,
-        ]  # fmt: skip
-
-    def run(self, *args: str, timeout: float = 300) -> str:
-        done = subprocess.run(
-            self.command(*args),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise AssertionError(
-                f"docker compose {' '.join(args)} failed ({done.returncode}):\n"
-                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-            )
-        return done.stdout
-
-    def popen(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            self.command(*args),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=self.env,
-        )
-
-    def admin_tls(self, folder: Path) -> TlsConfig:
-        """The admin certificate, key and the stack's CA, copied out of the client service's
-        volume into `folder`: the test's own calls to the trainer go over mutual TLS too."""
-        files = {}
-        for inside in (CERT, KEY, CA):
-            text = self.run(
-                "run", "--rm", "--no-deps", "-T", "--entrypoint", "cat", "client", inside
-            )  # fmt: skip
-            path = folder / Path(inside).name
-            path.touch(mode=0o600)
-            path.write_text(text)
-            files[inside] = str(path)
-        return TlsConfig(tls_cert=files[CERT], tls_key=files[KEY], tls_ca=files[CA])
-
-    def container(self, service: str) -> str:
-        container_id = self.run("ps", "-q", service).strip()
-        assert container_id, f"no container for {service}"
-        return container_id
-
-    def logs(self, service: str) -> str:
-        return self.run("logs", "--no-color", "--no-log-prefix", service, timeout=60)
-
-    def print_logs(self) -> None:
-        """Every service's log tail, for a failure's report (pytest shows captured output)."""
-        for service in ("policy", "reward", "reward-b", "trainer"):
-            try:
-                print(f"--- logs of {service} ---\n{self.logs(service)[-4000:]}")
-            except Exception as err:  # noqa: BLE001 - diagnostics only
-                print(f"(no logs of {service}: {err})")
-
-    def log_records(self, service: str, message: str) -> list[dict]:
-        """The service's JSON log records whose msg is `message`."""
-        records = []
-        for line in self.logs(service).splitlines():
-            if line.startswith("{") and f'"msg": "{message}"' in line:
-                records.append(json.loads(line))
-        return records
-
-
-class Trainer:
-    """The trainer's read RPCs (GetRun, WatchRun) from the host, over mutual TLS."""
-
-    def __init__(self, address: str, tls: TlsConfig) -> None:
-        self.channel = open_secure_channel(address, tls)
-        self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
-
-    def get(self, run_id: str) -> trainer_pb2.RunStatus:
-        return self.stub.GetRun(trainer_pb2.GetRunRequest(run_id=run_id), timeout=30)
-
-    def watch(self, run_id: str, from_step: int) -> list[trainer_pb2.StepMetrics]:
-        request = trainer_pb2.WatchRunRequest(run_id=run_id, from_step=from_step)
-        return list(self.stub.WatchRun(request, timeout=120))
-
-    def close(self) -> None:
-        self.channel.close()
-
-
-def _engine_reachable() -> None:
-    """Fails (never skips) with what to do when there is no engine or compose plugin."""
-    for args in (("version",), ("compose", "version")):
-        try:
-            docker(*args, timeout=30)
-        except (AssertionError, FileNotFoundError, subprocess.TimeoutExpired) as err:
-            pytest.fail(
-                f"`docker {' '.join(args)}` does not work here ({err}). Run the compose tests "
-                "through `make test-compose`, which installs and starts an engine and builds "
-                "the image."
-            )
-    if not docker("image", "ls", "-q", IMAGE):
-        pytest.fail(f"image {IMAGE} is not built: `make images` (or `make test-compose`)")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    _engine_reachable()
+    engine_reachable()
     models = tmp_path_factory.mktemp("compose-models")
     make_causal_lm(models / "tiny-lm")
     make_classifier(models / "tiny-rm", labels=("LABEL_0",))
     # The containers run as uid 10001: the bind-mounted models must be world-readable.
     for path in [models.parent, models, *models.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    stack = Stack(models, tmp_path_factory.mktemp("compose-certs"), free_port())
+    stack = Stack(models, tmp_path_factory.mktemp("compose-certs"), free_port(), RUN_ID)
     try:
         stack.run(
             "up", "--detach", "--wait", "--wait-timeout", "420",

@@ -1,0 +1,70 @@
+"""What the deploy/k8s tests share: the overlays rendered once per test module, the strict
+offline validator, every workload with its pod spec, and who presents which certificate."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from tools.k8s import manifests as m
+
+OVERLAYS = ["cpu", "gpu", "reward-swap"]
+SWAP_JOB = m.OVERLAYS_DIR / "reward-swap" / "swap-reward-job.yaml"
+# Whose certificate each workload presents (Secret rlhf-tls-NAME).
+IDENTITY = {"policy": "policy", "reward": "reward", "reward-b": "reward-b", "trainer": "trainer",
+            "swap-reward": "admin"}  # fmt: skip
+VALIDATE = str(Path(sys.executable).parent / "kubernetes-validate")
+
+Rendered = dict[str, tuple[Path, list[dict]]]
+"""Overlay name -> (its rendered YAML file, its objects)."""
+
+
+def _bundled_versions() -> list[str]:
+    import kubernetes_validate
+
+    folder = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    found = {
+        tuple(int(x) for x in d.name[1:].split("-")[0].split("."))
+        for d in folder.iterdir()
+        if re.fullmatch(r"v\d+\.\d+\.\d+-local-strict", d.name)
+    }
+    return [".".join(map(str, v)) for v in sorted(found)]
+
+
+def _validation_versions() -> list[str]:
+    bundled = _bundled_versions()
+    assert "1.29.0" in bundled, bundled
+    return sorted({"1.29.0", bundled[-1]})
+
+
+VERSIONS = _validation_versions()
+
+
+def render_overlays(folder: Path) -> Rendered:
+    """Every overlay rendered (kubectl kustomize) into `folder`, with its objects."""
+    out = {}
+    for overlay in OVERLAYS:
+        text = m.render(overlay)
+        path = folder / f"{overlay}.yaml"
+        path.write_text(text)
+        out[overlay] = (path, m.load(text))
+    return out
+
+
+def validate(paths: list[Path], version: str, strict: bool = True) -> subprocess.CompletedProcess:
+    command = [VALIDATE, "--quiet", "-k", version, *map(str, paths)]
+    if strict:
+        command.insert(1, "--strict")
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def all_workloads(rendered: Rendered) -> Iterator[tuple[str, dict, dict]]:
+    """(overlay, object, pod spec) of every workload, the reward-swap Job's included."""
+    for overlay in OVERLAYS:
+        for obj, spec in m.workloads(rendered[overlay][1]):
+            yield overlay, obj, spec
+    for obj, spec in m.workloads(m.load(SWAP_JOB.read_text())):
+        yield "swap-reward-job", obj, spec
