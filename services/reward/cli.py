@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from rlhf.config import add_dataclass_arguments, add_server_arguments, from_args, server_config
+from rlhf.config import add_dataclass_arguments, add_server_arguments, from_args, service_settings
 from rlhf.defaults import REWARD_PORT
 from services.reward.config import RewardServiceConfig, ignored_flags
 
@@ -38,12 +38,7 @@ def run(args: argparse.Namespace) -> int:
     to load (health never reports SERVING then)."""
     from rlhf.logs import setup_logging
 
-    try:
-        server = server_config(args)
-        config = from_args(RewardServiceConfig, args)
-    except ValueError as err:
-        print(f"rlhf reward serve: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    server, config = service_settings(args, RewardServiceConfig, "rlhf reward serve")
     log = setup_logging("reward", server.log_level)
     ignored = ignored_flags(config)
     if ignored:
