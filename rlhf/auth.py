@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NoReturn
 
 import grpc
@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rlhf.config.security import READ_ACCESS_MODES, READ_OPEN, AuthConfig
 from rlhf.flag_files import read_flag_file
+from rlhf.intercept import Behaviour, HandlerInterceptor, rewrap
 
 log = logging.getLogger("rlhf.auth")
 
@@ -103,7 +104,7 @@ def _digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(HandlerInterceptor):
     """Checks every call against the access table before the servicer sees it."""
 
     def __init__(
@@ -152,14 +153,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 "--auth-token-file, or --no-auth for local development"
             )
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not self.needs_identity(method):
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if not self.needs_identity(method):
             return handler
         # Identities live in the call's auth context, which only a handler's context shows.
         return guard_handler(handler, lambda context: self.check(method, context))
@@ -245,41 +240,22 @@ def guard_handler(
 
     Streaming requests are not read before the check passes (a refused upload costs nothing).
     """
-    codec = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        behaviour = handler.stream_stream
 
-        def stream_stream(requests: Any, context: grpc.ServicerContext) -> Any:
+    def unary(behaviour: Behaviour) -> Behaviour:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
             check(context)
-            yield from behaviour(requests, context)
+            return behaviour(request, context)
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **codec)
-    if handler.request_streaming:
-        stream_unary_behaviour = handler.stream_unary
+        return run
 
-        def stream_unary(requests: Any, context: grpc.ServicerContext) -> Any:
+    def streaming(behaviour: Behaviour) -> Behaviour:
+        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             check(context)
-            return stream_unary_behaviour(requests, context)
+            yield from behaviour(request, context)
 
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
-    if handler.response_streaming:
-        unary_stream_behaviour = handler.unary_stream
+        return run
 
-        def unary_stream(request: Any, context: grpc.ServicerContext) -> Any:
-            check(context)
-            yield from unary_stream_behaviour(request, context)
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **codec)
-    unary_behaviour = handler.unary_unary
-
-    def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-        check(context)
-        return unary_behaviour(request, context)
-
-    return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)
+    return rewrap(handler, unary, streaming)
 
 
 def auth_interceptor(

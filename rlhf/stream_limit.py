@@ -19,6 +19,8 @@ from typing import Any
 
 import grpc
 
+from rlhf.intercept import HandlerInterceptor, rewrap
+
 log = logging.getLogger("rlhf.streams")
 
 
@@ -27,38 +29,24 @@ def pool_size(workers: int, max_streams: int) -> int:
     return workers + max_streams
 
 
-class StreamLimit(grpc.ServerInterceptor):
+class StreamLimit(HandlerInterceptor):
     """At most `max_streams` streaming calls at once; RESOURCE_EXHAUSTED beyond."""
 
     def __init__(self, max_streams: int) -> None:
         self.max_streams = max_streams
         self._slots = threading.BoundedSemaphore(max_streams)
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or not (handler.request_streaming or handler.response_streaming):
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if not (handler.request_streaming or handler.response_streaming):
             return handler
-        method = handler_call_details.method
         if handler.response_streaming:
             behavior = handler.unary_stream or handler.stream_stream
             if getattr(behavior, "experimental_non_blocking", False):
                 return handler  # health's Watch: answers by callback, holds no thread
-            wrapped = self._wrap_stream(behavior, method)
-        else:
-            wrapped = self._wrap_unary(handler.stream_unary, method)
-        factory = {
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(handler.request_streaming, handler.response_streaming)]
-        return factory(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        return rewrap(
+            handler,
+            lambda behavior: self._wrap_unary(behavior, method),
+            lambda behavior: self._wrap_stream(behavior, method),
         )
 
     def _take(self, context: grpc.ServicerContext, method: str) -> None:

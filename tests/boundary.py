@@ -18,7 +18,8 @@ from services.policy.engine import PolicyEngine
 from services.policy.server import PolicyServicer
 from services.policy.server import servicers as policy_servicers
 from services.reward.backends.base import RewardBackend
-from services.trainer.api.service import Run, TrainerServicer
+from services.trainer.api.runs import Run
+from services.trainer.api.service import TrainerServicer
 from services.trainer.config import TrainerServiceConfig
 from tests.servers import open_config
 

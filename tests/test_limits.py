@@ -32,21 +32,15 @@ from tests.boundary import (
     Code,
     IdleTrainer,
     RecordingBackend,
-    policy_server,
     server,
     upload,
 )
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_lm: Path) -> PolicyEngine:
-    return PolicyEngine(str(tiny_lm))
-
-
-@pytest.fixture(scope="module")
-def policy(engine: PolicyEngine) -> Iterator[tuple[PolicyServicer, grpc.Channel]]:
-    with policy_server(engine) as served:
-        yield served
+@pytest.fixture
+def stub(bounded_policy: tuple[PolicyServicer, grpc.Channel]) -> policy_pb2_grpc.PolicyServiceStub:
+    """A stub on conftest's bounded policy service (its upload limits: 0.5 s idle, 4 chunks)."""
+    return policy_pb2_grpc.PolicyServiceStub(bounded_policy[1])
 
 
 def test_fifty_idle_watchers_leave_health_and_get_run_fast(tmp_path: Path) -> None:
@@ -102,10 +96,8 @@ def test_streams_beyond_max_streams_are_refused_and_slots_come_back(tmp_path: Pa
 
 
 def test_a_stalled_upload_is_ended_and_the_old_weights_serve(
-    policy: tuple[PolicyServicer, grpc.Channel], engine: PolicyEngine
+    stub: policy_pb2_grpc.PolicyServiceStub, engine: PolicyEngine
 ) -> None:
-    _, channel = policy
-    stub = policy_pb2_grpc.PolicyServiceStub(channel)
     served = engine.weight_version
     chunks = upload(engine, served + 1, chunk_bytes=1 << 30)
     never = threading.Event()
@@ -137,10 +129,8 @@ def _readers_end() -> None:
 
 
 def test_upload_chunk_count_is_capped_and_empty_chunks_refused(
-    policy: tuple[PolicyServicer, grpc.Channel], engine: PolicyEngine
+    stub: policy_pb2_grpc.PolicyServiceStub, engine: PolicyEngine
 ) -> None:
-    _, channel = policy
-    stub = policy_pb2_grpc.PolicyServiceStub(channel)
     served = engine.weight_version
     many = upload(engine, served + 1, chunk_bytes=4096)  # far more than max_upload_chunks 4
     with pytest.raises(grpc.RpcError) as err:
@@ -178,10 +168,11 @@ def test_reward_total_characters_are_capped_and_reported() -> None:
 
 
 def test_policy_drops_a_generate_whose_deadline_passed_while_queued(
-    policy: tuple[PolicyServicer, grpc.Channel], engine: PolicyEngine
+    bounded_policy: tuple[PolicyServicer, grpc.Channel],
+    stub: policy_pb2_grpc.PolicyServiceStub,
+    engine: PolicyEngine,
 ) -> None:
-    servicer, channel = policy
-    stub = policy_pb2_grpc.PolicyServiceStub(channel)
+    servicer = bounded_policy[0]
     busy, release = threading.Event(), threading.Event()
     calls: list[list[str]] = []
     original = engine.generate

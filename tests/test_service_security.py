@@ -68,11 +68,6 @@ def _server(tls: TlsConfig, **auth: str) -> ServerConfig:
 
 # --- the services: policy and trainer, each mutual TLS with its allow-list, or plaintext+token ---
 @pytest.fixture(scope="module")
-def engine(tiny_lm: Path) -> PolicyEngine:
-    return PolicyEngine(str(tiny_lm))
-
-
-@pytest.fixture(scope="module")
 def policy_mtls(engine: PolicyEngine, pki: LocalPki) -> Iterator[str]:
     config = _server(pki.tls("policy"), allow_identity=ALLOWED_CALLERS["policy"])
     service = build_server("policy", policy_servicers(PolicyServicer(engine)), config)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +21,6 @@ from rlhf.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
-from services.policy.engine import PolicyEngine
 from services.policy.server import PolicyServicer
 from services.reward.backends.vader import VaderBackend
 from services.reward.server import RewardServicer, ScoreSettings
@@ -31,23 +29,11 @@ from services.trainer.api.service import servicers as trainer_servicers
 from tests.boundary import (
     Code,
     IdleTrainer,
-    policy_server,
     raw_call,
     server,
 )
 
 GARBAGE = b"\xff\xff\xff\xff\x0f"  # a truncated varint tag: no message parses from it
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_lm: Path) -> PolicyEngine:
-    return PolicyEngine(str(tiny_lm))
-
-
-@pytest.fixture(scope="module")
-def policy(engine: PolicyEngine) -> Iterator[tuple[PolicyServicer, grpc.Channel]]:
-    with policy_server(engine) as served:
-        yield served
 
 
 def test_quote_cuts_client_text() -> None:
@@ -73,11 +59,11 @@ def test_handle_errors_cuts_long_messages() -> None:
 
 
 def test_undecodable_bodies_are_invalid_argument_on_every_rpc(
-    policy: tuple[PolicyServicer, grpc.Channel], tmp_path: Path
+    bounded_policy: tuple[PolicyServicer, grpc.Channel], tmp_path: Path
 ) -> None:
     reward = server("reward", reward_servicers(RewardServicer(ScoreSettings(), VaderBackend())))
     trainer = server("trainer", trainer_servicers(IdleTrainer(tmp_path)))
-    _, policy_channel = policy
+    _, policy_channel = bounded_policy
     try:
         for service, channel in [
             (POLICY_DESCRIPTOR, policy_channel),
@@ -141,17 +127,19 @@ def test_yaml_errors_are_invalid_argument_with_line_and_column(tmp_path: Path) -
     ],
 )
 def test_non_finite_or_out_of_range_floats_are_invalid(
-    policy: tuple[PolicyServicer, grpc.Channel], knobs: dict[str, float]
+    bounded_policy: tuple[PolicyServicer, grpc.Channel], knobs: dict[str, float]
 ) -> None:
-    stub = policy_pb2_grpc.PolicyServiceStub(policy[1])
+    stub = policy_pb2_grpc.PolicyServiceStub(bounded_policy[1])
     params = policy_pb2.GenerationParams(max_new_tokens=2, **knobs)
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(policy_pb2.GenerateRequest(prompts=["hi"], params=params), timeout=10)
     assert err.value.code() == Code.INVALID_ARGUMENT, err.value.details()
 
 
-def test_a_long_request_id_is_refused_in_short(policy: tuple[PolicyServicer, grpc.Channel]) -> None:
-    stub = policy_pb2_grpc.PolicyServiceStub(policy[1])
+def test_a_long_request_id_is_refused_in_short(
+    bounded_policy: tuple[PolicyServicer, grpc.Channel],
+) -> None:
+    stub = policy_pb2_grpc.PolicyServiceStub(bounded_policy[1])
     request = policy_pb2.GenerateRequest(
         prompts=["hi"], params={"max_new_tokens": 2}, request_id="r" * 100_000
     )

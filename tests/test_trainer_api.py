@@ -17,14 +17,12 @@ from rlhf.server import GrpcService
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.reward.backends.vader import VaderBackend
 from services.trainer.api.client import TrainerClient, TrainerError
-from services.trainer.api.service import (
-    TrainerServicer,
-    Transports,
-    progress_to_proto,
-)
+from services.trainer.api.runs import progress_to_proto
+from services.trainer.api.service import TrainerServicer, Transports
 from services.trainer.config import GenerationConfig, TrainerServiceConfig
 from services.trainer.orchestrator.peers import Rollout
 from services.trainer.orchestrator.progress import PHASES, Progress
+from tests.fuzz_requests import start_request
 from tests.servers import open_config
 
 END = trainer_pb2.WATCH_EVENT_END
@@ -85,19 +83,7 @@ def trainer(policy: GatedPolicy, tmp_path: Path, tiny_lm: Path) -> Iterator[Trai
 
 
 def _start(client: TrainerClient, tiny_lm: Path, run_id: str, steps: int) -> None:
-    request = trainer_pb2.StartRunRequest(run_id=run_id)
-    overrides = {
-        "ppo.model_name": str(tiny_lm),
-        "ppo.batch_size": "2",
-        "ppo.mini_batch_size": "1",
-        "ppo.ppo_epochs": "1",
-        "ppo.log_with": "jsonl",
-        "generation.max_new_tokens": "4",
-        "run.steps": str(steps),
-        "run.save_every": "0",
-    }
-    request.overrides.update(overrides)
-    status = client.start(request)
+    status = client.start(start_request(str(tiny_lm), run_id, steps))
     assert status.run_id == run_id and status.total_steps == steps
 
 

@@ -19,7 +19,7 @@ from rlhf.server import GrpcService, ServerConfig, build_server
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.policy.engine import PolicyEngine
 from services.policy.server import PolicyServicer, servicers
-from services.trainer.config import load_train_config
+from services.trainer.config import TrainConfig, load_train_config
 from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
 from services.trainer.orchestrator.peers import FatalError, TransientError, VersionConflict
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
@@ -103,23 +103,35 @@ def test_a_deadline_is_transient(reward_service: tuple[ScriptedRewardService, st
     transport.close()
 
 
-def _loop(tiny_lm: Path, tmp_path: Path, address: str) -> TrainingLoop:
-    config = load_train_config(
-        None,
-        [
-            f"model_name={tiny_lm}",
-            "batch_size=2",
-            "mini_batch_size=1",
-            "ppo_epochs=1",
-            "log_with=jsonl",
-            "max_new_tokens=4",
-            "run.steps=3",
-            "run.save_every=0",
-            f"run.output_dir={tmp_path}",
-            "run.run_id=seam",
-            "run.step_retries=3",
-            "run.retry_backoff_s=0.01",
-        ],
+def _tiny_config(tiny_lm: Path, tmp_path: Path, run_id: str, *overrides: str) -> TrainConfig:
+    """A two-sample, one-epoch run of the tiny model under tmp_path; `overrides` add to it."""
+    base = [
+        f"model_name={tiny_lm}",
+        "batch_size=2",
+        "mini_batch_size=1",
+        "ppo_epochs=1",
+        "log_with=jsonl",
+        f"run.output_dir={tmp_path}",
+        f"run.run_id={run_id}",
+    ]
+    return load_train_config(None, [*base, *overrides])
+
+
+@pytest.fixture
+def loop(
+    tiny_lm: Path, tmp_path: Path, reward_service: tuple[ScriptedRewardService, str]
+) -> TrainingLoop:
+    """A loop of the tiny model scored by the scripted reward service (3 tries per step)."""
+    address = reward_service[1]
+    config = _tiny_config(
+        tiny_lm,
+        tmp_path,
+        "seam",
+        "max_new_tokens=4",
+        "run.steps=3",
+        "run.save_every=0",
+        "run.step_retries=3",
+        "run.retry_backoff_s=0.01",
     )
     mixer = RewardMixer(GrpcReward)
     mixer.set_endpoints([EndpointSpec(address)])  # its probe is one Score call
@@ -127,10 +139,9 @@ def _loop(tiny_lm: Path, tmp_path: Path, address: str) -> TrainingLoop:
 
 
 def test_a_fatal_reward_error_fails_the_step_at_once_with_the_services_message(
-    tiny_lm: Path, tmp_path: Path, reward_service: tuple[ScriptedRewardService, str]
+    loop: TrainingLoop, reward_service: tuple[ScriptedRewardService, str]
 ) -> None:
     servicer, address = reward_service
-    loop = _loop(tiny_lm, tmp_path, address)
     before = servicer.calls
     servicer.script = [Code.INVALID_ARGUMENT, OK, OK]
     with pytest.raises(StepFailed, match="INVALID_ARGUMENT: scripted refusal") as caught:
@@ -140,10 +151,9 @@ def test_a_fatal_reward_error_fails_the_step_at_once_with_the_services_message(
 
 
 def test_a_transient_reward_error_is_retried_and_the_step_goes_through(
-    tiny_lm: Path, tmp_path: Path, reward_service: tuple[ScriptedRewardService, str]
+    loop: TrainingLoop, reward_service: tuple[ScriptedRewardService, str]
 ) -> None:
     servicer, address = reward_service
-    loop = _loop(tiny_lm, tmp_path, address)
     before = servicer.calls
     seen: list[tuple[str, int]] = []
     loop.progress.listeners.append(lambda p: seen.append((p.phase, p.retries)))
@@ -207,20 +217,7 @@ def test_the_policy_services_log_probs_reach_the_loop(tiny_lm: Path, tmp_path: P
     service = build_server(
         "policy", servicers(PolicyServicer(PolicyEngine(str(tiny_lm)))), open_config()
     )
-    config = load_train_config(
-        None,
-        [
-            f"model_name={tiny_lm}",
-            "batch_size=2",
-            "mini_batch_size=1",
-            "ppo_epochs=1",
-            "learning_rate=1e-3",
-            "log_with=jsonl",
-            "max_new_tokens=6",
-            f"run.output_dir={tmp_path}",
-            "run.run_id=wire",
-        ],
-    )
+    config = _tiny_config(tiny_lm, tmp_path, "wire", "learning_rate=1e-3", "max_new_tokens=6")
     mixer = RewardMixer(lambda address: LocalReward(VaderBackend(), address=address))
     mixer.set_endpoints([EndpointSpec("local:1")])
     policy = GrpcPolicy(f"127.0.0.1:{service.port}")
