@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from rlhf.config.security import READ_ACCESS_MODES, READ_OPEN, AuthConfig
 from rlhf.flag_files import read_flag_file
 from rlhf.intercept import Behaviour, HandlerInterceptor, rewrap
+from rlhf.logs import QUOTE_CHARS
 
 log = logging.getLogger("rlhf.auth")
 
@@ -47,8 +48,6 @@ HOST_IDENTITIES = frozenset({"localhost"})
 AUTHORIZATION = "authorization"
 BEARER = "bearer"
 MIN_TOKEN_CHARS = 16
-QUOTE_CHARS = 40
-"""Client-controlled text (certificate identities) is quoted up to this many characters."""
 
 
 class AuthConfigError(ValueError):
@@ -69,6 +68,7 @@ def method_path(service: str, method: str) -> str:
 
 
 def _short(text: str) -> str:
+    """A certificate identity cut to QUOTE_CHARS (bare: identities are listed in parentheses)."""
     return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
 
 
