@@ -16,11 +16,8 @@ Torch- and grpc-free: parsing a config imports no model or transport code.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
-
-import yaml
 
 from rlhf.config import apply_mapping, apply_overrides, check, load_yaml_mapping
 from rlhf.config.checks import at_least, at_most
@@ -143,11 +140,6 @@ def load_train_config(
     apply_overrides(config, overrides or [])
     check(config, "run config")
     return config
-
-
-def dump_train_config(config: TrainConfig) -> str:
-    """The YAML text `load_train_config` reads back into the same config (for checkpoints)."""
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
 @dataclass
