@@ -27,8 +27,9 @@ from services.trainer.orchestrator.weight_sync import (
     read_high_water,
     write_high_water,
 )
-from tests.servers import open_config
+from tests.servers import NO_AUTH_FLAG, open_config
 from tests.test_trainer_loop import _config, _vader_mixer
+from tools.launch import ServiceProcess, start_service
 
 
 class RestartablePolicy(LocalPolicy):
@@ -233,3 +234,43 @@ def test_every_answer_names_the_instance_and_a_restart_changes_it(tiny_lm: Path)
         assert info.instance_id == generated.instance_id == pushed.instance_id
         seen.append(info.instance_id)
     assert seen[0] != seen[1]
+
+
+@pytest.mark.slow
+def test_a_policy_process_killed_and_restarted_between_steps(tiny_lm: Path, tmp_path: Path) -> None:
+    """A real policy service process, SIGKILLed after step 1 and started again on its port:
+    step 2 finds a new instance serving base weights, re-pushes and regenerates, and the run
+    ends with the parameters of an uninterrupted run against the same kind of process."""
+    args = ["policy", "serve", "--model", str(tiny_lm), NO_AUTH_FLAG]
+    logs = tmp_path / "logs"
+    service = start_service("policy", args, logs)
+    port = int(service.address.rsplit(":", 1)[1])
+    restarted: list[ServiceProcess] = []
+
+    def config(run_id: str) -> TrainConfig:
+        config = _config(tiny_lm, tmp_path, 3, run_id)
+        config.run.step_retries = 8  # the channel reconnects with backoff after the restart
+        config.run.retry_backoff_s = 0.25
+        return config
+
+    def kill_and_restart(result: object) -> None:
+        if restarted:
+            return
+        service.process.kill()
+        service.process.wait()
+        restarted.append(start_service("policy", args, logs, port=port))
+
+    policy = GrpcPolicy(service.address)
+    try:
+        straight = _run(config("straight"), policy)
+        first_instance = policy.facts(fresh=True).instance_id
+        loop = _run(config("restarted"), policy, on_step=kill_and_restart)
+        assert restarted and policy.facts(fresh=True).instance_id != first_instance
+    finally:
+        policy.close()
+        for process in [service, *restarted]:
+            process.stop(timeout_s=5)
+    assert _same_parameters(straight, loop)
+    # Above the straight run's 3 (the service's version when it began), never reused.
+    versions = _versions(tmp_path / "restarted")
+    assert versions == sorted(set(versions)) and versions[0] > 3 and len(versions) == 3
