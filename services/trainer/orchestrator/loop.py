@@ -3,7 +3,8 @@
 Read it top to bottom in `TrainingLoop.run_step`; everything else is set-up, checkpoints and
 retries. The policy and reward sources are reached through transports (peers.py says what the
 loop needs of them; transports.py speaks gRPC, bench/local_transports.py runs in one process),
-so the loop never sees the wire.
+so the loop never sees the wire. Which weights the policy serves, under which version number,
+and what to do when it restarts is weight_sync.py's job.
 
 What a step leaves behind: the step counter, the metrics row and a checkpoint advance only
 when the whole step (push included) succeeded. A failure before the update leaves nothing

@@ -134,20 +134,20 @@ class WeightSync:
     def resync(self, what: str, seen: Rollout) -> None:
         """Makes a restarted policy (seen: its answer) serve this run's weights again."""
         facts = self.retrying(what, lambda: self.policy.facts(fresh=True))
-        self.log.warning(
-            "the policy service restarted or lost this run's weights: pushing them again",
-            extra={
-                "old_instance": self.instance,
-                "new_instance": facts.instance_id or seen.instance_id,
-                "served_version": facts.weight_version,
-                "weight_version": self.version,
-            },
-        )
         served = facts.weight_version
         if facts.instance_id == self.instance and served > self.version:
             raise self._another_writer(served)
         if facts.instance_id == self.instance and served == self.version:
             return  # served again by the time we looked: generate again
+        self.log.warning(
+            "the policy service restarted or lost this run's weights: pushing them again",
+            extra={
+                "old_instance": self.instance,
+                "new_instance": facts.instance_id or seen.instance_id,
+                "served_version": served,
+                "weight_version": self.version,
+            },
+        )
         if self.current and served == self.version == 0:
             self.instance = facts.instance_id  # the base model as loaded: the run's version 0
         elif self.current and served < self.version:
