@@ -114,6 +114,19 @@ def test_a_restart_between_steps_is_repushed_and_regenerated(
     assert read_high_water(tmp_path / "restarted") == 3
 
 
+def test_a_restart_while_the_served_weights_lag(tiny_lm: Path, tmp_path: Path) -> None:
+    """sync_every=2, pushes after steps 2 and 4. A restart after step 1: the new instance
+    serves base weights, which are the run's version 0: nothing to push. A restart after step
+    3: version 1 is gone and the learner has moved past it, so its weights go out under a new
+    number (2), never under an old one."""
+    config = _config(tiny_lm, tmp_path, 4, "lagging")
+    config.run.sync_every = 2
+    policy = RestartablePolicy(str(tiny_lm))
+    loop = _run(config, policy, on_step=lambda r: policy.restart() if r.step in (1, 3) else None)
+    assert [version for version, _ in policy.pushes] == [1, 2, 3]
+    assert _versions(tmp_path / "lagging") == [0, 1, 1, 3] and _serves_the_learner(loop, policy)
+
+
 def test_a_restart_that_breaks_a_push_gets_the_full_weights(tiny_lm: Path, tmp_path: Path) -> None:
     """LoRA syncs only the adapted layers. The service restarts under step 2's push (the push
     is lost): the retry sees the new instance and sends every tensor, so the service does not

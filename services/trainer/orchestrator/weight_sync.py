@@ -148,10 +148,11 @@ class WeightSync:
                 "weight_version": self.version,
             },
         )
-        if self.current and served == self.version == 0:
+        if served == self.version == 0:
             self.instance = facts.instance_id  # the base model as loaded: the run's version 0
         elif self.current and served < self.version:
-            # The same weights under the same number: one version, one set of weights.
+            # The same weights under the same number: one version, one set of weights. (With
+            # sync_every > 1 the learner may have moved past them: then it is a new version.)
             self._push(what, self.version, full=True, expected=facts.instance_id)
         else:
             self._push(what, max(served, self.version) + 1, full=True, expected=facts.instance_id)
