@@ -14,8 +14,9 @@ The rules (issue #13):
   somebody else is pushing to it: that, and only that, is "another writer".
 - A push that failed transiently may have landed, or the service may have restarted under it:
   every retry reads the facts again, accepts an earlier attempt that landed, and sends the full
-  weights to a new instance (a partial LoRA push into a restarted service would serve base
-  weights with only the adapted layers replaced).
+  weights to a new instance (a LoRA step's push carries only the adapted layers: right only if
+  the restarted service loaded exactly the base this run started from; a full push does not
+  depend on what it loaded).
 """
 
 from __future__ import annotations
