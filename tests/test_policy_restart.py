@@ -129,8 +129,8 @@ def test_a_restart_while_the_served_weights_lag(tiny_lm: Path, tmp_path: Path) -
 
 def test_a_restart_that_breaks_a_push_gets_the_full_weights(tiny_lm: Path, tmp_path: Path) -> None:
     """LoRA syncs only the adapted layers. The service restarts under step 2's push (the push
-    is lost): the retry sees the new instance and sends every tensor, so the service does not
-    serve base weights plus the adapters' layers."""
+    is lost): the retry sees the new instance and sends every tensor, so what it serves does
+    not depend on what the new instance loaded."""
     straight = _run(_config(tiny_lm, tmp_path, 3, "straight", True), LocalPolicy(str(tiny_lm)))
     policy = RestartablePolicy(str(tiny_lm))
     policy.before_push = ["", "restart-fail"]
