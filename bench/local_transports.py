@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from services.trainer.config import GenerationConfig
-from services.trainer.orchestrator.peers import PolicyFacts, Rollout, policy_facts
+from services.trainer.orchestrator.peers import PolicyFacts, Pushed, Rollout, policy_facts
 
 
 class LocalPolicy:
@@ -42,14 +42,15 @@ class LocalPolicy:
             response_logprobs=[c.response_logprobs for c in completions],
             response_texts=[c.response_text for c in completions],
             weight_version=completions[0].weight_version,
+            instance_id=self.engine.instance_id,
         )
 
-    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
+    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> Pushed:
         dtype = self.engine.dtype
         cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
         # The engine keeps its own copy, as the service does: copy, never alias, the trainer's.
         self.engine.apply_weights({k: v.detach().clone() for k, v in cast.items()}, version)
-        return self.engine.weight_version
+        return Pushed(self.engine.weight_version, self.engine.instance_id)
 
     def close(self) -> None:
         pass

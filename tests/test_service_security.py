@@ -214,7 +214,7 @@ def test_the_trainers_certificate_may_update_weights(
         trainer = GrpcPolicy(address, client)
         try:
             version = trainer.facts(fresh=True).weight_version + 1
-            assert trainer.push_weights(weights, version) == version
+            assert trainer.push_weights(weights, version).version == version
         finally:
             trainer.close()
 

@@ -18,7 +18,7 @@ from services.trainer.orchestrator.checkpoint import latest_checkpoint
 from services.trainer.orchestrator.drift import logprob_drift
 from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
 from services.trainer.orchestrator.metrics import read_metrics
-from services.trainer.orchestrator.peers import FatalError
+from services.trainer.orchestrator.peers import FatalError, Pushed
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 from services.trainer.orchestrator.trainer_state import read_state
 
@@ -173,7 +173,7 @@ class FailingPolicy(LocalPolicy):
             raise FatalError("Generate on local failed: INTERNAL: injected", "local")
         return super().generate(prompts, gen, seed)  # type: ignore[arg-type]
 
-    def push_weights(self, tensors: dict, version: int) -> int:  # type: ignore[override]
+    def push_weights(self, tensors: dict, version: int) -> Pushed:  # type: ignore[override]
         if self.phase == "push" and self.step >= self.at_step:
             raise FatalError("UpdateWeights on local failed: INTERNAL: injected", "local")
         return super().push_weights(tensors, version)

@@ -186,7 +186,7 @@ def test_policy_facts_are_read_once_per_connection(tiny_lm: Path) -> None:
         assert facts.weight_version == 0 and facts.model.vocab_size == len(engine.tokenizer)
         weights = {k: v.clone() for k, v in engine.model.state_dict().items()}
         for version in (1, 2, 3):
-            assert policy.push_weights(weights, version) == version
+            assert policy.push_weights(weights, version).version == version
         assert reads == 1
         # A version the service already passed: FAILED_PRECONDITION, for the loop to renumber.
         with pytest.raises(VersionConflict, match="FAILED_PRECONDITION: version 2 is not newer"):

@@ -11,6 +11,7 @@ one weight version.
 from __future__ import annotations
 
 import mmap
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -70,6 +71,8 @@ class EngineInfo:
     num_parameters: int
     tokenizer: TokenizerFacts
     limits: EngineLimits = field(default_factory=EngineLimits)
+    instance_id: str = ""
+    """The engine's PolicyEngine.instance_id."""
 
 
 class PolicyEngine:
@@ -95,6 +98,9 @@ class PolicyEngine:
         self.context_length = loaded.context_length
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.weights = WeightStore(self.model, self.device)
+        self.instance_id = uuid.uuid4().hex
+        """Made once per engine (so once per service start): a client that sees it change knows
+        the weights it pushed are gone and version 0 (as loaded) serves again."""
 
     @property
     def weight_version(self) -> int:
@@ -118,6 +124,7 @@ class PolicyEngine:
                 has_chat_template=self._has_chat_template(),
             ),
             limits=self.limits,
+            instance_id=self.instance_id,
         )
 
     def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

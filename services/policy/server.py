@@ -122,7 +122,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             )
             raise
         version = completions[0].weight_version
-        reply = policy_pb2.GenerateResponse(weight_version=version, request_id=request_id)
+        reply = policy_pb2.GenerateResponse(
+            weight_version=version, request_id=request_id, instance_id=engine.instance_id
+        )
         for c in completions:
             reply.completions.append(
                 policy_pb2.Completion(
@@ -202,6 +204,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             bytes_received=assembler.received,
             tensors_updated=count,
             seconds=seconds,
+            instance_id=engine.instance_id,
         )
 
     @handle_errors
@@ -227,6 +230,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             max_new_tokens_cap=info.limits.max_new_tokens_cap,
             max_batch_size=info.limits.max_batch_size,
             max_prompt_chars=info.limits.max_prompt_chars,
+            instance_id=info.instance_id,
         )
 
 

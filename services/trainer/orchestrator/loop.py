@@ -3,7 +3,8 @@
 Read it top to bottom in `TrainingLoop.run_step`; everything else is set-up, checkpoints and
 retries. The policy and reward sources are reached through transports (peers.py says what the
 loop needs of them; transports.py speaks gRPC, bench/local_transports.py runs in one process),
-so the loop never sees the wire.
+so the loop never sees the wire. Which weights the policy serves, under which version number,
+and what to do when it restarts is weight_sync.py's job.
 
 What a step leaves behind: the step counter, the metrics row and a checkpoint advance only
 when the whole step (push included) succeeded. A failure before the update leaves nothing
@@ -37,11 +38,11 @@ from services.trainer.orchestrator.peers import (
     PolicyTransport,
     Rollout,
     TransientError,
-    VersionConflict,
 )
 from services.trainer.orchestrator.progress import ProgressTracker
 from services.trainer.orchestrator.rewards import RewardMixer, RewardSource
 from services.trainer.orchestrator.trainer_state import read_state, write_state
+from services.trainer.orchestrator.weight_sync import WeightSync
 
 log = logging.getLogger("rlhf.trainer.loop")
 T = TypeVar("T")
@@ -97,7 +98,6 @@ class TrainingLoop:
         """The last step finished completely (its weights pushed, its metrics row written)."""
         self._mid_step: int | None = None
         """A step whose update changed the learner but did not finish: the run cannot go on."""
-        self.weight_version = 0
         self.last_stats: dict[str, float] = {}
         self.log = ContextLogger(log, {"run": run.run_id})
         self.progress = ProgressTracker()
@@ -106,20 +106,34 @@ class TrainingLoop:
         # The model check comes before loading the model: a wrong policy is refused at once.
         facts = self._retrying("reading the policy service's facts", self.policy.facts)
         check_served_model(trainer_model_facts(ppo.model_name), facts.model, policy.address)
-        self.weight_version = facts.weight_version
         self.model = PolicyWithValueHead.from_config(ppo)
         self.tokenizer = self.model.tokenizer
         # The reference: the base with LoRA adapters off, or a frozen copy (PPOTrainer decides).
         self.trainer = PPOTrainer(ppo, self.model, self.tokenizer)
         self.sampler = PromptSampler(load_prompts(run.prompts), seed=ppo.seed)
         self.metrics = MetricsLog(self.folder, ppo.log_with)
+        self.sync = WeightSync(
+            policy,
+            self.folder,
+            lambda full: self.model.policy_state_dict_for_serving(trained_only=not full),
+            self._retrying,
+            self.log,
+        )
 
         if resume:
             self._restore()
-        if resume or facts.weight_version != 0:
-            # The policy service serves weights other than this run's (an earlier run's, or the
-            # base model when resuming): make it serve ours before the first Generate.
-            self._push_weights(everything=True)
+        # Unless the service serves the base model as loaded (a fresh run's start), make it
+        # serve this run's weights before the first Generate.
+        self.sync.begin(facts, resumed=resume)
+
+    @property
+    def weight_version(self) -> int:
+        """The weight version of the run: the last pushed (0: the base model as loaded)."""
+        return self.sync.version
+
+    @weight_version.setter
+    def weight_version(self, version: int) -> None:
+        self.sync.version = version
 
     # --- the loop ----------------------------------------------------------------------------
     def run(
@@ -202,7 +216,9 @@ class TrainingLoop:
         self.progress.enter("syncing", step)
         t = time.perf_counter()
         if step % run.sync_every == 0 or step == run.steps:
-            self._push_weights()
+            self.sync.push_step(f"step {step}: update weights")
+        else:
+            self.sync.learner_moved()
         timings["time/weight_sync"] = time.perf_counter() - t
         timings["time/step"] = time.perf_counter() - t_step
         self._mid_step = None
@@ -216,21 +232,12 @@ class TrainingLoop:
     def _sample_and_score(
         self, step: int, sources: list[RewardSource], timings: dict[str, float]
     ) -> _Sampled:
-        ppo, gen = self.config.ppo, self.config.generation
         # 1. Rollout: the policy service samples a response per prompt.
-        prompts = self.sampler.next_batch(ppo.batch_size)
+        prompts = self.sampler.next_batch(self.config.ppo.batch_size)
         self.progress.enter("generating", step)
         t = time.perf_counter()
-        rollout = self._retrying(
-            f"step {step}: generate",
-            lambda: self.policy.generate(prompts, gen, seed=ppo.seed * 100_003 + step),
-        )
+        rollout = self._generate(step, prompts)
         timings["time/generate"] = time.perf_counter() - t
-        if rollout.weight_version != self.weight_version:
-            raise StepFailed(
-                f"the policy service generated with weight version {rollout.weight_version}, "
-                f"expected {self.weight_version}: another writer is updating it"
-            )
 
         # 2. Reward: every source scores every (prompt, response); the reward is their
         #    weighted sum. Sources are fixed for the whole step (a swap applies next step).
@@ -242,6 +249,29 @@ class TrainingLoop:
         )
         timings["time/score"] = time.perf_counter() - t
         return _Sampled(rollout, scores, per_source)
+
+    def _generate(self, step: int, prompts: list[str]) -> Rollout:
+        """The step's rollout, sampled from this run's weights: a policy service that restarted
+        (or lost them) gets them pushed again and generates again with the same seed, at most
+        run.step_retries times a step. Nothing sampled from other weights goes further."""
+        gen, seed = self.config.generation, self.config.ppo.seed * 100_003 + step
+        retries = self.config.run.step_retries
+        for resync in range(retries + 1):
+            rollout = self._retrying(
+                f"step {step}: generate", lambda: self.policy.generate(prompts, gen, seed=seed)
+            )
+            if self.sync.serves_ours(rollout):
+                return rollout
+            if resync == retries:
+                break
+            self.progress.retried()
+            self.sync.resync(f"step {step}: push weights to a restarted policy", rollout)
+        raise StepFailed(
+            f"step {step}: the policy service at {self.policy.address} still did not serve this "
+            f"run's weights (version {self.weight_version}) after {retries} re-pushes; it "
+            f"answered from instance {rollout.instance_id or '(unnamed)'} at version "
+            f"{rollout.weight_version}"
+        )
 
     def _finish(self, step: int, stats: dict[str, float], sampled: _Sampled) -> StepResult:
         """The finished step's metrics row and log line."""
@@ -267,27 +297,6 @@ class TrainingLoop:
         return StepResult(step, self.weight_version, stats)
 
     # --- weights, retries, checkpoints -------------------------------------------------------
-    def _push_weights(self, everything: bool = False) -> None:
-        """Makes the policy service serve this run's weights, as version weight_version + 1.
-
-        With LoRA only the adapted layers change, so a step's sync sends just those; the first
-        push of a run (`everything`) sends the whole model, whatever the service held before.
-        """
-        tensors = self.model.policy_state_dict_for_serving(trained_only=not everything)
-        what = f"step {self.step + 1}: update weights"
-        version = self.weight_version + 1
-        try:
-            self.weight_version = self._retrying(
-                what, lambda: self.policy.push_weights(tensors, version)
-            )
-        except VersionConflict:
-            # The service serves a newer version than we know of (a restart of this trainer):
-            # continue numbering above it.
-            served = self._retrying(what, lambda: self.policy.facts(fresh=True)).weight_version
-            self.weight_version = self._retrying(
-                what, lambda: self.policy.push_weights(tensors, served + 1)
-            )
-
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         """Calls `call`, retrying a TransientError with backoff (the one retry layer)."""
         run = self.config.run
@@ -341,5 +350,6 @@ class TrainingLoop:
         self.trainer.load_state_dict(state["trainer"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
+        self.weight_version = int(state.get("weight_version", 0))
         self.metrics.truncate_after(self.step)
         self.log.info("resumed", extra={"step": self.step, "path": str(folder)})

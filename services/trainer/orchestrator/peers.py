@@ -65,6 +65,9 @@ class PolicyFacts:
     """The weight version served when the facts were read."""
     dtype: torch.dtype
     """The served weights' dtype: pushed weights are cast to it."""
+    instance_id: str = ""
+    """The policy service's instance (new on every start of it); empty from a service that
+    does not report one."""
 
 
 def policy_facts(info: Any) -> PolicyFacts:
@@ -77,7 +80,9 @@ def policy_facts(info: Any) -> PolicyFacts:
         eos_token_id=int(tok.eos_token_id),
         pad_token_id=int(tok.pad_token_id),
     )
-    return PolicyFacts(model, int(info.weight_version), parse_dtype(info.dtype))
+    return PolicyFacts(
+        model, int(info.weight_version), parse_dtype(info.dtype), str(info.instance_id)
+    )
 
 
 @dataclass
@@ -91,6 +96,18 @@ class Rollout:
     response_texts: list[str]
     weight_version: int
     """The weight version that produced every response."""
+    instance_id: str = ""
+    """The policy instance that produced them (PolicyFacts.instance_id)."""
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """What a weight push left served."""
+
+    version: int
+    """The version served after the push."""
+    instance_id: str
+    """The policy instance that took the push (PolicyFacts.instance_id)."""
 
 
 class PolicyTransport(Protocol):
@@ -105,8 +122,8 @@ class PolicyTransport(Protocol):
 
     def generate(self, prompts: list[str], gen: GenerationConfig, seed: int) -> Rollout: ...
 
-    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
-        """Makes `version` the served weights; returns the version served after."""
+    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> Pushed:
+        """Makes `version` the served weights; says what is served after, and by whom."""
         ...
 
     def close(self) -> None: ...

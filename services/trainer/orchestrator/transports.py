@@ -27,6 +27,7 @@ from services.trainer.orchestrator.peers import (
     FatalError,
     PeerError,
     PolicyFacts,
+    Pushed,
     Rollout,
     TransientError,
     VersionConflict,
@@ -127,6 +128,7 @@ class GrpcPolicy:
             response_logprobs=[list(c.response_logprobs) for c in reply.completions],
             response_texts=[c.response_text for c in reply.completions],
             weight_version=reply.weight_version,
+            instance_id=reply.instance_id,
         )
         if len(rollout.response_ids) != len(prompts):
             raise FatalError(
@@ -143,11 +145,12 @@ class GrpcPolicy:
                 )
         return rollout
 
-    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> int:
+    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> Pushed:
         dtype = self.facts().dtype
         conflict = {grpc.StatusCode.FAILED_PRECONDITION: VersionConflict}
         with _calling(self.address, "UpdateWeights", conflict):
-            return self.client.update_weights(tensors, version, dtype=dtype).version
+            reply = self.client.update_weights(tensors, version, dtype=dtype)
+        return Pushed(int(reply.version), reply.instance_id)
 
     def close(self) -> None:
         self.client.close()
