@@ -157,8 +157,8 @@ def read_checkpointed(folder: Path) -> Checkpointed:
             if row["step"] > found.step:
                 continue  # redone by a resume, which truncates the file there
             stats = row_stats(row)
-            version = row.get("weight_version", 0)
-            result = StepResult(row["step"], version if isinstance(version, int) else 0, stats)
+            version = stats.get("weight_version", 0.0)  # a statistic too, hence a float
+            result = StepResult(row["step"], int(version), stats)
             found.history.append((result, float(row.get("time", 0.0))))
             if row["step"] == found.step:
                 found.last_metrics = stats
