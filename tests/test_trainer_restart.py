@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.local_transports import LocalPolicy, LocalReward
 from rlhf.cli import main
@@ -29,12 +30,16 @@ from rlhf.server import build_server
 from rlhf.v1 import trainer_pb2
 from services.reward.backends.vader import VaderBackend
 from services.trainer import cli as trainer_cli
+from services.trainer.api import commands
 from services.trainer.api.client import TrainerClient, TrainerError
 from services.trainer.api.records import MAX_RECORD_BYTES, RECORD, RunRecord, write_record
 from services.trainer.api.service import TrainerServicer, Transports, servicers
-from services.trainer.config import GenerationConfig, TrainerServiceConfig
+from services.trainer.config import GenerationConfig, TrainerServiceConfig, load_train_config
+from services.trainer.orchestrator.loop import TrainingLoop
 from services.trainer.orchestrator.metrics import read_metrics
 from services.trainer.orchestrator.peers import Rollout
+from services.trainer.orchestrator.resume import Swap, journal_swap
+from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 from tests.fuzz_requests import start_request
 from tests.servers import open_config
 
@@ -240,6 +245,12 @@ def test_resume_restores_swapped_endpoints_and_reapplies_later_swaps(
         {"from_step": 3, "rewards": ["b@local:3=1"]},
         {"from_step": 4, "rewards": ["c@local:4=1"]},
     ]
+    # `rlhf train --resume` in one process plans the same (the checkpoint's, then the swap).
+    local = load_train_config(None, [f"run.output_dir={root}", "run.run_id=cut"])
+    plan = commands._resume_plan(local, caller=[])  # noqa: SLF001
+    # (b's swap applied from step 3, after the checkpoint: re-applied too, to the same end.)
+    assert plan.initial == ["b@local:3=1"]
+    assert plan.swaps == [Swap(3, ["b@local:3=1"]), Swap(4, ["c@local:4=1"])]
     with trainer(root, tiny_lm) as t:
         assert [r.name for r in t.client.get("cut").rewards] == ["c"]  # run.json: in force
         assert t.client.get("cut").step == 2
@@ -317,3 +328,52 @@ def test_resume_interrupted_is_a_flag_and_a_variable(monkeypatch: pytest.MonkeyP
     assert parsed(["--resume-interrupted"]).resume_interrupted is True
     monkeypatch.setenv("RLHF_RESUME_INTERRUPTED", "true")
     assert parsed([]).resume_interrupted is True
+
+
+def test_resume_restores_the_kl_controller_the_sampler_and_the_optimizer(
+    tmp_path: Path, tiny_lm: Path
+) -> None:
+    def loop(steps: int, run_id: str, resume: bool = False) -> TrainingLoop:
+        overrides = [
+            f"model_name={tiny_lm}", "batch_size=2", "mini_batch_size=1", "ppo_epochs=1",
+            "log_with=jsonl", "max_new_tokens=4", "horizon=10", f"run.steps={steps}",
+            "run.save_every=0", f"run.output_dir={tmp_path}", f"run.run_id={run_id}",
+        ]  # fmt: skip
+        mixer = RewardMixer(lambda address: LocalReward(VaderBackend(), address=address))
+        mixer.set_endpoints([EndpointSpec("local:1")])
+        config = load_train_config(None, overrides)
+        return TrainingLoop(config, LocalPolicy(str(tiny_lm)), mixer, resume=resume)
+
+    first = loop(3, "kl")
+    first.run()
+    kl, position = first.trainer.kl_ctl.value, first.sampler.state_dict()
+    optimizer = first.trainer.optimizer.state_dict()["state"]
+    fresh = loop(6, "fresh")
+    assert kl != fresh.trainer.kl_ctl.value  # the controller moved (horizon 10): a real check
+    assert position != fresh.sampler.state_dict()  # three batches drawn: a real check
+
+    resumed = loop(6, "kl", resume=True)
+    assert resumed.trainer.kl_ctl.value == kl
+    assert resumed.sampler.state_dict() == position
+    restored = resumed.trainer.optimizer.state_dict()["state"]
+    assert restored.keys() == optimizer.keys() and restored
+    for index, moments in optimizer.items():
+        for name, value in moments.items():
+            assert torch.equal(restored[index][name], value), (index, name)
+
+
+def test_scheduled_sources_apply_from_their_step_and_a_swap_cancels_them() -> None:
+    mixer = RewardMixer(lambda address: LocalReward(VaderBackend(), address=address))
+    mixer.set_endpoints([EndpointSpec("local:1", name="a")])
+    mixer.schedule(mixer.probe([EndpointSpec("local:2", name="b")]), 3)
+    for step, expected in ((2, "a"), (3, "b"), (4, "b")):
+        assert [s.name for s in mixer.begin_step(step)] == [expected], step
+        mixer.end_step()
+    mixer.schedule(mixer.probe([EndpointSpec("local:3", name="c")]), 6)
+    assert [(step, [s.name for s in specs]) for step, specs in mixer.scheduled] == [(6, ["c"])]
+    mixer.set_endpoints([EndpointSpec("local:4", name="d")])  # the caller's newest choice
+    assert mixer.scheduled == []
+    assert [s.name for s in mixer.begin_step(6)] == ["d"]
+    # The journal forgets what a swap cancelled (entries from its step on), keeps the rest.
+    journal = [Swap(3, ["b@local:2=1"]), Swap(6, ["c@local:3=1"])]
+    assert journal_swap(journal, Swap(5, ["d@local:4=1"])) == [journal[0], Swap(5, ["d@local:4=1"])]
