@@ -78,7 +78,12 @@ class Train:
         parser.add_argument(
             "--run-id", default="", help="run name and checkpoint folder (default: the time)"
         )
-        parser.add_argument("--resume", action="store_true", help="continue from its checkpoint")
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from its checkpoint, with the reward endpoints in force there "
+            "(unless --reward names others)",
+        )
         parser.add_argument(
             "--detach", action="store_true", help="start on the trainer, don't watch"
         )
