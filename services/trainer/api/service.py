@@ -270,10 +270,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         """The run's thread. `mixer`: a resume's, its endpoints probed; None: probed here."""
         policy = self.transports.policy(config.run.policy)
         state, error = State.RUN_STATE_FAILED, ""
-        if mixer is None:
-            mixer = RewardMixer(self.transports.reward)
+        fresh = mixer is None
+        mixer = mixer or RewardMixer(self.transports.reward)
         try:
-            if not mixer.sources:
+            if fresh:
                 mixer.set_endpoints([EndpointSpec.parse(r) for r in config.run.rewards])
             run.rewards = mixer  # swappable from here on, also while the models load
             loop = TrainingLoop(config, policy, mixer, resume=resume)
@@ -342,7 +342,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if in_step is not None:
             effective = in_step + 1
         else:
-            effective = (run.loop.step if run.loop is not None else 0) + 1
+            effective = run.step + 1  # the loop's step; a resume still loading: its checkpoint's
         run.record_swap(effective, applied)  # a resume re-applies it from its step
         log.info(
             "reward endpoints swapped",
