@@ -36,7 +36,7 @@ from services.trainer.api.records import MAX_RECORD_BYTES, RECORD, RunRecord, wr
 from services.trainer.api.service import TrainerServicer, Transports, servicers
 from services.trainer.config import GenerationConfig, TrainerServiceConfig, load_train_config
 from services.trainer.orchestrator.loop import TrainingLoop
-from services.trainer.orchestrator.metrics import read_metrics
+from services.trainer.orchestrator.metrics import MetricsLog, read_metrics
 from services.trainer.orchestrator.peers import Rollout
 from services.trainer.orchestrator.resume import Swap, journal_swap
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
@@ -377,3 +377,17 @@ def test_scheduled_sources_apply_from_their_step_and_a_swap_cancels_them() -> No
     # The journal forgets what a swap cancelled (entries from its step on), keeps the rest.
     journal = [Swap(3, ["b@local:2=1"]), Swap(6, ["c@local:3=1"])]
     assert journal_swap(journal, Swap(5, ["d@local:4=1"])) == [journal[0], Swap(5, ["d@local:4=1"])]
+
+
+def test_a_row_torn_by_a_kill_is_dropped_on_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = MetricsLog(tmp_path, "jsonl")
+    for step in (1, 2, 3):
+        metrics.write(step, step, {"env/reward_mean": 0.5})
+    with metrics.path.open("a") as fh:
+        fh.write('{"step": 4, "weight_ver')  # the kill came mid-write
+    with caplog.at_level(logging.WARNING, "rlhf.trainer.metrics"):
+        metrics.truncate_after(2)
+    assert [r["step"] for r in read_metrics(metrics.path)] == [1, 2]
+    assert [r.line for r in caplog.records] == [4]  # type: ignore[attr-defined]
