@@ -165,6 +165,9 @@ class TrainerServiceConfig:
     model_root: list[str] = field(default_factory=list)
     """Folders, comma-separated, whose models a run's ppo.model_name may name; the embedded
     default policy's alias is always allowed."""
+    resume_interrupted: bool = False
+    """On start, resume by itself the most recent run this trainer finds INTERRUPTED under
+    output_dir (it was active when the trainer stopped); the others stay INTERRUPTED."""
 
     def __post_init__(self) -> None:
         check(self, "trainer settings")

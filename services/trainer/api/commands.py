@@ -78,7 +78,12 @@ class Train:
         parser.add_argument(
             "--run-id", default="", help="run name and checkpoint folder (default: the time)"
         )
-        parser.add_argument("--resume", action="store_true", help="continue from its checkpoint")
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from its checkpoint, with the reward endpoints in force there "
+            "(unless --reward names others)",
+        )
         parser.add_argument(
             "--detach", action="store_true", help="start on the trainer, don't watch"
         )
@@ -125,8 +130,9 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     from services.trainer.api.display import ProgressDisplay
     from services.trainer.config import load_train_config
     from services.trainer.orchestrator.loop import TrainingLoop
-    from services.trainer.orchestrator.rewards import EndpointSpec
-    from services.trainer.orchestrator.transports import GrpcPolicy, connect_rewards
+    from services.trainer.orchestrator.resume import apply_plan
+    from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
+    from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward, connect_rewards
 
     setup_logging("trainer")
     text = _read_config(args.config)  # a missing file is one line, not a traceback
@@ -134,15 +140,27 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
         config = load_train_config(text or None, overrides)
     except (ValueError, TypeError, KeyError) as err:
         raise CommandError(f"bad run config: {err}") from err
+    caller = list(config.run.rewards)
     config.run.policy = config.run.policy or POLICY_ADDRESS
-    config.run.rewards = config.run.rewards or [REWARD_ADDRESS]
+    config.run.rewards = caller or [REWARD_ADDRESS]
     config.run.output_dir = config.run.output_dir or DEFAULT_OUTPUT_DIR
-    specs = [EndpointSpec.parse(r) for r in config.run.rewards]
+    plan = _resume_plan(config, caller) if args.resume else None
+    if plan is not None:
+        config.run.rewards = plan.initial
+    every = config.run.rewards + [r for s in (plan.swaps if plan else []) for r in s.rewards]
     client = from_args(ClientConfig, args)
     _require_serving("policy", config.run.policy, "--policy / run.policy", client)
-    for spec in specs:
-        _require_serving("reward", spec.address, "--reward / run.rewards", client)
-    mixer = connect_rewards(specs, client)
+    for address in dict.fromkeys(EndpointSpec.parse(r).address for r in every):
+        _require_serving("reward", address, "--reward / run.rewards", client)
+    if plan is None:
+        mixer = connect_rewards([EndpointSpec.parse(r) for r in config.run.rewards], client)
+    else:
+        mixer = RewardMixer(lambda address: GrpcReward(address, client))
+        try:
+            apply_plan(mixer, plan)
+        except RewardError as err:
+            mixer.close()
+            raise CommandError(f"--resume of run {config.run.run_id}: {err}") from None
     policy = GrpcPolicy(config.run.policy, client)
     loop = TrainingLoop(config, policy, mixer, resume=args.resume)
     display = ProgressDisplay(config.run.steps, initial=loop.step)
@@ -157,6 +175,25 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
         policy.close()
     print(f"run {config.run.run_id}: {loop.step} steps; metrics in {loop.metrics.path}")
     return 0
+
+
+def _resume_plan(config, caller: list[str]):  # noqa: ANN001, ANN202 - TrainConfig, RewardPlan
+    """`--resume`: the checkpoint's reward endpoints and the swaps journaled after it (run.json
+    of a run a trainer service ran), unless the caller named endpoints (those win, logged)."""
+    from pathlib import Path
+
+    from services.trainer.api.records import RECORD, read_checkpointed, read_record
+    from services.trainer.orchestrator.resume import plan_rewards
+
+    folder = Path(config.run.output_dir) / config.run.run_id
+    try:
+        saved = read_checkpointed(folder)
+        journal = read_record(folder).swaps if (folder / RECORD).is_file() else []
+        if not saved.checkpoint_dir:
+            raise ValueError(f"no checkpoint under {folder / 'checkpoints'}")
+        return plan_rewards(config.run.run_id, saved.step, saved.rewards, caller, journal)
+    except (OSError, ValueError) as err:
+        raise CommandError(f"--resume of run {config.run.run_id}: {err}") from None
 
 
 def _since(unix_time: float) -> float:
@@ -230,6 +267,8 @@ class Status:
                 print(f"{key:<18} {status.last_metrics[key]:.4f}")
         if status.error:
             print(f"error      {status.error}")
+        if status.state == trainer_pb2.RUN_STATE_INTERRUPTED:
+            print(f"resume     {_resume_hint(args.trainer, status.run_id)}")
         return 0
 
 
@@ -239,7 +278,7 @@ class Watch:
         parser.description = (
             "Follow a run on a trainer service with a progress bar (phase in progress, elapsed "
             "time, reward, KL) until it ends; exit 0 if it completed or was stopped, 1 if it "
-            "failed."
+            "failed or was interrupted (the trainer stopped while it ran)."
         )
         _add_trainer_address(parser)
         _add_run_id(parser)
@@ -292,6 +331,13 @@ class SwapReward:
         return 0
 
 
+def _resume_hint(trainer: str, run_id: str) -> str:
+    return (
+        f"the trainer stopped while it ran: rlhf train --trainer {trainer} --run-id {run_id} "
+        "--resume"
+    )
+
+
 def _state(state: int) -> str:
     from rlhf.v1 import trainer_pb2
 
@@ -329,4 +375,6 @@ def watch_run(client, run_id: str, from_step: int) -> int:  # noqa: ANN001 - a T
     print(f"run {status.run_id}: {_state(end.state)} at step {end.step}/{status.total_steps}")
     if end.error:
         print(f"error: {end.error}", file=sys.stderr)
+    if end.state == trainer_pb2.RUN_STATE_INTERRUPTED:
+        print(_resume_hint(client.address, status.run_id), file=sys.stderr)
     return 0 if end.state in (trainer_pb2.RUN_STATE_COMPLETED, trainer_pb2.RUN_STATE_STOPPED) else 1

@@ -1,63 +1,128 @@
 """A run as the trainer's control API reports it, and the RunStatus/StepMetrics messages made
-from it: the state the loop's thread updates, and the WatchRun stream that follows it."""
+from it: the state the loop's thread updates, the run.json it keeps on disk (records.py), and
+the WatchRun stream that follows it."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from rlhf.v1 import trainer_pb2
+from services.trainer.api.records import Checkpointed, RunRecord, write_record
 from services.trainer.orchestrator.loop import StepResult, TrainingLoop
 from services.trainer.orchestrator.progress import Progress
+from services.trainer.orchestrator.resume import Swap, journal_swap
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 
 State = trainer_pb2.RunState
+log = logging.getLogger("rlhf.trainer.runs")
+ENDED = (
+    State.RUN_STATE_COMPLETED,
+    State.RUN_STATE_STOPPED,
+    State.RUN_STATE_FAILED,
+    State.RUN_STATE_INTERRUPTED,
+)
+"""States in which a run's WatchRun streams end (INTERRUPTED: found so after a restart)."""
 
 
 class Run:
     """A run's state as the API reports it, updated by the loop's thread.
 
     Every change (state, a finished step, a new phase) is made under `changed` and wakes the
-    WatchRun streams waiting on it.
+    WatchRun streams waiting on it. With a `folder`, every change of state, swap and checkpoint
+    is also recorded in its run.json. Until a loop exists (loading, or a run found on disk by a
+    restarted trainer) the step, version and statistics are those of `saved`, its checkpoint.
     """
 
-    def __init__(self, run_id: str, total_steps: int) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        total_steps: int,
+        saved: Checkpointed | None = None,
+        folder: Path | None = None,
+    ) -> None:
         self.run_id = run_id
         self.total_steps = total_steps
         self.state = State.RUN_STATE_STARTING
         self.error = ""
-        self.history: list[tuple[StepResult, float]] = []
-        """This session's finished steps, each with the Unix time it finished."""
+        self.saved = saved or Checkpointed()
+        self.history: list[tuple[StepResult, float]] = list(self.saved.history)
+        """The finished steps (from metrics.jsonl up to the checkpoint, then this session's),
+        each with the Unix time it finished."""
         self.loop: TrainingLoop | None = None
         self.rewards: RewardMixer | None = None  # in force once the first endpoints are probed
+        self.ended_rewards = [EndpointSpec.parse(r) for r in self.saved.rewards]
+        """The endpoints GetRun lists while no mixer is in force (before it, and once ended)."""
+        self.folder = folder
+        self.policy = ""
+        self.config: dict[str, Any] = {}
+        self.swaps: list[Swap] = []
+        self.updated = time.time()
         self.stop = threading.Event()
         self.changed = threading.Condition()
         self.thread: threading.Thread | None = None
+        self._record_lock = threading.Lock()
         # Before the loop exists (it loads the models in its constructor) the run is loading.
-        self._loading = Progress(phase="loading", since=time.time())
+        self._loading = Progress(phase="loading", step=self.saved.step, since=time.time())
 
+    @classmethod
+    def found(cls, record: RunRecord, saved: Checkpointed, folder: Path) -> Run:
+        """A run a restarted trainer found on disk: one that was active is INTERRUPTED."""
+        run = cls(record.run_id, record.total_steps, saved, folder)
+        state = State.Value(record.state)
+        run.state = State.RUN_STATE_INTERRUPTED if state not in ENDED else state
+        run.error = record.error
+        run.policy, run.config, run.swaps = record.policy, record.config, list(record.swaps)
+        run.ended_rewards = [EndpointSpec.parse(r) for r in record.rewards]
+        run.updated = record.updated
+        run._loading = Progress(phase="idle", step=saved.step, since=record.updated)
+        return run
+
+    # --- changes -----------------------------------------------------------------------------
     def set_state(self, state: int, error: str = "") -> None:
         with self.changed:
             self.state = state
             self.error = error
             self.changed.notify_all()
+        self.save_record()
 
     def attach(self, loop: TrainingLoop) -> None:
         """Follows the loop's progress; RUNNING unless a stop came while it loaded."""
         loop.progress.listeners.append(self._progressed)
+        loop.checkpointed.append(lambda _folder: self.save_record())
         with self.changed:
             self.loop = loop
             if self.state == State.RUN_STATE_STARTING:
                 self.state = State.RUN_STATE_RUNNING
             self.changed.notify_all()
+        self.save_record()
 
     def request_stop(self) -> None:
         with self.changed:
-            if self.active:
-                self.state = State.RUN_STATE_STOPPING
-                self.stop.set()
-                self.changed.notify_all()
+            if not self.active:
+                return
+            self.state = State.RUN_STATE_STOPPING
+            self.stop.set()
+            self.changed.notify_all()
+        self.save_record()
+
+    def record_swap(self, from_step: int, specs: list[EndpointSpec]) -> None:
+        """Journals a swap (a resume re-applies it from `from_step` if it is after the
+        checkpoint it resumes from)."""
+        with self.changed:
+            self.swaps = journal_swap(self.swaps, Swap(from_step, [str(s) for s in specs]))
+        self.save_record()
+
+    def retire_rewards(self) -> None:
+        """The run ends: GetRun keeps listing the endpoints in force, the mixer closes."""
+        with self.changed:
+            if self.rewards is not None:
+                self.ended_rewards = [s.spec for s in self.rewards.sources]
+            self.rewards = None
 
     def _progressed(self, _progress: Progress) -> None:
         with self.changed:
@@ -68,6 +133,31 @@ class Run:
             self.history.append((result, time.time()))
             self.changed.notify_all()
 
+    def save_record(self) -> None:
+        """Writes run.json (runs without a folder keep none). A write that fails is logged:
+        the run goes on, and a restarted trainer sees the previous record."""
+        if self.folder is None:
+            return
+        with self._record_lock:
+            with self.changed:
+                self.updated = time.time()
+                record = RunRecord(
+                    run_id=self.run_id,
+                    state=State.Name(self.state),
+                    total_steps=self.total_steps,
+                    policy=self.policy,
+                    rewards=[str(s) for s in self.endpoints],
+                    config=self.config,
+                    error=self.error,
+                    swaps=list(self.swaps),
+                    updated=self.updated,
+                )
+            try:
+                write_record(self.folder, record)
+            except OSError as err:
+                log.warning("run.json not written", extra={"run": self.run_id, "error": str(err)})
+
+    # --- reading -----------------------------------------------------------------------------
     @property
     def active(self) -> bool:
         return self.state in (
@@ -75,6 +165,19 @@ class Run:
             State.RUN_STATE_RUNNING,
             State.RUN_STATE_STOPPING,
         )
+
+    @property
+    def endpoints(self) -> list[EndpointSpec]:
+        mixer = self.rewards
+        return [s.spec for s in mixer.sources] if mixer is not None else list(self.ended_rewards)
+
+    @property
+    def step(self) -> int:
+        return self.loop.step if self.loop is not None else self.saved.step
+
+    @property
+    def weight_version(self) -> int:
+        return self.loop.weight_version if self.loop is not None else self.saved.weight_version
 
     @property
     def progress(self) -> Progress:
@@ -86,17 +189,19 @@ class Run:
         status = trainer_pb2.RunStatus(
             run_id=self.run_id,
             state=self.state,
-            step=loop.step if loop else 0,
+            step=self.step,
             total_steps=self.total_steps,
-            weight_version=loop.weight_version if loop else 0,
+            weight_version=self.weight_version,
             error=self.error,
             progress=progress_to_proto(self.progress),
         )
-        if self.rewards is not None:
-            status.rewards.extend(endpoint_to_proto(s.spec) for s in self.rewards.sources)
-        if loop is not None:
-            status.checkpoint_dir = str(loop.checkpoints) if loop.checkpoints.exists() else ""
-            status.last_metrics.update(loop.last_stats)
+        status.rewards.extend(endpoint_to_proto(s) for s in self.endpoints)
+        if loop is not None and loop.checkpoints.exists():
+            status.checkpoint_dir = str(loop.checkpoints)
+        elif self.saved.checkpoint_dir:
+            status.checkpoint_dir = str(Path(self.saved.checkpoint_dir).parent)
+        last = loop.last_stats if loop is not None and loop.last_stats else self.saved.last_metrics
+        status.last_metrics.update(last)
         return status
 
 
@@ -146,7 +251,7 @@ def watch(run: Run, from_step: int, gone: threading.Event) -> Iterator[trainer_p
                 event=trainer_pb2.WATCH_EVENT_STEP,
             )
         next_index += len(pending)
-        if state in (State.RUN_STATE_COMPLETED, State.RUN_STATE_STOPPED, State.RUN_STATE_FAILED):
+        if state in ENDED:
             yield _progress_message(run, trainer_pb2.WATCH_EVENT_END, progress, state, error)
             return
         if (progress, state) != shown:
@@ -154,18 +259,13 @@ def watch(run: Run, from_step: int, gone: threading.Event) -> Iterator[trainer_p
             yield _progress_message(run, trainer_pb2.WATCH_EVENT_PROGRESS, progress, state)
 
 
-def _finished(run: Run) -> int:
-    return run.loop.step if run.loop is not None else 0
-
-
 def _progress_message(
     run: Run, event: int, progress: Progress, state: int, error: str = ""
 ) -> trainer_pb2.StepMetrics:
-    loop = run.loop
     return trainer_pb2.StepMetrics(
         run_id=run.run_id,
-        step=progress.step if event == trainer_pb2.WATCH_EVENT_PROGRESS else _finished(run),
-        weight_version=loop.weight_version if loop is not None else 0,
+        step=progress.step if event == trainer_pb2.WATCH_EVENT_PROGRESS else run.step,
+        weight_version=run.weight_version,
         timestamp=time.time(),
         state=state,
         event=event,

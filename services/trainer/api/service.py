@@ -5,6 +5,11 @@ finished steps, follows live steps and phase changes, and ends with the run's te
 StopRun only asks (the run finishes its step and checkpoints on its own thread), so no call
 holds a worker thread for a step. SetRewardEndpoints probes the new endpoints before it swaps,
 so a bad endpoint never replaces working ones.
+
+Runs outlive the process: each keeps `<output root>/<run_id>/run.json` (records.py), and a
+trainer that starts lists the runs it finds there (one that was active is INTERRUPTED), resumes
+them through StartRun(resume=True) with their saved config, and with --resume-interrupted
+resumes the most recent interrupted one by itself.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import grpc
 
+from rlhf.config import apply_mapping, apply_overrides, check
 from rlhf.errors import RpcError, handle_errors, invalid, precondition
 from rlhf.handlers import CONTROL, add_service
 from rlhf.logs import quote
@@ -31,6 +38,7 @@ from services.trainer.api.inputs import (
     check_resumable,
     check_run_id,
 )
+from services.trainer.api.records import Checkpointed, read_checkpointed, scan
 from services.trainer.api.runs import Run, State, endpoint_to_proto, watch
 from services.trainer.config import (
     MAX_CONFIG_BYTES,
@@ -41,6 +49,7 @@ from services.trainer.config import (
 from services.trainer.orchestrator.loop import TrainingLoop
 from services.trainer.orchestrator.model_check import ModelMismatch
 from services.trainer.orchestrator.peers import PolicyTransport
+from services.trainer.orchestrator.resume import Swap, apply_plan, plan_rewards
 from services.trainer.orchestrator.rewards import (
     EndpointSpec,
     RewardError,
@@ -73,17 +82,58 @@ class Transports:
         return cls(policy=GrpcPolicy, reward=GrpcReward)
 
 
+def saved_config(data: dict[str, Any], overrides: list[str]) -> TrainConfig:
+    """A run's config from its run.json (dataclasses.asdict form), then `overrides`. Its reward
+    endpoints are left empty: a resume takes its checkpoint's unless the overrides name some."""
+    config = TrainConfig()
+    apply_mapping(config, data)
+    config.run.rewards = []
+    config.run.output_dir = ""  # the run's folder is under this trainer's root: its root
+    apply_overrides(config, overrides)
+    check(config, "run config")
+    return config
+
+
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(
         self, defaults: TrainerServiceConfig, transports: Transports | None = None
     ) -> None:
-        """`transports`: gRPC unless given (tests run runs with in-process ones)."""
+        """`transports`: gRPC unless given (tests run runs with in-process ones). Lists the
+        runs recorded under the output root; with resume_interrupted, resumes the latest
+        INTERRUPTED one."""
         self.defaults = defaults
         self.rules = InputRules(defaults)
         self.transports = transports or Transports.grpc()
         self.runs: dict[str, Run] = {}
         self.latest: Run | None = None
         self._lock = threading.Lock()
+        self._load_runs()
+        if defaults.resume_interrupted:
+            self.resume_interrupted()
+
+    def _load_runs(self) -> None:
+        """The runs of an earlier trainer process, from their run.json and checkpoints."""
+        root = self.rules.output_root
+        for record, saved in scan(root):
+            self.runs[record.run_id] = Run.found(record, saved, root / record.run_id)
+        if self.runs:
+            self.latest = max(self.runs.values(), key=lambda r: r.updated)
+            states = {r.run_id: State.Name(r.state) for r in self.runs.values()}
+            log.info("runs found", extra={"output_dir": str(root), "runs": states})
+
+    def resume_interrupted(self) -> None:
+        """Resumes the most recent INTERRUPTED run (one run at a time: the others stay
+        INTERRUPTED). A resume that is refused is logged; the run stays INTERRUPTED."""
+        interrupted = [r for r in self.runs.values() if r.state == State.RUN_STATE_INTERRUPTED]
+        if not interrupted:
+            return
+        run = max(interrupted, key=lambda r: r.updated)
+        try:
+            self._start(trainer_pb2.StartRunRequest(run_id=run.run_id, resume=True))
+        except RpcError as err:
+            log.error("interrupted run not resumed", extra={"run": run.run_id, "error": str(err)})
+            return
+        log.info("interrupted run resumed", extra={"run": run.run_id, "from_step": run.step})
 
     # --- helpers -----------------------------------------------------------------------------
     def _find(self, run_id: str, rpc: str = "") -> Run:
@@ -104,75 +154,140 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             )
         return run
 
-    def _config(self, request: trainer_pb2.StartRunRequest) -> TrainConfig:
+    def _config(
+        self, request: trainer_pb2.StartRunRequest, known: Run | None
+    ) -> tuple[TrainConfig, list[str]]:
         """The run's config from the request, every name checked against the trainer's rules
-        (services/trainer/api/inputs.py); the YAML is text only, never a path."""
+        (services/trainer/api/inputs.py); the YAML is text only, never a path. A resume of a
+        `known` run without config_yaml starts from its saved config. Also returns the reward
+        endpoints the caller named (StartRun.rewards, run.rewards), empty when none."""
         if request.run_id:
             check_run_id(request.run_id)
         check_config_size(request.config_yaml, dict(request.overrides))
+        overrides = [f"{k}={v}" for k, v in request.overrides.items()]
         try:
-            overrides = [f"{k}={v}" for k, v in request.overrides.items()]
-            config = load_train_config(request.config_yaml or None, overrides, MAX_CONFIG_BYTES)
+            if request.resume and not request.config_yaml and known and known.config:
+                config = saved_config(known.config, overrides)
+            else:
+                config = load_train_config(request.config_yaml or None, overrides, MAX_CONFIG_BYTES)
         except (ValueError, TypeError, KeyError) as err:
             raise invalid(f"bad run config: {err}") from None
         run = config.run
         run.policy = request.policy_address or run.policy or self.defaults.policy
         if request.rewards:
             run.rewards = [str(_from_proto(r)) for r in request.rewards]
-        elif not run.rewards:
+        caller = list(run.rewards)
+        if not run.rewards:
             run.rewards = list(self.defaults.reward)
         if not run.rewards:
             raise invalid("no reward endpoints: set run.rewards or start the trainer with --reward")
         run.run_id = request.run_id or run.run_id or time.strftime("run-%Y%m%d-%H%M%S")
         apply_rules(self.rules, config)
-        return config
+        return config, caller
+
+    def _resume(
+        self, config: TrainConfig, caller: list[str], known: Run | None
+    ) -> tuple[Checkpointed, list[Swap], RewardMixer]:
+        """A resume's checkpoint, swaps journal and reward mixer (every endpoint probed):
+        the endpoints in force at the checkpoint and the swaps made after it, unless the
+        caller named endpoints. FAILED_PRECONDITION when the run cannot be resumed."""
+        run_id = config.run.run_id
+        check_resumable(config)
+        try:
+            saved = read_checkpointed(self.rules.run_folder(run_id))
+        except (OSError, ValueError) as err:
+            raise precondition(f"resume of run {run_id}: {err}") from None
+        if known is not None and known.state == State.RUN_STATE_COMPLETED:
+            if config.run.steps <= saved.step:
+                raise precondition(
+                    f"run {run_id} COMPLETED at step {saved.step}; resume it with more steps "
+                    f"(override run.steps, above {saved.step})"
+                )
+        journal = known.swaps if known is not None else []
+        try:
+            plan = plan_rewards(run_id, saved.step, saved.rewards, caller, journal)
+        except ValueError as err:
+            raise precondition(str(err)) from None
+        for step, specs in [(0, plan.initial)] + [(s.from_step, s.rewards) for s in plan.swaps]:
+            where = "reward endpoints" if not step else f"swap from step {step}"
+            self.rules.rewards([EndpointSpec.parse(r) for r in specs], where)
+        config.run.rewards = list(plan.initial)
+        mixer = RewardMixer(self.transports.reward)
+        try:
+            apply_plan(mixer, plan)
+        except RewardError as err:
+            mixer.close()
+            raise precondition(f"resume of run {run_id}: {err}") from None
+        if plan.caller_wins:  # the swaps after the checkpoint are not re-applied: forget them
+            journal = [s for s in journal if s.from_step <= saved.step]
+        return saved, list(journal), mixer
 
     # --- RPCs --------------------------------------------------------------------------------
     @handle_errors
     def StartRun(
         self, request: trainer_pb2.StartRunRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.RunStatus:
-        config = self._config(request)
+        return self._start(request).status()
+
+    def _start(self, request: trainer_pb2.StartRunRequest) -> Run:
+        """StartRun's work: checks, then the run's thread. Raises RpcError."""
+        known = self.runs.get(request.run_id) if request.resume else None
+        if known is not None and known.active:  # said before its endpoints are probed
+            raise precondition(f"run {known.run_id} is still active: it cannot be resumed")
+        config, caller = self._config(request, known)
+        saved, journal, mixer = Checkpointed(), [], None
         if request.resume:
-            check_resumable(config)
-        try:  # the model check before the run starts (the run's TrainingLoop checks again)
-            served_model_check(config.run.policy, config.ppo.model_name)
-        except ModelMismatch as err:
-            raise precondition(str(err)) from None
-        with self._lock:
-            if self.latest is not None and self.latest.active:
-                state = State.Name(self.latest.state).removeprefix("RUN_STATE_")
-                raise precondition(
-                    f"run {self.latest.run_id} is still {state}; StopRun it and wait for it to "
-                    "end (WatchRun's END message) first"
-                )
-            run = Run(config.run.run_id, config.run.steps)
-            self.runs[run.run_id] = run
-            self.latest = run
+            saved, journal, mixer = self._resume(config, caller, known)
+        try:
+            try:  # the model check before the run starts (the run's TrainingLoop checks again)
+                served_model_check(config.run.policy, config.ppo.model_name)
+            except ModelMismatch as err:
+                raise precondition(str(err)) from None
+            with self._lock:
+                if self.latest is not None and self.latest.active:
+                    state = State.Name(self.latest.state).removeprefix("RUN_STATE_")
+                    raise precondition(
+                        f"run {self.latest.run_id} is still {state}; StopRun it and wait for it "
+                        "to end (WatchRun's END message) first"
+                    )
+                folder = self.rules.run_folder(config.run.run_id)
+                run = Run(config.run.run_id, config.run.steps, saved, folder)
+                run.policy, run.config, run.swaps = config.run.policy, asdict(config), journal
+                self.runs[run.run_id] = run  # a resumed run's new Run replaces the old one
+                self.latest = run
+        except BaseException:
+            if mixer is not None:
+                mixer.close()
+            raise
+        run.save_record()
         run.thread = threading.Thread(
-            target=self._run, args=(run, config, request.resume), name=f"run-{run.run_id}"
+            target=self._run, args=(run, config, request.resume, mixer), name=f"run-{run.run_id}"
         )
         run.thread.start()
-        return run.status()
+        return run
 
-    def _run(self, run: Run, config: TrainConfig, resume: bool) -> None:
-        mixer = RewardMixer(self.transports.reward)
+    def _run(self, run: Run, config: TrainConfig, resume: bool, mixer: RewardMixer | None) -> None:
+        """The run's thread. `mixer`: a resume's, its endpoints probed; None: probed here."""
         policy = self.transports.policy(config.run.policy)
+        state, error = State.RUN_STATE_FAILED, ""
+        fresh = mixer is None
+        mixer = mixer or RewardMixer(self.transports.reward)
         try:
-            mixer.set_endpoints([EndpointSpec.parse(r) for r in config.run.rewards])
+            if fresh:
+                mixer.set_endpoints([EndpointSpec.parse(r) for r in config.run.rewards])
             run.rewards = mixer  # swappable from here on, also while the models load
             loop = TrainingLoop(config, policy, mixer, resume=resume)
             run.attach(loop)
             reason = loop.run(stop=run.stop, on_step=run.add_step)
-            run.set_state(
-                State.RUN_STATE_COMPLETED if reason == "completed" else State.RUN_STATE_STOPPED
-            )
+            state = State.RUN_STATE_COMPLETED if reason == "completed" else State.RUN_STATE_STOPPED
         except Exception as err:  # noqa: BLE001 - the run fails, the service stays up
             log.error("run failed", extra={"run": run.run_id, "error": traceback.format_exc()})
-            run.set_state(State.RUN_STATE_FAILED, f"{type(err).__name__}: {err}")
+            error = f"{type(err).__name__}: {err}"
         finally:
+            run.retire_rewards()  # GetRun keeps listing the endpoints of an ended run
             mixer.close()
             policy.close()
+        run.set_state(state, error)
 
     @handle_errors
     def GetRun(
@@ -215,7 +330,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if not run.active or mixer is None:
             raise precondition(
                 f"run {run.run_id} takes no swap in state {State.Name(run.state)}"
-                + (" (its first reward endpoints are still being probed)" if run.active else "")
+                + (" (its endpoints are being probed, or it is ending)" if run.active else "")
             )
         try:
             applied, in_step = mixer.set_endpoints(specs)
@@ -227,7 +342,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if in_step is not None:
             effective = in_step + 1
         else:
-            effective = (run.loop.step if run.loop is not None else 0) + 1
+            effective = run.step + 1  # the loop's step; a resume still loading: its checkpoint's
+        run.record_swap(effective, applied)  # a resume re-applies it from its step
         log.info(
             "reward endpoints swapped",
             extra={"run": run.run_id, "rewards": [str(s) for s in applied], "from_step": effective},

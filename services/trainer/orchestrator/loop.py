@@ -101,6 +101,8 @@ class TrainingLoop:
         self.last_stats: dict[str, float] = {}
         self.log = ContextLogger(log, {"run": run.run_id})
         self.progress = ProgressTracker()
+        self.checkpointed: list[Callable[[Path], None]] = []
+        """Called with each checkpoint folder once it is complete (the API records the run)."""
 
         ppo = config.ppo
         # The model check comes before loading the model: a wrong policy is refused at once.
@@ -340,6 +342,8 @@ class TrainingLoop:
         self.progress.enter("checkpointing", self.step)
         path = save_checkpoint(self.checkpoints, self.step, write, self.config.run.keep_checkpoints)
         self.log.info("checkpoint written", extra={"step": self.step, "path": str(path)})
+        for listener in list(self.checkpointed):
+            listener(path)
         return path
 
     def _restore(self) -> None:

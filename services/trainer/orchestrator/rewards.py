@@ -97,6 +97,9 @@ class RewardMixer:
         self._retired: list[RewardSource] = []
         self._step_in_progress: int | None = None
         """Between begin_step(N) and end_step(): N; else None."""
+        self._scheduled: list[tuple[int, list[RewardSource]]] = []
+        """(step, probed sources) put in force when that step begins, in step order: a resume
+        re-applies the swaps made after its checkpoint from the steps they applied from."""
         self._lock = threading.Lock()
 
     @property
@@ -105,13 +108,31 @@ class RewardMixer:
             return list(self._sources)
 
     def begin_step(self, step: int) -> list[RewardSource]:
-        """The sources for step `step`, which starts now; closes transports no step uses."""
+        """The sources for step `step`, which starts now (scheduled ones due by then put in
+        force first); closes transports no step uses."""
         with self._lock:
+            while self._scheduled and self._scheduled[0][0] <= step:
+                self._retired.extend(self._sources)
+                self._sources = self._scheduled.pop(0)[1]
             snapshot, retired = list(self._sources), self._retired
             self._retired = []
             self._step_in_progress = step
-        self._close_unused(retired, snapshot)
+            pending = [s for _, sources in self._scheduled for s in sources]
+        self._close_unused(retired, snapshot + pending)
         return snapshot
+
+    def schedule(self, sources: list[RewardSource], from_step: int) -> None:
+        """Puts probed `sources` in force when step `from_step` begins (a resume's re-applied
+        swap). A swap made meanwhile (`replace`) cancels what is still scheduled."""
+        with self._lock:
+            self._scheduled.append((from_step, sources))
+            self._scheduled.sort(key=lambda entry: entry[0])  # stable: same step, later wins
+
+    @property
+    def scheduled(self) -> list[tuple[int, list[EndpointSpec]]]:
+        """What is scheduled and not yet in force: (from_step, specs)."""
+        with self._lock:
+            return [(step, [s.spec for s in sources]) for step, sources in self._scheduled]
 
     def end_step(self) -> None:
         with self._lock:
@@ -163,10 +184,13 @@ class RewardMixer:
             self._retired.extend(self._sources)
             self._sources = sources
             in_step = self._step_in_progress
+            # The caller's newest choice wins over swaps a resume scheduled and not yet applied.
+            cancelled = [s for _, scheduled in self._scheduled for s in scheduled]
+            self._scheduled = []
             retired = [] if in_step is not None else self._retired
             if in_step is None:
                 self._retired = []
-        self._close_unused(retired, sources)
+        self._close_unused(retired + cancelled, sources)
         return in_step
 
     def set_endpoints(self, specs: Sequence[EndpointSpec]) -> tuple[list[EndpointSpec], int | None]:
@@ -227,5 +251,6 @@ class RewardMixer:
     def close(self) -> None:
         with self._lock:
             every = self._sources + self._retired
-            self._sources, self._retired = [], []
+            every += [s for _, scheduled in self._scheduled for s in scheduled]
+            self._sources, self._retired, self._scheduled = [], [], []
         self._close_unused(every, [])

@@ -96,6 +96,31 @@ def read_state(folder: Path) -> dict[str, Any]:
     return state
 
 
+MAX_STATE_JSON_BYTES = 64 * 1024 * 1024
+"""Largest trainer_state.json read_summary opens (a tiny run's is ~40 KB; tensors are not in it)."""
+
+
+def read_summary(folder: Path) -> dict[str, Any]:
+    """A checkpoint's step, weight_version and reward endpoints ("rewards", spec strings), read
+    from trainer_state.json alone: no tensor is loaded. Raises ValueError (OSError for an
+    unreadable file) when the file is missing, too large or not a trainer state."""
+    path = folder / STATE_JSON
+    size = path.stat().st_size
+    if size > MAX_STATE_JSON_BYTES:
+        raise ValueError(f"{path} is {size} bytes, above {MAX_STATE_JSON_BYTES}")
+    data = json.loads(path.read_text())
+    step = data.get("step") if isinstance(data, dict) else None
+    rewards = data.get("rewards", []) if isinstance(data, dict) else None
+    if (
+        not isinstance(step, int)
+        or not isinstance(data.get("weight_version", 0), int)
+        or not isinstance(rewards, list)
+        or not all(isinstance(r, str) for r in rewards)
+    ):
+        raise ValueError(f"{path} does not hold a trainer state (step, weight_version, rewards)")
+    return {"step": step, "weight_version": data.get("weight_version", 0), "rewards": rewards}
+
+
 def legacy_refusal(folder: Path) -> str:
     """Why `folder` cannot be resumed because it is in the old format; "" when it is not."""
     try:
