@@ -65,7 +65,9 @@ class ChaosConfig:
     """Last steps no event is aimed at: room for events that strike late (an event aimed at a
     point the run has passed, e.g. during a restart, strikes at once, where the run is)."""
     batch_size: int = 4
+    """ppo.batch_size: prompts per step."""
     max_new_tokens: int = 6
+    """generation.max_new_tokens: a short response keeps a step near 70 ms here."""
     step_retries: int = 8
     """run.step_retries: with retry_backoff_s, pauses of 0.25 * (2^7 - 1) s = 32 s in all,
     well above a restart here (policy ~6 s, reward ~1 s, trainer ~4 s on 2 loaded cores)."""
@@ -84,9 +86,13 @@ class Event:
     action: str
     """"kill" (SIGKILL, then a restart) or "stop" (SIGSTOP, stop_s, SIGCONT)."""
     target: str
+    """policy, reward or trainer (a stop: policy or reward)."""
     step: int
+    """The step the event is aimed at."""
     phase: str
+    """The phase of that step it is aimed at (one of AIMED_PHASES)."""
     delay_s: float
+    """Pause between seeing the run reach the point and acting."""
 
 
 @dataclass
@@ -100,12 +106,15 @@ class Outcome:
     restart_s: float = 0.0
     """Kill to serving again (a trainer: to StartRun(resume=True) answered)."""
     survived: bool = False
+    """The run finished the step it was in, and did not fail."""
     note: str = ""
+    """Why not, when it did not."""
 
 
 @dataclass
 class ChaosReport:
     outcomes: list[Outcome]
+    """One per event of the chaos run, in order (the schedule stops at the first not survived)."""
     problems: list[str] = field(default_factory=list)
     """Every failed check; empty when the run survived everything."""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -209,9 +218,12 @@ class Driver:
     def finish(self) -> trainer_pb2.RunStatus:
         """Waits for the run to end; its final status."""
         self.follower.wait_for(lambda s: s.terminal, self.config.event_timeout_s)
-        status = self.client.get(self.run_id)
-        self.client.close()
-        return status
+        try:
+            return self.client.get(self.run_id)
+        except TrainerError as err:  # e.g. a restart that failed: reported, not raised
+            return trainer_pb2.RunStatus(run_id=self.run_id, error=str(err))
+        finally:
+            self.client.close()
 
     def _apply(self, event: Event) -> Outcome:
         outcome = Outcome(event)
@@ -276,19 +288,24 @@ def run_chaos(config: ChaosConfig, folder: Path, model: Path | None = None) -> C
         )
     finally:
         stack.close()
-    report = ChaosReport(chaos[1], seconds=seconds)
-    report.problems += _end_problems("baseline", baseline[0], config.steps)
-    report.problems += _end_problems("chaos", chaos[0], config.steps)
-    report.problems += [f"outcome: {o.event}: {o.note or 'not survived'}"
-                        for o in chaos[1] if not o.survived]  # fmt: skip
-    for run_id, _ in (("baseline", baseline), ("chaos", chaos)):
-        report.problems += run_problems(stack.output_dir / run_id, config.steps)
-    report.problems += [
-        f"not bit-identical to the baseline: {d}"
-        for d in checkpoint_differences(stack.output_dir / "chaos", stack.output_dir / "baseline")
-    ]
+    report = ChaosReport(chaos[1], _problems(stack.output_dir, config.steps, baseline, chaos))
     seconds["total"] = time.monotonic() - began
+    report.seconds = seconds
     return report
+
+
+def _problems(
+    runs: Path,
+    steps: int,
+    baseline: tuple[trainer_pb2.RunStatus, list[Outcome]],
+    chaos: tuple[trainer_pb2.RunStatus, list[Outcome]],
+) -> list[str]:
+    """Every check of both runs, then the chaos run's against the baseline's checkpoint."""
+    found = _end_problems("baseline", baseline[0], steps) + _end_problems("chaos", chaos[0], steps)
+    found += [f"{o.event}: {o.note or 'not survived'}" for o in chaos[1] if not o.survived]
+    found += run_problems(runs / "baseline", steps) + run_problems(runs / "chaos", steps)
+    differ = checkpoint_differences(runs / "chaos", runs / "baseline")
+    return found + [f"not bit-identical to the baseline: {d}" for d in differ]
 
 
 def _timed(seconds: dict[str, float], name: str, part: Callable[[], T]) -> T:
