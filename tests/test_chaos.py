@@ -41,15 +41,16 @@ def test_a_run_survives_a_seeded_chaos_schedule(
 
 
 def test_the_schedule_is_seeded_spread_and_in_run_order() -> None:
-    config = ChaosConfig(seed=5, steps=12, kills=7, stops=2)
+    config = ChaosConfig(seed=5, steps=16, kills=7, stops=2)
     schedule = make_schedule(config)
     assert schedule == make_schedule(config)  # the seed alone decides it
-    assert schedule != make_schedule(ChaosConfig(seed=6, steps=12, kills=7, stops=2))
+    assert schedule != make_schedule(ChaosConfig(seed=6, steps=16, kills=7, stops=2))
     kills = [e.target for e in schedule if e.action == "kill"]
     assert sorted(kills) == sorted(["policy", "reward", "trainer"] * 2 + ["policy"])
     assert all(e.target in ("policy", "reward") for e in schedule if e.action == "stop")
-    points = [(e.step, AIMED_PHASES.index(e.phase)) for e in schedule]
-    assert points == sorted(set(points))  # one event per point, in the order the run meets them
+    steps = [e.step for e in schedule]
+    assert steps == sorted(set(steps))  # one event per step, in the order the run meets them
+    assert all(e.phase in AIMED_PHASES for e in schedule)
     last = config.steps - config.quiet_steps
     assert all(config.first_step <= e.step <= last for e in schedule)
     assert all(0 <= e.delay_s <= config.max_delay_s for e in schedule)

@@ -146,28 +146,33 @@ class ChaosReport:
 
 def make_schedule(config: ChaosConfig) -> list[Event]:
     """The seeded events, in run order: kills dealt in turn over the targets, then shuffled;
-    each event at its own (step, phase) point, drawn without replacement."""
+    each event in a step of its own (drawn without replacement) at a random phase of it.
+
+    One event per step: the run must finish the step an event struck in before the next event
+    is looked for, so events aimed at neighbouring points would strike later and later and could
+    run past the end of the run."""
     rng = random.Random(config.seed)
     targets = config.kill_targets
     actions = [("kill", targets[i % len(targets)]) for i in range(config.kills)]
     actions += [("stop", rng.choice(PEERS)) for _ in range(config.stops)]
     rng.shuffle(actions)
     last = config.steps - config.quiet_steps
-    points = [(s, p) for s in range(config.first_step, last + 1) for p in AIMED_PHASES]
-    if len(actions) > len(points):
+    steps = range(config.first_step, last + 1)
+    if len(actions) > len(steps):
         raise ValueError(
-            f"{len(actions)} events do not fit in steps {config.first_step}..{last} "
-            f"({len(points)} points): raise steps or lower kills/stops"
+            f"{len(actions)} events do not fit in steps {config.first_step}..{last} (one per "
+            "step): raise steps or lower kills/stops"
         )
-    chosen = sorted(rng.sample(points, len(actions)), key=lambda p: (p[0], _phase_order(p[1])))
     return [
-        Event(action, target, step, phase, round(rng.uniform(0, config.max_delay_s), 3))
-        for (action, target), (step, phase) in zip(actions, chosen)
+        Event(
+            action,
+            target,
+            step,
+            rng.choice(AIMED_PHASES),
+            round(rng.uniform(0, config.max_delay_s), 3),
+        )
+        for (action, target), step in zip(actions, sorted(rng.sample(steps, len(actions))))
     ]
-
-
-def _phase_order(phase: str) -> int:
-    return AIMED_PHASES.index(phase)
 
 
 def run_config(config: ChaosConfig, model: Path, output_dir: Path) -> str:
