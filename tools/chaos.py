@@ -63,14 +63,16 @@ class ChaosConfig:
     """No event before this step: a resumed trainer needs step 1's checkpoint."""
     quiet_steps: int = 4
     """Last steps no event is aimed at: room for events that strike late (an event aimed at a
-    point the run has passed, e.g. during a restart, strikes at once, where the run is)."""
+    point the run has passed strikes at once, where the run is, and the next waits for the run
+    to finish that step)."""
     batch_size: int = 4
     """ppo.batch_size: prompts per step."""
     max_new_tokens: int = 6
     """generation.max_new_tokens: a short response keeps a step near 70 ms here."""
     step_retries: int = 8
     """run.step_retries: with retry_backoff_s, pauses of 0.25 * (2^7 - 1) s = 32 s in all,
-    well above a restart here (policy ~6 s, reward ~1 s, trainer ~4 s on 2 loaded cores)."""
+    well above a peer's restart here (measured: the tiny policy ~6 s, reward ~1 s; a killed
+    trainer stops its run, which waits for the resume instead)."""
     retry_backoff_s: float = 0.25
     """run.retry_backoff_s: the first pause between attempts; doubles each time."""
     event_timeout_s: float = 180.0
