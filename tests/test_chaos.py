@@ -13,6 +13,7 @@ import torch
 
 from tools.chaos import AIMED_PHASES, ChaosConfig, make_schedule, run_chaos
 from tools.chaos_checks import differences, run_problems
+from tools.chaos_stack import Seen
 
 SEED = 13
 KILL_POLICY = False
@@ -95,3 +96,13 @@ def test_differences_are_bit_exact_and_name_the_path() -> None:
     assert differences(state, as_double, "state") == ["state.model.w: tensors differ"]
     assert differences(state, {**same, "rng": (1, [2, 4])}, "s") == ["s.rng[1][1]: 3 != 4"]
     assert "keys differ" in differences(state, {"model": same["model"]}, "s")[0]
+
+
+def test_a_point_is_reached_at_its_phase_and_after_it() -> None:
+    at = Seen(step=5, phase="updating", finished=4, state="RUNNING")
+    assert at.reached(5, "updating") and at.reached(5, "scoring") and at.reached(4, "syncing")
+    assert not at.reached(5, "syncing") and not at.reached(6, "generating")
+    # A resumed trainer loads before it redoes a step: behind every point of a step.
+    assert not Seen(step=0, phase="loading", finished=0, state="RUNNING").reached(1, "generating")
+    assert Seen(step=7, phase="idle", finished=7, state="COMPLETED").terminal
+    assert not at.terminal
