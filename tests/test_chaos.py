@@ -18,7 +18,8 @@ from tools.chaos_stack import Seen
 SEED = 13
 KILL_POLICY = False
 """Off until the restart-aware policy link (#13 deliverables 1-2) is merged: today a policy
-killed during Generate comes back serving version 0 and the run fails ("another writer")."""
+killed during Generate comes back serving version 0 and the run fails ("another writer").
+Turn it on with that merge (a trial merge of the `link` branch passed with it on)."""
 STOPS = 1
 """SIGSTOP/SIGCONT of a peer for ChaosConfig.stop_s: a frozen call resumes when the peer does."""
 
