@@ -9,7 +9,7 @@ STUBS := rlhf/v1/policy_pb2.py rlhf/v1/reward_pb2.py rlhf/v1/trainer_pb2.py rlhf
 PROTOS := $(wildcard protos/rlhf/v1/*.proto)
 
 .PHONY: install protos run smoke test test-fast test-compose images engine-start engine-stop lint \
-	bench models clean clean-docker help
+	bench models clean clean-docker help chaos
 
 help:
 	@echo "make run      PPO on the offline defaults: policy, reward, trainer as three services"
@@ -17,6 +17,7 @@ help:
 	@echo "make pipeline SFT -> reward model -> PPO on the defaults (runs/pipeline)"
 	@echo "make test     lint + the whole test suite, the compose stack included (test-compose)"
 	@echo "make test-compose  build the image offline, run the compose stack's integration test"
+	@echo "make chaos    kill and freeze the services during a run (SEED=N CHAOS_ARGS=...)"
 	@echo "make images   build rlhf-services:0.1.0 (base image by debootstrap when offline)"
 	@echo "make bench    service-vs-in-process benchmarks (bench/)"
 	@echo "make models   convert the embedded SmolLM2 GGUF into the model cache"
@@ -73,6 +74,14 @@ test: install lint
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow and not compose"
+
+# The chaos test by hand (tools/chaos.py; tests/test_chaos.py runs it in `make test`): a seeded
+# schedule of SIGKILLs, restarts and SIGSTOPs of the services during a PPO run, then its checks.
+# `python -m tools.chaos --help` lists CHAOS_ARGS, e.g. --no-policy-kills, --kills 20.
+SEED ?= 0
+CHAOS_ARGS ?=
+chaos: install
+	$(PY) -m tools.chaos --seed $(SEED) $(CHAOS_ARGS)
 
 # Installs docker.io/debootstrap if needed, starts a private dockerd, builds the image, runs
 # tests/compose, removes what it made and stops dockerd (deploy/docker/test-compose.sh).

@@ -111,11 +111,14 @@ class Stack:
                 print(f"(no logs of {service}: {err})")
 
     def log_records(self, service: str, message: str) -> list[dict]:
-        """The service's JSON log records whose msg is `message`."""
+        """The service's JSON log records whose msg is `message` or ends with it (the loop's
+        retry messages start with the step: "step 3: score failed; retrying")."""
         records = []
         for line in self.logs(service).splitlines():
-            if line.startswith("{") and f'"msg": "{message}"' in line:
-                records.append(json.loads(line))
+            if line.startswith("{") and message in line:
+                record = json.loads(line)
+                if record.get("msg", "").endswith(message):
+                    records.append(record)
         return records
 
 

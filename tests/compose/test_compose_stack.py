@@ -15,17 +15,21 @@ authorisation on as the compose file sets them (certificates made at `up` by its
      plaintext (both refused at the TLS handshake); and StartRun on the trainer with the reward
      service's certificate (PERMISSION_DENIED: only `admin` may). The test itself reads
      the trainer from the host with the admin certificate copied out of the stack.
-  3. The one-shot client service (the admin certificate) starts a 5-step run and follows it.
+  3. The one-shot client service (the admin certificate) starts an 8-step run and follows it.
   4. After step 1 the policy container is paused (tiny steps take well under a second, so the
      run is held where it is: its next Generate or UpdateWeights waits on the frozen policy);
      `rlhf swap-reward` (run inside the trainer container, as admin) points it at reward-b from
      the next step; reward-b's process is killed (SIGKILL, as a crash), and the policy is
      unpaused. The first step on reward-b meets a dead, then still-loading service: the trainer
      retries until docker has restarted it (restart: unless-stopped) and it serves again.
-  5. The client exits 0; the run is COMPLETED at 5/5 with one weight version per step; the
-     steps before the swap were scored by vader and the steps from it by rm; reward-b restarted
-     exactly once and the first step on it waited out the restart; the policy serves the last
-     weight version; the last checkpoint is on the runs volume.
+  5. Once that step is done, the policy container's process is SIGKILLed mid-run (a crash:
+     docker restarts it); the restarted policy serves its base weights as version 0 and the
+     trainer must push its own again before it samples (#13: the restart-aware policy link).
+  6. The client exits 0; the run is COMPLETED at 8/8; every step is in metrics.jsonl exactly
+     once and the weight versions strictly increase; the steps before the swap were scored by
+     vader and the steps from it by rm; reward-b and the policy restarted exactly once each and
+     the first step on reward-b waited out its restart; the policy serves the last weight
+     version; the last checkpoint is on the runs volume.
 `docker compose down -v` removes containers, network and volumes whatever happens.
 """
 
@@ -41,17 +45,27 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+import yaml
 
 from rlhf.defaults import POLICY_PORT, REWARD_PORT, TRAINER_ADDRESS, TRAINER_PORT
 from rlhf.v1 import trainer_pb2
-from tests.compose.stack import CA, CERT, KEY, Stack, Trainer, docker, engine_reachable
+from tests.compose.stack import (
+    CA,
+    CERT,
+    KEY,
+    RUN_CONFIG,
+    Stack,
+    Trainer,
+    docker,
+    engine_reachable,
+)
 from tools.launch import free_port
 from tools.tiny import make_causal_lm, make_classifier
 
 pytestmark = pytest.mark.compose
 
 RUN_ID = "compose-it"
-STEPS = 5
+STEPS = yaml.safe_load(RUN_CONFIG.read_text())["run"]["steps"]
 # The admin certificate inside the trainer container, for `docker compose exec trainer rlhf ...`.
 ADMIN_IN_TRAINER = ("--tls-cert", "/certs/admin/tls.crt", "--tls-key", "/certs/admin/tls.key")
 
@@ -144,7 +158,7 @@ def _wait_for_step(client: Trainer, step: int, timeout_s: float) -> trainer_pb2.
         time.sleep(0.05)
 
 
-def test_ppo_run_through_compose_with_swap_and_reward_restart(stack: Stack) -> None:
+def test_ppo_run_through_compose_survives_reward_and_policy_crashes(stack: Stack) -> None:
     try:
         _scenario(stack)
     except BaseException:
@@ -159,9 +173,18 @@ def _scenario(stack: Stack) -> None:
     client_proc = stack.popen("run", "--rm", "-T", "client")
     policy_id = stack.container("policy")
     reward_b_id = stack.container("reward-b")
-    effective = _swap_and_crash_mid_run(stack, client_proc, trainer, policy_id, reward_b_id)
+    try:
+        effective = _swap_and_crash_mid_run(stack, trainer, policy_id, reward_b_id)
+        _crash_the_policy_mid_run(trainer, policy_id, effective)
+    except BaseException:
+        client_proc.kill()
+        print(f"--- the client's output ---\n{client_proc.communicate()[0][-4000:]}")
+        raise
+    _wait_for_the_client(client_proc)
     final, steps = _assert_every_step_once(trainer, effective)
+    _assert_metrics_file_has_every_step_once(stack)
     _assert_reward_b_restarted_and_waited_for(stack, reward_b_id, steps, effective)
+    _assert_restarted_once(policy_id, "policy")
     _assert_last_step_served_and_saved(stack, final)
 
 
@@ -199,14 +222,10 @@ def _assert_strangers_refused(stack: Stack) -> None:
 
 
 def _swap_and_crash_mid_run(
-    stack: Stack,
-    client_proc: subprocess.Popen,
-    trainer: Trainer,
-    policy_id: str,
-    reward_b_id: str,
+    stack: Stack, trainer: Trainer, policy_id: str, reward_b_id: str
 ) -> int:
-    """Step 3 of the scenario: the run held after step 1, swapped to reward-b, reward-b killed,
-    then released; waits for the client to finish. Returns the swap's first step."""
+    """Step 4 of the scenario: the run held after step 1, swapped to reward-b, reward-b killed,
+    then released. Returns the swap's first step."""
     paused = False
     try:
         status = _wait_for_step(trainer, 1, timeout_s=240)
@@ -223,45 +242,67 @@ def _swap_and_crash_mid_run(
         )  # fmt: skip
         assert "rewards from step" in swap and f"rm @ reward-b:{REWARD_PORT}" in swap, swap
         effective = int(swap.split("rewards from step")[1].split(":")[0])
-        # Step 1 was done before the swap; the held run got at most a step or two further.
-        assert 2 <= effective < STEPS, swap
+        # Step 1 was done before the swap; the held run got at most a step or two further,
+        # which leaves steps for the policy's crash after it.
+        assert 2 <= effective <= STEPS - 3, swap
 
         # A crash of the reward service the run is about to use.
-        pid = int(docker("inspect", "-f", "{{.State.Pid}}", reward_b_id))
-        os.kill(pid, signal.SIGKILL)
+        _crash(reward_b_id)
         docker("unpause", policy_id)
         paused = False
-
-        output, _ = client_proc.communicate(timeout=300)
-        print(f"--- the client's output ---\n{output[-4000:]}")
-        assert client_proc.returncode == 0, output
-        assert f"run {RUN_ID}: COMPLETED at step {STEPS}/{STEPS}" in output, output
     finally:
         if paused:
             docker("unpause", policy_id, check=False)
-        if client_proc.poll() is None:
-            client_proc.kill()
-            print(f"--- the client's output ---\n{client_proc.communicate()[0][-4000:]}")
     return effective
+
+
+def _crash(container_id: str) -> None:
+    """SIGKILL of the container's main process from the host: a crash, which the restart
+    policy answers (`docker kill` or `docker stop` would count as a manual stop: no restart)."""
+    pid = int(docker("inspect", "-f", "{{.State.Pid}}", container_id))
+    os.kill(pid, signal.SIGKILL)
+
+
+def _crash_the_policy_mid_run(trainer: Trainer, policy_id: str, effective: int) -> None:
+    """Step 5: once the first step on reward-b is done, the policy's process is killed while
+    the run still has steps to go; the restarted policy serves base weights as version 0."""
+    status = _wait_for_step(trainer, effective, timeout_s=240)
+    assert status.state == trainer_pb2.RUN_STATE_RUNNING, status
+    _crash(policy_id)
+    # Tiny steps are quick: the crash must land before the run's last step, or it proves nothing.
+    assert trainer.get(RUN_ID).step < STEPS, "the run ended before the policy's crash"
+
+
+def _wait_for_the_client(client_proc: subprocess.Popen) -> None:
+    """The client service follows the run to its end and exits 0 when it completed."""
+    try:
+        output, _ = client_proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        client_proc.kill()
+        output, _ = client_proc.communicate()
+    print(f"--- the client's output ---\n{output[-4000:]}")
+    assert client_proc.returncode == 0, output
+    assert f"run {RUN_ID}: COMPLETED at step {STEPS}/{STEPS}" in output, output
 
 
 def _assert_every_step_once(
     trainer: Trainer, effective: int
 ) -> tuple[trainer_pb2.RunStatus, list[trainer_pb2.StepMetrics]]:
-    """The run completed; every step once, in order, one weight version each; the reward
-    sources switch at the swap. Returns the final status and the steps."""
+    """The run completed; every step once, in order, weight versions strictly increasing (a
+    policy restart may cost a version); the reward sources switch at the swap. Returns the final
+    status and the steps."""
     final = trainer.get(RUN_ID)
     assert final.state == trainer_pb2.RUN_STATE_COMPLETED, final.error
     assert final.step == final.total_steps == STEPS
 
-    # Every step once, in order, one weight version each; sources switch at the swap.
+    # Every step once, in order, versions strictly increasing; sources switch at the swap.
     messages = trainer.watch(RUN_ID, from_step=1)
     assert messages[-1].event == trainer_pb2.WATCH_EVENT_END, messages[-1]
     steps = [m for m in messages if m.event == trainer_pb2.WATCH_EVENT_STEP]
     trainer.close()
     assert [m.step for m in steps] == list(range(1, STEPS + 1))
     versions = [m.weight_version for m in steps]
-    assert versions == list(range(versions[0], versions[0] + STEPS)), versions
+    assert all(a < b for a, b in zip(versions, versions[1:])), versions
     assert final.weight_version == versions[-1]
     for m in steps:
         sources = {k for k in m.metrics if k.startswith("env/reward/")}
@@ -274,19 +315,37 @@ def _assert_reward_b_restarted_and_waited_for(
     stack: Stack, reward_b_id: str, steps: list[trainer_pb2.StepMetrics], effective: int
 ) -> None:
     """reward-b crashed once and docker brought it back; the trainer waited for it."""
-    restarts = docker("inspect", "-f", "{{.RestartCount}}", reward_b_id)
-    assert restarts == "1", restarts
-    deadline = time.monotonic() + 120
-    while docker("inspect", "-f", "{{.State.Health.Status}}", reward_b_id) != "healthy":
-        assert time.monotonic() < deadline, "reward-b did not become healthy after its restart"
-        time.sleep(1)
+    _assert_restarted_once(reward_b_id, "reward-b")
     # The first step on reward-b waited for the restart (retried: by gRPC's retry policy for
     # UNAVAILABLE, then by the loop, which logs each attempt) instead of failing or skipping.
     waited = steps[effective - 1].metrics["time/score"]
     retries = stack.log_records("trainer", "score failed; retrying")
     print(f"step {effective} scored after {waited:.1f} s; loop retries: {retries}")
     assert waited > 1.0, (effective, waited)
-    assert all(r["run"] == RUN_ID and r["step"] == effective for r in retries), retries
+    assert retries, "the trainer logged no retry of the score on the crashed reward-b"
+    assert all(r["run"] == RUN_ID and r["msg"].startswith(f"step {effective}:") for r in retries), (
+        retries
+    )
+
+
+def _assert_restarted_once(container_id: str, service: str) -> None:
+    """Docker restarted the crashed container once, and it became healthy again."""
+    restarts = docker("inspect", "-f", "{{.RestartCount}}", container_id)
+    assert restarts == "1", (service, restarts)
+    deadline = time.monotonic() + 120
+    while docker("inspect", "-f", "{{.State.Health.Status}}", container_id) != "healthy":
+        assert time.monotonic() < deadline, f"{service} did not become healthy after its restart"
+        time.sleep(1)
+
+
+def _assert_metrics_file_has_every_step_once(stack: Stack) -> None:
+    """The run's metrics.jsonl on the runs volume: steps 1..STEPS once each, in order, and
+    weight versions strictly increasing (no step lost or done twice across the crashes)."""
+    text = stack.run("exec", "-T", "trainer", "cat", f"/runs/{RUN_ID}/metrics.jsonl", timeout=60)
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), [r["step"] for r in rows]
+    versions = [r["weight_version"] for r in rows]
+    assert all(a < b for a, b in zip(versions, versions[1:])), versions
 
 
 def _assert_last_step_served_and_saved(stack: Stack, final: trainer_pb2.RunStatus) -> None:

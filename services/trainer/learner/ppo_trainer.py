@@ -19,6 +19,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+# ppo.py imports trl's helpers on first use, and that import draws once from python's global
+# RNG (rich, which trl imports, seeds its style ids with random.getrandbits). Imported here,
+# before any set_seed, the draw can no longer land inside a process's first run only, where it
+# made a resumed run's RNG state differ from an uninterrupted one's (found by tools/chaos.py).
+import trl.trainer.utils  # noqa: F401
 from torch import nn
 
 from services.trainer.learner.batch import (
