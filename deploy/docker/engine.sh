@@ -6,6 +6,7 @@
 #   deploy/docker/engine.sh start     start dockerd; prints `export DOCKER_HOST=...`
 #   deploy/docker/engine.sh stop      stop it by its pid; remove what it left (mounts, bridges)
 #   deploy/docker/engine.sh env       print `export DOCKER_HOST=...` of the running engine
+#   deploy/docker/engine.sh rules     print the host's firewall rules, normalised for comparing
 #
 # Images and build cache stay in $RLHF_DOCKER_STATE/data (default .cache/docker/data), so a
 # second run reuses them; `make clean-docker` removes them. The socket, pid file and exec root
@@ -17,7 +18,9 @@
 # The daemon manages the firewall rules its bridges need (containers reach each other on their
 # compose network; the host reaches them through published ports), with --ip-masq=false, so no
 # container traffic is NATed out of this machine. `stop` puts back the host's iptables rules and
-# ip_forward exactly as they were before `start`.
+# ip_forward exactly as they were before `start`: the tables saved then are restored, and a table
+# that did not exist then (on a machine where installing docker.io brought iptables, none did)
+# is emptied, so no DOCKER chain or FORWARD DROP policy outlives the engine.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 STATE=${RLHF_DOCKER_STATE:-$ROOT/.cache/docker}
@@ -72,6 +75,8 @@ start() {
   cat /proc/sys/net/ipv4/ip_forward > "$run/ip_forward-before"
   if command -v iptables-save >/dev/null; then
     iptables-save > "$run/iptables-before" || die "iptables-save failed"
+  else
+    : > "$run/iptables-before"  # no firewall tool yet: no rules at all
   fi
   say "starting dockerd (data $STATE/data, log $run/dockerd.log)"
   dockerd -H "unix://$run/docker.sock" --data-root "$STATE/data" --exec-root "$run/exec" \
@@ -123,8 +128,9 @@ stop() {
         done
   fi
   # The host's firewall rules and forwarding as they were before start.
-  if [[ -f $run/iptables-before ]]; then
-    iptables-restore < "$run/iptables-before" || say "warning: iptables-restore failed"
+  if [[ -f $run/iptables-before ]] && command -v iptables-restore >/dev/null; then
+    { cat "$run/iptables-before"; empty_tables_missing_from "$run/iptables-before"; } \
+      | iptables-restore || say "warning: iptables-restore failed"
   fi
   if [[ -f $run/ip_forward-before ]]; then
     cat "$run/ip_forward-before" > /proc/sys/net/ipv4/ip_forward 2>/dev/null || true
@@ -133,10 +139,53 @@ stop() {
   say "stopped"
 }
 
+# iptables-restore replaces only the tables its input names (flushing their rules, deleting
+# their own chains, setting each built-in chain's policy). For every table there now that
+# `before` lacks, this writes an empty one: built-in chains with ACCEPT, nothing else.
+empty_tables_missing_from() {
+  local before=$1 table chains chain
+  for table in $(iptables-save | sed -n 's/^\*//p'); do
+    grep -qx "\*$table" "$before" && continue
+    case $table in
+      filter | security) chains="INPUT FORWARD OUTPUT" ;;
+      nat) chains="PREROUTING INPUT OUTPUT POSTROUTING" ;;
+      mangle) chains="PREROUTING INPUT FORWARD OUTPUT POSTROUTING" ;;
+      raw) chains="PREROUTING OUTPUT" ;;
+      *) say "warning: table $table is new and left as it is"; continue ;;
+    esac
+    echo "*$table"
+    for chain in $chains; do echo ":$chain ACCEPT [0:0]"; done
+    echo "COMMIT"
+  done
+}
+
+# The host's IPv4 and IPv6 rules without comments or counters, a table printed only when it
+# holds something (a rule, a chain of its own, or a policy other than ACCEPT): an empty table
+# and a missing one are the same firewall.
+rules() {
+  local tool
+  for tool in iptables-save ip6tables-save; do
+    command -v "$tool" >/dev/null || continue
+    "$tool" 2>/dev/null | awk -v tool="$tool" '
+      /^#/ { next }
+      /^\*/ { table = $0; n = 0; keep = 0; next }
+      /^COMMIT/ {
+        if (keep) { print tool " " table; for (i = 1; i <= n; i++) print lines[i] }
+        next
+      }
+      {
+        sub(/ \[[0-9]+:[0-9]+\]$/, "")
+        lines[++n] = $0
+        if ($0 ~ /^-/ || $0 ~ /^:[^ ]+ -$/ || ($0 ~ /^:/ && $2 != "ACCEPT")) keep = 1
+      }'
+  done
+}
+
 case ${1:-} in
   install) install ;;
   start) start ;;
   stop) stop ;;
   env) print_env ;;
-  *) sed -n '2,8p' "$0" >&2; exit 2 ;;
+  rules) rules ;;
+  *) sed -n '2,9p' "$0" >&2; exit 2 ;;
 esac

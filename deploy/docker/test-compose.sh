@@ -7,13 +7,18 @@
 # on, strangers refused UpdateWeights, a PPO run, a reward swap and a reward container killed and
 # restarted mid-run), then removes every container, network and
 # volume it made and stops dockerd by its pid, also when a step fails. Where docker cannot be
-# installed or started it fails loudly; it never skips.
+# installed or started it fails loudly; it never skips. Last it checks that the host's firewall
+# rules are what they were before it began (engine.sh rules), even when it installed iptables
+# itself: a difference fails the test and is printed.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 PY=${PY:-.venv/bin/python}
 ENGINE=deploy/docker/engine.sh
 started=$(date +%s)
+
+rules_before=$(mktemp)
+bash "$ENGINE" rules > "$rules_before"
 
 cleanup() {
   local code=$?
@@ -26,6 +31,11 @@ cleanup() {
     docker volume prune -f >/dev/null 2>&1 || true
   fi
   bash "$ENGINE" stop || code=1
+  if ! bash "$ENGINE" rules | diff -u "$rules_before" - >&2; then
+    echo "test-compose: the host's firewall rules differ from before the test (diff above)" >&2
+    code=1
+  fi
+  rm -f "$rules_before"
   echo "test-compose: $( ((code == 0)) && echo passed || echo FAILED) in $(( $(date +%s) - started )) s" >&2
   exit "$code"
 }
