@@ -142,12 +142,15 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     _require_serving("policy", config.run.policy, "--policy / run.policy", client)
     for spec in specs:
         _require_serving("reward", spec.address, "--reward / run.rewards", client)
-    mixer = connect_rewards(specs, client)
-    policy = GrpcPolicy(config.run.policy, client)
+    limits = config.run.call_limits()
+    mixer = connect_rewards(specs, client, limits)
+    policy = GrpcPolicy(config.run.policy, client, limits)
     loop = TrainingLoop(config, policy, mixer, resume=args.resume)
     display = ProgressDisplay(config.run.steps, initial=loop.step)
     loop.progress.listeners.append(
-        lambda p: display.phase(p.phase, p.step, _since(p.since), p.retries)
+        lambda p: display.phase(
+            p.phase, p.step, _since(p.since), p.retries, last_error=p.last_error
+        )
     )
     try:
         loop.run(on_step=lambda r: display.step(r.step, r.stats))
@@ -220,6 +223,8 @@ class Status:
             phase = trainer_pb2.RunPhase.Name(p.phase).removeprefix("RUN_PHASE_").lower()
             retries = f", {p.retries} retries" if p.retries else ""
             print(f"phase      {phase} (step {p.step}) for {p.phase_elapsed_s:.0f} s{retries}")
+            if p.last_error:
+                print(f"last error {p.last_error}")
         print(f"weights    version {status.weight_version}")
         for r in status.rewards:
             print(f"reward     {r.name} @ {r.address} x {r.weight:g}")
@@ -316,7 +321,7 @@ def watch_run(client, run_id: str, from_step: int) -> int:  # noqa: ANN001 - a T
                 p = message.progress
                 phase = trainer_pb2.RunPhase.Name(p.phase).removeprefix("RUN_PHASE_").lower()
                 note = "stopping" if message.state == trainer_pb2.RUN_STATE_STOPPING else ""
-                display.phase(phase, p.step, p.phase_elapsed_s, p.retries, note)
+                display.phase(phase, p.step, p.phase_elapsed_s, p.retries, note, p.last_error)
             else:
                 display.step(message.step, dict(message.metrics))
     finally:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from rlhf.call_limits import CallLimits
 from rlhf.errors import RpcError, handle_errors, invalid, precondition
 from rlhf.handlers import CONTROL, add_service
 from rlhf.logs import quote
@@ -63,14 +64,18 @@ def _from_proto(endpoint: trainer_pb2.RewardEndpoint) -> EndpointSpec:
 class Transports:
     """How a run reaches its policy and reward services, each made from a host:port."""
 
-    policy: Callable[[str], PolicyTransport]
-    reward: Callable[[str], RewardTransport]
+    policy: Callable[[str, CallLimits], PolicyTransport]
+    reward: Callable[[str, CallLimits], RewardTransport]
+    """Each made from a host:port and the run's CallLimits (its deadlines and health watch)."""
 
     @classmethod
     def grpc(cls) -> Transports:
         from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
 
-        return cls(policy=GrpcPolicy, reward=GrpcReward)
+        return cls(
+            policy=lambda address, limits: GrpcPolicy(address, limits=limits),
+            reward=lambda address, limits: GrpcReward(address, limits=limits),
+        )
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -156,8 +161,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return run.status()
 
     def _run(self, run: Run, config: TrainConfig, resume: bool) -> None:
-        mixer = RewardMixer(self.transports.reward)
-        policy = self.transports.policy(config.run.policy)
+        limits = config.run.call_limits()
+        mixer = RewardMixer(lambda address: self.transports.reward(address, limits))
+        policy = self.transports.policy(config.run.policy, limits)
         try:
             mixer.set_endpoints([EndpointSpec.parse(r) for r in config.run.rewards])
             run.rewards = mixer  # swappable from here on, also while the models load

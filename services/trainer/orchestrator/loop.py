@@ -298,7 +298,7 @@ class TrainingLoop:
             except TransientError as err:
                 if attempt == run.step_retries:
                     raise StepFailed(f"{what} failed {attempt} times; last: {err}") from err
-                self.progress.retried()
+                self.progress.retried(str(err))
                 self.log.warning(
                     f"{what} failed; retrying",
                     extra={"attempt": attempt, "reason": str(err)},
