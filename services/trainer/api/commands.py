@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from rlhf.command_errors import CommandError
 from rlhf.config import add_dataclass_arguments, add_env_argument, from_args
 from rlhf.config.security import ClientConfig
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS, TRAINER_ADDRESS
+
+if TYPE_CHECKING:
+    from services.trainer.orchestrator.loop import TrainingLoop
 
 
 def _add_trainer_address(parser: argparse.ArgumentParser) -> None:
@@ -122,9 +126,9 @@ def _require_serving(what: str, address: str, flags: str, client: ClientConfig) 
 def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from rlhf.logs import setup_logging
-    from services.trainer.api.display import ProgressDisplay
     from services.trainer.config import load_train_config
-    from services.trainer.orchestrator.loop import TrainingLoop
+    from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
+    from services.trainer.orchestrator.peers import PeerError
     from services.trainer.orchestrator.rewards import EndpointSpec
     from services.trainer.orchestrator.transports import GrpcPolicy, connect_rewards
 
@@ -143,10 +147,25 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     for spec in specs:
         _require_serving("reward", spec.address, "--reward / run.rewards", client)
     limits = config.run.call_limits()
-    mixer = connect_rewards(specs, client, limits)
-    policy = GrpcPolicy(config.run.policy, client, limits)
-    loop = TrainingLoop(config, policy, mixer, resume=args.resume)
-    display = ProgressDisplay(config.run.steps, initial=loop.step)
+    try:  # a peer that fails the run is one line naming it, not a traceback
+        mixer = connect_rewards(specs, client, limits)
+        policy = GrpcPolicy(config.run.policy, client, limits)
+        try:
+            loop = TrainingLoop(config, policy, mixer, resume=args.resume)
+            _run_with_display(loop)
+        finally:
+            mixer.close()
+            policy.close()
+    except (PeerError, StepFailed) as err:
+        raise CommandError(str(err)) from None
+    print(f"run {config.run.run_id}: {loop.step} steps; metrics in {loop.metrics.path}")
+    return 0
+
+
+def _run_with_display(loop: TrainingLoop) -> None:
+    from services.trainer.api.display import ProgressDisplay
+
+    display = ProgressDisplay(loop.config.run.steps, initial=loop.step)
     loop.progress.listeners.append(
         lambda p: display.phase(
             p.phase, p.step, _since(p.since), p.retries, last_error=p.last_error
@@ -156,10 +175,6 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
         loop.run(on_step=lambda r: display.step(r.step, r.stats))
     finally:
         display.close()
-        mixer.close()
-        policy.close()
-    print(f"run {config.run.run_id}: {loop.step} steps; metrics in {loop.metrics.path}")
-    return 0
 
 
 def _since(unix_time: float) -> float:

@@ -163,8 +163,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def _run(self, run: Run, config: TrainConfig, resume: bool) -> None:
         limits = config.run.call_limits()
         mixer = RewardMixer(lambda address: self.transports.reward(address, limits))
-        policy = self.transports.policy(config.run.policy, limits)
-        try:
+        policy: PolicyTransport | None = None
+        try:  # a policy address its TLS settings cannot reach fails the run, as a refusal does
+            policy = self.transports.policy(config.run.policy, limits)
             mixer.set_endpoints([EndpointSpec.parse(r) for r in config.run.rewards])
             run.rewards = mixer  # swappable from here on, also while the models load
             loop = TrainingLoop(config, policy, mixer, resume=resume)
@@ -178,7 +179,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             run.set_state(State.RUN_STATE_FAILED, f"{type(err).__name__}: {err}")
         finally:
             mixer.close()
-            policy.close()
+            if policy is not None:
+                policy.close()
 
     @handle_errors
     def GetRun(
