@@ -132,8 +132,8 @@ class RunConfig:
     peer_health_failures: int = CallLimits.health_failures
     """Failed health checks in a row (no answer in time, UNAVAILABLE, NOT_SERVING) after which
     the waiting call is cancelled and retried like an unreachable peer (default 2: one lost
-    check is forgiven). A SIGSTOPped peer is so noticed in about interval x failures + timeout
-    seconds instead of at the call's deadline."""
+    check is forgiven). A SIGSTOPped peer is so noticed after about failures x (interval +
+    timeout) seconds (8 by default) instead of at the call's deadline."""
 
     def problems(self) -> list[str]:
         found = at_least(self, 1, "steps", "keep_checkpoints", "sync_every", "step_retries")
