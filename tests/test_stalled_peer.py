@@ -5,132 +5,48 @@ healthy peer is waited for; the timing fields are validated."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bench.local_transports import LocalPolicy
 from rlhf.call_limits import CallLimits
 from rlhf.cli import main
 from rlhf.defaults import LOOPBACK
-from rlhf.intercept import HandlerInterceptor, rewrap
 from rlhf.protocol import REWARD_SERVICE
-from rlhf.server import GrpcService, Registration
-from rlhf.v1 import reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from rlhf.server import Registration
+from rlhf.v1 import reward_pb2_grpc, trainer_pb2
 from services.policy.engine import PolicyEngine
 from services.policy.server import PolicyServicer, servicers
 from services.trainer.api.client import TrainerClient
 from services.trainer.api.runs import progress_to_proto
-from services.trainer.api.service import TrainerServicer, Transports
+from services.trainer.api.service import Transports
 from services.trainer.config import TrainerServiceConfig, load_train_config
 from services.trainer.orchestrator.peers import TransientError
 from services.trainer.orchestrator.progress import LAST_ERROR_CHARS, ProgressTracker
 from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
 from tests.fuzz_requests import start_request
+from tests.hanging import Hang, Reward, hanging_server, trainer_for
 from tests.reward.test_cli import ServiceLog, clean_env, rlhf_command
-from tests.servers import open_config
 
 FAST = CallLimits(health_interval_s=0.5, health_timeout_s=0.5, health_failures=2)
 """The watch these tests run under: a hung peer is given up on after about 2 s."""
 NOTICED_S = 10.0
 """The bound on noticing a hung peer with FAST (it takes about 2 s)."""
 STALLED = "stopped answering its health checks"
-HEALTH_CHECK = f"/{health.SERVICE_NAME}/Check"
 TIMING = {
     "run.peer_health_interval_s": "0.5",
     "run.peer_health_timeout_s": "0.5",
     "run.peer_health_failures": "2",
     "run.retry_backoff_s": "0.05",
 }
-
-
-class Hang(HandlerInterceptor):
-    """Holds every call its server gets while frozen, health checks included, as a SIGSTOPped
-    process does (its kernel still takes the connections): each waits until thawed or until
-    its caller gives up. Counts the health checks that reach the server."""
-
-    def __init__(self) -> None:
-        self.running = threading.Event()
-        self.running.set()
-        self.frozen_at = 0.0
-        self.health_checks = 0
-
-    def freeze(self) -> None:
-        self.frozen_at = time.monotonic()
-        self.running.clear()
-
-    def thaw(self) -> None:
-        self.running.set()
-
-    def hold(self, context: grpc.ServicerContext) -> None:
-        while not self.running.wait(0.05) and context.is_active():
-            pass
-
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        def unary(behaviour):  # noqa: ANN001, ANN202
-            def held(request, context):  # noqa: ANN001, ANN202
-                if method == HEALTH_CHECK:
-                    self.health_checks += 1
-                self.hold(context)
-                return behaviour(request, context)
-
-            return held
-
-        return rewrap(handler, unary, lambda behaviour: behaviour)
-
-
-class Reward(reward_pb2_grpc.RewardServiceServicer):
-    """Scores 0.5 per sample. Score call number `freeze_at` (1-based) hangs the whole service
-    (Hang.freeze) and waits with it; with `slow_s` each Score takes that long (health answers)."""
-
-    def __init__(self, hang: Hang) -> None:
-        self.hang = hang
-        self.freeze_at = 0
-        self.slow_s = 0.0
-        self.calls = 0
-
-    def GetInfo(self, request, context):  # noqa: ANN001, ANN201, N802 - gRPC method
-        return reward_pb2.RewardInfo(name="frozen")
-
-    def Score(self, request, context):  # noqa: ANN001, ANN201, N802 - gRPC method
-        self.calls += 1
-        if self.calls == self.freeze_at:
-            self.hang.freeze()
-            self.hang.hold(context)
-        elif self.slow_s:
-            time.sleep(self.slow_s)  # the service's own slow work, not the test's timing
-        return reward_pb2.ScoreResponse(scores=[0.5] * len(request.samples))
-
-
-@contextmanager
-def hanging_server(registrations: list[Registration], hang: Hang) -> Iterator[str]:
-    """The servicers and grpc.health.v1 (SERVING) on a loopback port 0 behind `hang`: a plain
-    grpc.server, because rlhf.server's GrpcService takes no extra interceptor. Yields the
-    address; thaws before it stops."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=32), interceptors=[hang])
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for add_fn, servicer, full_name in registrations:
-        add_fn(servicer, server)
-        health_servicer.set(full_name, health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port(f"{LOOPBACK}:0")
-    server.start()
-    try:
-        yield f"{LOOPBACK}:{port}"
-    finally:
-        hang.thaw()
-        server.stop(0)
 
 
 @pytest.fixture
@@ -252,26 +168,6 @@ def test_a_sigstopped_reward_process_is_noticed_and_works_again_after_sigcont() 
 
 
 # --- a run through the trainer's API -------------------------------------------------------------
-@contextmanager
-def trainer_for(
-    settings: TrainerServiceConfig, transports: Transports
-) -> Iterator[tuple[TrainerClient, TrainerServicer]]:
-    servicer = TrainerServicer(settings, transports)
-    service = GrpcService("trainer", open_config(grace_s=0))
-    service.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, "trainer")
-    port = service.start()
-    service.set_serving()
-    client = TrainerClient(f"{LOOPBACK}:{port}")
-    try:
-        yield client, servicer
-    finally:
-        client.close()
-        for run in servicer.runs.values():  # no run thread outlives its test
-            if run.thread is not None:
-                run.thread.join(60)
-        service.stop(grace_s=0)
-
-
 def _start(client: TrainerClient, tiny_lm: Path, run_id: str, **overrides: str) -> None:
     request = start_request(str(tiny_lm), run_id, steps=2)
     request.overrides.update({**TIMING, **overrides})
@@ -352,6 +248,40 @@ def test_a_run_whose_peer_is_unreachable_fails_in_plain_words(
             _clean(end.error)
             if run_id == "no-policy":
                 assert "reading the policy service's facts failed 2 times" in end.error
+
+
+def test_rlhf_train_in_this_process_ends_on_a_hung_reward_service_in_one_line(
+    reward: tuple[Reward, str],
+    engine: PolicyEngine,
+    tiny_lm: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    servicer, address = reward
+    servicer.freeze_at = 2  # the probe goes through; step 1's scoring hangs
+    with hanging_server(servicers(PolicyServicer(engine)), Hang()) as policy:
+        overrides = {
+            **start_request(str(tiny_lm), "train-here", steps=2).overrides,
+            **TIMING,
+            "run.step_retries": "2",
+            "run.output_dir": str(tmp_path),
+        }
+        sets = [item for key, value in overrides.items() for item in ("--set", f"{key}={value}")]
+        argv = ["train", "--policy", policy, "--reward", address, *sets]
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        try:
+            assert main(argv) == 1
+        finally:  # `rlhf train` routes the root logger to this test's captured stderr
+            root.handlers[:] = handlers
+            root.setLevel(level)
+    err = capsys.readouterr().err.splitlines()
+    failure = [line for line in err if line.startswith("rlhf train: ")]
+    assert len(failure) == 1, err[-5:]
+    assert "step 1: score failed 2 times; last: reward source frozen: " in failure[0]
+    assert address in failure[0] and STALLED in failure[0]
+    _clean(failure[0])
+    assert not [line for line in err if line.startswith("Traceback")]
 
 
 # --- the config and the progress record ----------------------------------------------------------
