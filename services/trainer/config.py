@@ -43,7 +43,8 @@ MIN_CALL_S = 0.1
 """Smallest deadline, health-check timeout or interval: below it a live peer on a busy machine
 would be taken for a hung one."""
 MAX_HEALTH_FAILURES = 100
-"""Largest run.peer_health_failures (about three minutes of silence at the default interval)."""
+"""Largest run.peer_health_failures (about seven minutes of silence at the default interval and
+timeout)."""
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """A run id is a folder name: no separators, no leading dot, so never `..` or a path."""
 RUN_ID_RULE = "use 1-64 letters, digits, '.', '_', '-', starting with a letter or digit"
