@@ -47,7 +47,7 @@ class ProgressDisplay:
         with self._lock:
             if last_error and last_error != self._last_error:
                 where = f"step {step} {phase}" if step else phase
-                self.bar.write(f"{where}: retry {retries}: {last_error}")
+                self.bar.write(f"{where}: retry {retries}: {last_error}", file=sys.stderr)
             self._last_error = last_error
             self._phase = f"step {step} {phase}" if step else phase
             extras = [f"retry {retries}"] if retries else []
