@@ -334,8 +334,8 @@ def test_rlhf_watch_prints_each_retrys_error_once(capsys: pytest.CaptureFixture[
     display.phase("scoring", 1, 0.0)
     display.phase("scoring", 1, 2.0, retries=1, last_error="Score on a:1 failed: first")
     display.phase("scoring", 1, 3.0, retries=1, last_error="Score on a:1 failed: first")
-    display.phase("scoring", 1, 5.0, retries=2, last_error="Score on a:1 failed: second")
+    display.phase("scoring", 1, 5.0, retries=2, last_error="Score on a:1 failed: first")
     display.close()
     text = capsys.readouterr().err  # beside the bar, clear of the summary on stdout
     assert text.count("step 1 scoring: retry 1: Score on a:1 failed: first") == 1
-    assert text.count("step 1 scoring: retry 2: Score on a:1 failed: second") == 1
+    assert text.count("step 1 scoring: retry 2: Score on a:1 failed: first") == 1

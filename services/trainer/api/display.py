@@ -27,7 +27,7 @@ class ProgressDisplay:
         self._phase = ""  # "" until the first phase is known
         self._detail = ""
         self._phase_began = time.monotonic()  # this machine's clock: no skew with the trainer
-        self._last_error = ""
+        self._retry_shown: tuple[int, str, int] = (0, "", 0)  # (step, phase, retries) printed
         self._ticker = threading.Thread(target=self._tick, name="progress-tick", daemon=True)
         # On a terminal the elapsed time ticks; in a log file each change is one line enough.
         if sys.stderr.isatty():
@@ -45,10 +45,10 @@ class ProgressDisplay:
         """The run entered `phase` of `step` (`elapsed_s` ago); retries of it so far; `note`
         e.g. "stopping"; `last_error` the error of the last retry ("" if none)."""
         with self._lock:
-            if last_error and last_error != self._last_error:
+            if last_error and (step, phase, retries) != self._retry_shown:
                 where = f"step {step} {phase}" if step else phase
                 self.bar.write(f"{where}: retry {retries}: {last_error}", file=sys.stderr)
-            self._last_error = last_error
+                self._retry_shown = (step, phase, retries)
             self._phase = f"step {step} {phase}" if step else phase
             extras = [f"retry {retries}"] if retries else []
             self._detail = ", ".join(extras + ([note] if note else []))
