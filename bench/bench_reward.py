@@ -141,7 +141,7 @@ def paired_round(
         middle = time.perf_counter()
         pending: list[grpc.Future] = []
         for request in requests[start : start + group]:
-            if in_flight == 1:  # a blocking call, as the trainer's RewardClient makes it
+            if in_flight == 1:  # one call at a time, as the trainer makes them
                 scores.extend(stub.Score(request, timeout=120).scores)
                 continue
             pending.append(stub.Score.future(request, timeout=120))

@@ -1,5 +1,6 @@
 """Typed clients of the policy and reward services: one channel each (TLS and token per a
-ClientConfig, rlhf.channels), a deadline on every call.
+ClientConfig, rlhf.channels), a deadline on every call (rlhf.call_limits), and a watch on the
+peer's health while a call waits (rlhf.watched_call), so a hung peer fails a call in seconds.
 
 Nothing here retries (rlhf.channels): a failed call raises grpc.RpcError with the server's
 status and message, and the caller decides (the trainer's transports translate it into
@@ -9,34 +10,25 @@ transient or fatal errors for the loop's one retry layer).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from rlhf.call_limits import CallLimits
 from rlhf.channels import open_channel, wait_until_serving
 from rlhf.config.security import ClientConfig
 from rlhf.protocol import POLICY_SERVICE, REWARD_SERVICE
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+from rlhf.watched_call import wait_watched
 from rlhf.weights import CHUNK_BYTES, encode_weight_frames
-
-
-@dataclass
-class Deadlines:
-    """Per-call deadlines in seconds."""
-
-    generate_s: float = 600.0
-    """Generate: a batch of long samples on a CPU takes minutes."""
-    score_s: float = 120.0
-    info_s: float = 10.0
-    update_weights_s: float = 600.0
 
 
 class PolicyClient:
     def __init__(
-        self, address: str, deadlines: Deadlines | None = None, client: ClientConfig | None = None
+        self, address: str, limits: CallLimits | None = None, client: ClientConfig | None = None
     ) -> None:
         self.address = address
-        self.deadlines = deadlines or Deadlines()
+        self.limits = limits or CallLimits()
         self.channel = open_channel(address, client)
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
         # UpdateWeights fed with encode_weight_frames' ready-serialized chunks (same wire bytes
@@ -50,8 +42,12 @@ class PolicyClient:
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         wait_until_serving(self.channel, POLICY_SERVICE, timeout_s)
 
+    def _wait(self, call: Any) -> Any:
+        return wait_watched(call, self.channel, POLICY_SERVICE, self.limits)
+
     def info(self) -> policy_pb2.PolicyInfo:
-        return self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=self.deadlines.info_s)
+        request = common_pb2.GetInfoRequest()
+        return self._wait(self.stub.GetInfo.future(request, timeout=self.limits.info_s))
 
     def generate(
         self,
@@ -62,7 +58,7 @@ class PolicyClient:
         request = policy_pb2.GenerateRequest(
             prompts=list(prompts), params=params, request_id=request_id
         )
-        return self.stub.Generate(request, timeout=self.deadlines.generate_s)
+        return self._wait(self.stub.Generate.future(request, timeout=self.limits.generate_s))
 
     def update_weights(
         self,
@@ -72,7 +68,7 @@ class PolicyClient:
         chunk_bytes: int = CHUNK_BYTES,
     ) -> policy_pb2.UpdateWeightsResponse:
         frames = encode_weight_frames(tensors, version, chunk_bytes=chunk_bytes, dtype=dtype)
-        return self._update_frames(frames, timeout=self.deadlines.update_weights_s)
+        return self._wait(self._update_frames.future(frames, timeout=self.limits.update_weights_s))
 
     def close(self) -> None:
         self.channel.close()
@@ -80,10 +76,10 @@ class PolicyClient:
 
 class RewardClient:
     def __init__(
-        self, address: str, deadlines: Deadlines | None = None, client: ClientConfig | None = None
+        self, address: str, limits: CallLimits | None = None, client: ClientConfig | None = None
     ) -> None:
         self.address = address
-        self.deadlines = deadlines or Deadlines()
+        self.limits = limits or CallLimits()
         self.channel = open_channel(address, client)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         self.max_samples_per_call = 0
@@ -94,9 +90,13 @@ class RewardClient:
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         wait_until_serving(self.channel, REWARD_SERVICE, timeout_s)
 
+    def _wait(self, call: Any) -> Any:
+        return wait_watched(call, self.channel, REWARD_SERVICE, self.limits)
+
     def info(self) -> reward_pb2.RewardInfo:
         """The service's RewardInfo; also remembers its max_samples_per_request for score()."""
-        info = self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=self.deadlines.info_s)
+        request = common_pb2.GetInfoRequest()
+        info = self._wait(self.stub.GetInfo.future(request, timeout=self.limits.info_s))
         self.max_samples_per_call = info.max_samples_per_request
         self.max_chars_per_call = info.max_total_chars
         return info
@@ -110,7 +110,8 @@ class RewardClient:
         scores: list[float] = []
         for group in _groups(samples, self.max_samples_per_call, self.max_chars_per_call):
             request = reward_pb2.ScoreRequest(samples=group)
-            scores.extend(self.stub.Score(request, timeout=self.deadlines.score_s).scores)
+            call = self.stub.Score.future(request, timeout=self.limits.score_s)
+            scores.extend(self._wait(call).scores)
         return scores
 
     def close(self) -> None:

@@ -115,8 +115,8 @@ def test_planted_pickle_is_not_run_by_the_loop(tiny_lm: Path, tmp_path: Path) ->
 @pytest.fixture
 def trainer(tiny_lm: Path, tmp_path: Path) -> Iterator[TrainerClient]:
     transports = Transports(
-        policy=lambda address: LocalPolicy(str(tiny_lm), address=address),
-        reward=lambda address: LocalReward(VaderBackend(), address=address),
+        policy=lambda address, limits: LocalPolicy(str(tiny_lm), address=address),
+        reward=lambda address, limits: LocalReward(VaderBackend(), address=address),
     )
     settings = TrainerServiceConfig(
         policy="local:1", reward=["local:2"], output_dir=str(tmp_path / "runs"),

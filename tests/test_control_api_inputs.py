@@ -64,8 +64,8 @@ def roots(tmp_path: Path, tiny_lm: Path) -> dict[str, Path]:
 @pytest.fixture
 def setup(roots: dict[str, Path], tiny_lm: Path) -> Iterator[tuple[TrainerClient, TrainerServicer]]:
     transports = Transports(
-        policy=lambda address: LocalPolicy(str(roots["models"] / "lm"), address=address),
-        reward=lambda address: LocalReward(VaderBackend(), address=address),
+        policy=lambda address, limits: LocalPolicy(str(roots["models"] / "lm"), address=address),
+        reward=lambda address, limits: LocalReward(VaderBackend(), address=address),
     )
     settings = TrainerServiceConfig(
         policy="local:1",

@@ -164,8 +164,8 @@ def test_fuzz_trainer(tiny_lm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     policy.gated = True
     vader = VaderBackend()
     transports = Transports(
-        policy=lambda address: policy,
-        reward=lambda address: LocalReward(vader, address=address),
+        policy=lambda address, limits: policy,
+        reward=lambda address, limits: LocalReward(vader, address=address),
     )
     defaults = TrainerServiceConfig(
         policy="local:1", reward=["local:2"], output_dir=str(tmp_path), model_root=[str(tiny_lm)]

@@ -56,8 +56,8 @@ def policy(tiny_lm: Path) -> GatedPolicy:
 @pytest.fixture
 def trainer(policy: GatedPolicy, tmp_path: Path, tiny_lm: Path) -> Iterator[TrainerClient]:
     transports = Transports(
-        policy=lambda address: policy,
-        reward=lambda address: LocalReward(VaderBackend(), address=address),
+        policy=lambda address, limits: policy,
+        reward=lambda address, limits: LocalReward(VaderBackend(), address=address),
     )
     servicer = TrainerServicer(
         TrainerServiceConfig(

@@ -95,7 +95,7 @@ def test_wire_statuses_become_transient_or_fatal_errors_naming_the_peer(
 def test_a_deadline_is_transient(reward_service: tuple[ScriptedRewardService, str]) -> None:
     servicer, address = reward_service
     transport = GrpcReward(address)
-    transport.client.deadlines.score_s = 0.3
+    transport.client.limits.score_s = 0.3
     servicer.script = ["hang"]
     with pytest.raises(TransientError, match="DEADLINE_EXCEEDED"):
         transport.score(["p"], ["r"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from rlhf.call_limits import CallLimits
 from rlhf.config import apply_mapping, apply_overrides, check, load_yaml_mapping
 from rlhf.config.checks import at_least, at_most
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS
@@ -36,6 +37,14 @@ MAX_TOP_K = 1_000_000
 """Largest generation.top_k (above any vocabulary)."""
 MAX_STEPS = 10_000_000
 """Largest run.steps, run.save_every and run.sync_every."""
+MAX_CALL_S = 86_400.0
+"""Largest deadline of one call to a peer (a day), and of a health check or its interval."""
+MIN_CALL_S = 0.1
+"""Smallest deadline, health-check timeout or interval: below it a live peer on a busy machine
+would be taken for a hung one."""
+MAX_HEALTH_FAILURES = 100
+"""Largest run.peer_health_failures (about seven minutes of silence at the default interval and
+timeout)."""
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """A run id is a folder name: no separators, no leading dot, so never `..` or a path."""
 RUN_ID_RULE = "use 1-64 letters, digits, '.', '_', '-', starting with a letter or digit"
@@ -102,9 +111,30 @@ class RunConfig:
     sync_every: int = 1
     """Push the new weights to the policy service every N steps (1: on-policy, the default)."""
     step_retries: int = 5
-    """Attempts for a step's reward scoring when a source is unreachable or answers badly."""
+    """Attempts of each call to a peer (generate, score, weight push, policy facts) that fails
+    transiently: unreachable, past its deadline, or given up by the health watch."""
     retry_backoff_s: float = 2.0
     """First pause between those attempts; doubles each time."""
+    generate_timeout_s: float = CallLimits.generate_s
+    """Seconds a Generate call may take (default 600): a batch of long samples on a CPU takes
+    minutes. A hung policy service is noticed sooner, by the health watch."""
+    score_timeout_s: float = CallLimits.score_s
+    """Seconds one Score call may take (default 120): a neural reward model on a CPU scores a
+    few hundred samples in well under a minute."""
+    sync_timeout_s: float = CallLimits.update_weights_s
+    """Seconds a weight push (UpdateWeights) may take (default 600): about a second for a
+    135 M-parameter model on loopback, minutes for billions of parameters over a network."""
+    peer_health_interval_s: float = CallLimits.health_interval_s
+    """While a call waits, every this many seconds (default 2) the trainer checks the peer's
+    grpc.health.v1 health on the same channel; a call that ends sooner costs no check."""
+    peer_health_timeout_s: float = CallLimits.health_timeout_s
+    """Seconds one health check may take (default 2): a live service answers in milliseconds,
+    even while busy with the call."""
+    peer_health_failures: int = CallLimits.health_failures
+    """Failed health checks in a row (no answer in time, UNAVAILABLE, NOT_SERVING) after which
+    the waiting call is cancelled and retried like an unreachable peer (default 2: one lost
+    check is forgiven). A SIGSTOPped peer is so noticed after about failures x (interval +
+    timeout) seconds (8 by default) instead of at the call's deadline."""
 
     def problems(self) -> list[str]:
         found = at_least(self, 1, "steps", "keep_checkpoints", "sync_every", "step_retries")
@@ -112,9 +142,30 @@ class RunConfig:
         found += at_most(self, MAX_STEPS, "steps", "save_every", "sync_every")
         found += at_most(self, 1000, "keep_checkpoints") + at_most(self, 100, "step_retries")
         found += at_most(self, 3600, "retry_backoff_s")
+        timing = (
+            "generate_timeout_s",
+            "score_timeout_s",
+            "sync_timeout_s",
+            "peer_health_interval_s",
+            "peer_health_timeout_s",
+        )
+        found += at_least(self, MIN_CALL_S, *timing) + at_most(self, MAX_CALL_S, *timing)
+        found += at_least(self, 1, "peer_health_failures")
+        found += at_most(self, MAX_HEALTH_FAILURES, "peer_health_failures")
         if self.run_id and not RUN_ID.fullmatch(self.run_id):
             found.append(f"run_id {quote(self.run_id)}: {RUN_ID_RULE}")
         return found
+
+    def call_limits(self) -> CallLimits:
+        """The deadlines and health watch of this run's calls to its peers."""
+        return CallLimits(
+            generate_s=self.generate_timeout_s,
+            score_s=self.score_timeout_s,
+            update_weights_s=self.sync_timeout_s,
+            health_interval_s=self.peer_health_interval_s,
+            health_timeout_s=self.peer_health_timeout_s,
+            health_failures=self.peer_health_failures,
+        )
 
 
 @dataclass

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from rlhf.command_errors import CommandError
 from rlhf.config import add_dataclass_arguments, add_env_argument, from_args
 from rlhf.config.security import ClientConfig
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS, TRAINER_ADDRESS
+
+if TYPE_CHECKING:
+    from services.trainer.orchestrator.loop import TrainingLoop
 
 
 def _add_trainer_address(parser: argparse.ArgumentParser) -> None:
@@ -127,9 +131,9 @@ def _require_serving(what: str, address: str, flags: str, client: ClientConfig) 
 def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from rlhf.logs import setup_logging
-    from services.trainer.api.display import ProgressDisplay
     from services.trainer.config import load_train_config
-    from services.trainer.orchestrator.loop import TrainingLoop
+    from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
+    from services.trainer.orchestrator.peers import PeerError
     from services.trainer.orchestrator.resume import apply_plan
     from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
     from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward, connect_rewards
@@ -152,29 +156,47 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     _require_serving("policy", config.run.policy, "--policy / run.policy", client)
     for address in dict.fromkeys(EndpointSpec.parse(r).address for r in every):
         _require_serving("reward", address, "--reward / run.rewards", client)
-    if plan is None:
-        mixer = connect_rewards([EndpointSpec.parse(r) for r in config.run.rewards], client)
-    else:
-        mixer = RewardMixer(lambda address: GrpcReward(address, client))
+    limits = config.run.call_limits()
+    try:  # a peer that fails the run is one line naming it, not a traceback
+        if plan is None:
+            mixer = connect_rewards(
+                [EndpointSpec.parse(r) for r in config.run.rewards], client, limits
+            )
+        else:
+            mixer = RewardMixer(lambda address: GrpcReward(address, client, limits))
+            try:
+                apply_plan(mixer, plan)
+            except RewardError as err:
+                mixer.close()
+                raise CommandError(f"--resume of run {config.run.run_id}: {err}") from None
         try:
-            apply_plan(mixer, plan)
-        except RewardError as err:
+            policy = GrpcPolicy(config.run.policy, client, limits)
+            try:
+                loop = TrainingLoop(config, policy, mixer, resume=args.resume)
+                _run_with_display(loop)
+            finally:
+                policy.close()
+        finally:
             mixer.close()
-            raise CommandError(f"--resume of run {config.run.run_id}: {err}") from None
-    policy = GrpcPolicy(config.run.policy, client)
-    loop = TrainingLoop(config, policy, mixer, resume=args.resume)
-    display = ProgressDisplay(config.run.steps, initial=loop.step)
+    except (PeerError, StepFailed) as err:
+        raise CommandError(str(err)) from None
+    print(f"run {config.run.run_id}: {loop.step} steps; metrics in {loop.metrics.path}")
+    return 0
+
+
+def _run_with_display(loop: TrainingLoop) -> None:
+    from services.trainer.api.display import ProgressDisplay
+
+    display = ProgressDisplay(loop.config.run.steps, initial=loop.step)
     loop.progress.listeners.append(
-        lambda p: display.phase(p.phase, p.step, _since(p.since), p.retries)
+        lambda p: display.phase(
+            p.phase, p.step, _since(p.since), p.retries, last_error=p.last_error
+        )
     )
     try:
         loop.run(on_step=lambda r: display.step(r.step, r.stats))
     finally:
         display.close()
-        mixer.close()
-        policy.close()
-    print(f"run {config.run.run_id}: {loop.step} steps; metrics in {loop.metrics.path}")
-    return 0
 
 
 def _resume_plan(config, caller: list[str]):  # noqa: ANN001, ANN202 - TrainConfig, RewardPlan
@@ -257,6 +279,8 @@ class Status:
             phase = trainer_pb2.RunPhase.Name(p.phase).removeprefix("RUN_PHASE_").lower()
             retries = f", {p.retries} retries" if p.retries else ""
             print(f"phase      {phase} (step {p.step}) for {p.phase_elapsed_s:.0f} s{retries}")
+            if p.last_error:
+                print(f"last error {p.last_error}")
         print(f"weights    version {status.weight_version}")
         for r in status.rewards:
             print(f"reward     {r.name} @ {r.address} x {r.weight:g}")
@@ -362,7 +386,7 @@ def watch_run(client, run_id: str, from_step: int) -> int:  # noqa: ANN001 - a T
                 p = message.progress
                 phase = trainer_pb2.RunPhase.Name(p.phase).removeprefix("RUN_PHASE_").lower()
                 note = "stopping" if message.state == trainer_pb2.RUN_STATE_STOPPING else ""
-                display.phase(phase, p.step, p.phase_elapsed_s, p.retries, note)
+                display.phase(phase, p.step, p.phase_elapsed_s, p.retries, note, p.last_error)
             else:
                 display.step(message.step, dict(message.metrics))
     finally:

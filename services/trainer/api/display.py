@@ -1,6 +1,7 @@
 """The progress bar of a run: steps done, the last step's reward and KL, and the phase of the
-step in progress with its elapsed time, ticking every second on a terminal so a slow step is
-visibly alive.
+step in progress with its elapsed time and retries, ticking every second on a terminal so a
+slow step is visibly alive; each retry's error is printed above the bar once, so a stalled peer
+is named while the run waits on it.
 
 `rlhf train`, `rlhf watch` and `make run` show it; it is fed neutral values (phase names,
 seconds), so the loop in this process and a trainer's WatchRun stream drive it alike.
@@ -26,17 +27,28 @@ class ProgressDisplay:
         self._phase = ""  # "" until the first phase is known
         self._detail = ""
         self._phase_began = time.monotonic()  # this machine's clock: no skew with the trainer
+        self._retry_shown: tuple[int, str, int] = (0, "", 0)  # (step, phase, retries) printed
         self._ticker = threading.Thread(target=self._tick, name="progress-tick", daemon=True)
         # On a terminal the elapsed time ticks; in a log file each change is one line enough.
         if sys.stderr.isatty():
             self._ticker.start()
 
     def phase(
-        self, phase: str, step: int, elapsed_s: float, retries: int = 0, note: str = ""
+        self,
+        phase: str,
+        step: int,
+        elapsed_s: float,
+        retries: int = 0,
+        note: str = "",
+        last_error: str = "",
     ) -> None:
         """The run entered `phase` of `step` (`elapsed_s` ago); retries of it so far; `note`
-        e.g. "stopping"."""
+        e.g. "stopping"; `last_error` the error of the last retry ("" if none)."""
         with self._lock:
+            if last_error and (step, phase, retries) != self._retry_shown:
+                where = f"step {step} {phase}" if step else phase
+                self.bar.write(f"{where}: retry {retries}: {last_error}", file=sys.stderr)
+                self._retry_shown = (step, phase, retries)
             self._phase = f"step {step} {phase}" if step else phase
             extras = [f"retry {retries}"] if retries else []
             self._detail = ", ".join(extras + ([note] if note else []))

@@ -213,6 +213,7 @@ def progress_to_proto(progress: Progress) -> trainer_pb2.RunProgress:
         phase_started=progress.since,
         phase_elapsed_s=max(0.0, now - progress.since),
         retries=progress.retries,
+        last_error=progress.last_error,
     )
 
 

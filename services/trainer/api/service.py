@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from rlhf.call_limits import CallLimits
 from rlhf.config import apply_mapping, apply_overrides, check
 from rlhf.errors import RpcError, handle_errors, invalid, precondition
 from rlhf.handlers import CONTROL, add_service
@@ -72,14 +73,18 @@ def _from_proto(endpoint: trainer_pb2.RewardEndpoint) -> EndpointSpec:
 class Transports:
     """How a run reaches its policy and reward services, each made from a host:port."""
 
-    policy: Callable[[str], PolicyTransport]
-    reward: Callable[[str], RewardTransport]
+    policy: Callable[[str, CallLimits], PolicyTransport]
+    reward: Callable[[str, CallLimits], RewardTransport]
+    """Each made from a host:port and the run's CallLimits (its deadlines and health watch)."""
 
     @classmethod
     def grpc(cls) -> Transports:
         from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
 
-        return cls(policy=GrpcPolicy, reward=GrpcReward)
+        return cls(
+            policy=lambda address, limits: GrpcPolicy(address, limits=limits),
+            reward=lambda address, limits: GrpcReward(address, limits=limits),
+        )
 
 
 def saved_config(data: dict[str, Any], overrides: list[str]) -> TrainConfig:
@@ -212,7 +217,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             where = "reward endpoints" if not step else f"swap from step {step}"
             self.rules.rewards([EndpointSpec.parse(r) for r in specs], where)
         config.run.rewards = list(plan.initial)
-        mixer = RewardMixer(self.transports.reward)
+        mixer = self._mixer(config)
         try:
             apply_plan(mixer, plan)
         except RewardError as err:
@@ -266,13 +271,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         run.thread.start()
         return run
 
+    def _mixer(self, config: TrainConfig) -> RewardMixer:
+        """A reward mixer whose transports call with the run's deadlines and health watch."""
+        limits = config.run.call_limits()
+        return RewardMixer(lambda address: self.transports.reward(address, limits))
+
     def _run(self, run: Run, config: TrainConfig, resume: bool, mixer: RewardMixer | None) -> None:
         """The run's thread. `mixer`: a resume's, its endpoints probed; None: probed here."""
-        policy = self.transports.policy(config.run.policy)
         state, error = State.RUN_STATE_FAILED, ""
         fresh = mixer is None
-        mixer = mixer or RewardMixer(self.transports.reward)
-        try:
+        mixer = mixer or self._mixer(config)
+        policy: PolicyTransport | None = None
+        try:  # a policy address its TLS settings cannot reach fails the run, as a refusal does
+            policy = self.transports.policy(config.run.policy, config.run.call_limits())
             if fresh:
                 mixer.set_endpoints([EndpointSpec.parse(r) for r in config.run.rewards])
             run.rewards = mixer  # swappable from here on, also while the models load
@@ -286,7 +297,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         finally:
             run.retire_rewards()  # GetRun keeps listing the endpoints of an ended run
             mixer.close()
-            policy.close()
+            if policy is not None:
+                policy.close()
         run.set_state(state, error)
 
     @handle_errors

@@ -266,7 +266,12 @@ class TrainingLoop:
                 return rollout
             if resync == retries:
                 break
-            self.progress.retried()
+            self.progress.retried(
+                f"the policy service at {self.policy.address} answered from instance "
+                f"{rollout.instance_id or '(unnamed)'} at weight version {rollout.weight_version}, "
+                f"not this run's version {self.weight_version}: it restarted; pushing the "
+                "weights again"
+            )
             self.sync.resync(f"step {step}: push weights to a restarted policy", rollout)
         raise StepFailed(
             f"step {step}: the policy service at {self.policy.address} still did not serve this "
@@ -309,7 +314,7 @@ class TrainingLoop:
             except TransientError as err:
                 if attempt == run.step_retries:
                     raise StepFailed(f"{what} failed {attempt} times; last: {err}") from err
-                self.progress.retried()
+                self.progress.retried(str(err))
                 self.log.warning(
                     f"{what} failed; retrying",
                     extra={"attempt": attempt, "reason": str(err)},

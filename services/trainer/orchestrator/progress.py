@@ -1,4 +1,5 @@
-"""Where a run is right now: the phase of the step in progress, since when, and its retries.
+"""Where a run is right now: the phase of the step in progress, since when, its retries and
+the last error retried.
 
 The loop writes it, the control API reads it (GetRun, WatchRun, `rlhf status`/`watch`), so a
 slow first step or a stalled peer is visible while it happens.
@@ -12,6 +13,9 @@ from dataclasses import dataclass, replace
 
 PHASES = ("loading", "generating", "scoring", "updating", "syncing", "checkpointing", "idle")
 """Phases in the order a step goes through them; "loading" is before the first step."""
+LAST_ERROR_CHARS = 300
+"""How much of a retried error Progress.last_error keeps: the transport's message (call, peer,
+status, the peer's words) fits; a peer's long text does not fill every GetRun."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,9 @@ class Progress:
     """Unix time the phase started."""
     retries: int = 0
     """Failed attempts of this phase so far (transient errors retried)."""
+    last_error: str = ""
+    """The last transient error retried in this phase, cut to LAST_ERROR_CHARS; "" if none.
+    The transports' own words (call, peer, status, message), never a raw gRPC exception."""
 
 
 class ProgressTracker:
@@ -37,10 +44,13 @@ class ProgressTracker:
         assert phase in PHASES, phase
         self._set(Progress(phase=phase, step=step, since=time.time()))
 
-    def retried(self) -> None:
+    def retried(self, error: str) -> None:
+        """One more failed attempt of the phase in progress, which failed with `error`."""
+        if len(error) > LAST_ERROR_CHARS:
+            error = f"{error[: LAST_ERROR_CHARS - 3]}..."
         with self._lock:
             now = self._now
-        self._set(replace(now, retries=now.retries + 1))
+        self._set(replace(now, retries=now.retries + 1, last_error=error))
 
     @property
     def current(self) -> Progress:

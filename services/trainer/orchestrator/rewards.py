@@ -224,8 +224,10 @@ class RewardMixer:
             address = source.spec.address
             try:
                 scores = [float(s) for s in source.transport.score(prompts, responses)]
-            except PeerError:
-                raise  # transient stays transient; a refusal carries the service's own message
+            except PeerError as err:
+                # Transient stays transient, a refusal keeps the service's own message; both now
+                # name the source, so a failed run says which one.
+                raise type(err)(f"reward source {source.name}: {err}", err.peer) from err
             except Exception as err:  # noqa: BLE001 - an in-process source's own failure
                 raise RewardError(
                     f"reward source {source.name} ({address}): {type(err).__name__}: {err}",

@@ -3,7 +3,9 @@
 `GrpcPolicy` / `GrpcReward` implement the protocols of peers.py and translate every failed call
 into TransientError (UNAVAILABLE, DEADLINE_EXCEEDED) or FatalError (any other status), with a
 message that names the peer and quotes its own status message. They do not retry: the loop's
-retry with backoff is the one retry layer. The benchmark's in-process twins live in
+retry with backoff is the one retry layer. Each call runs under the run's CallLimits (its
+phase's deadline, and a watch on the peer's health while it waits: a hung peer fails the call
+as UNAVAILABLE in seconds, rlhf.watched_call). The benchmark's in-process twins live in
 bench/local_transports.py.
 
 Every channel is opened per a ClientConfig (TLS, bearer token): the one passed in, else the
@@ -19,6 +21,7 @@ from contextlib import contextmanager
 import grpc
 import torch
 
+from rlhf.call_limits import CallLimits
 from rlhf.clients import PolicyClient, RewardClient
 from rlhf.config.security import ClientConfig
 from rlhf.v1 import policy_pb2
@@ -107,10 +110,12 @@ def _calling(
 class GrpcPolicy:
     """The policy service; its facts are read once per connection."""
 
-    def __init__(self, address: str, client: ClientConfig | None = None) -> None:
+    def __init__(
+        self, address: str, client: ClientConfig | None = None, limits: CallLimits | None = None
+    ) -> None:
         self.address = address
         with _connecting(address):
-            self.client = PolicyClient(address, client=_client_config(client))
+            self.client = PolicyClient(address, limits, _client_config(client))
         self._facts: PolicyFacts | None = None
 
     def facts(self, fresh: bool = False) -> PolicyFacts:
@@ -159,10 +164,12 @@ class GrpcPolicy:
 class GrpcReward:
     """One reward service."""
 
-    def __init__(self, address: str, client: ClientConfig | None = None) -> None:
+    def __init__(
+        self, address: str, client: ClientConfig | None = None, limits: CallLimits | None = None
+    ) -> None:
         self.address = address
         with _connecting(address):
-            self.client = RewardClient(address, client=_client_config(client))
+            self.client = RewardClient(address, limits, _client_config(client))
 
     def name(self) -> str:
         with _calling(self.address, "GetInfo"):
@@ -176,9 +183,11 @@ class GrpcReward:
         self.client.close()
 
 
-def connect_rewards(specs: list[EndpointSpec], client: ClientConfig | None = None) -> RewardMixer:
+def connect_rewards(
+    specs: list[EndpointSpec], client: ClientConfig | None = None, limits: CallLimits | None = None
+) -> RewardMixer:
     """A mixer over gRPC reward endpoints, each probed first."""
-    mixer = RewardMixer(lambda address: GrpcReward(address, client))
+    mixer = RewardMixer(lambda address: GrpcReward(address, client, limits))
     mixer.set_endpoints(specs)
     return mixer
 
