@@ -95,8 +95,8 @@ def trainer(root: Path, tiny_lm: Path, **settings: object) -> Iterator[Trainer]:
     """A trainer service on port 0 over `root`, with in-process transports (its own policy)."""
     policy = HeldPolicy(str(tiny_lm))
     transports = Transports(
-        policy=lambda address: policy,
-        reward=lambda address: (DeadReward if address == DEAD else LocalReward)(
+        policy=lambda address, limits: policy,
+        reward=lambda address, limits: (DeadReward if address == DEAD else LocalReward)(
             VaderBackend(), address=address
         ),
     )
@@ -308,7 +308,7 @@ def test_unreadable_run_folders_are_skipped_with_a_warning(
     with caplog.at_level(logging.WARNING, "rlhf.trainer.records"):
         servicer = TrainerServicer(
             TrainerServiceConfig(policy="local:1", reward=["local:2"], output_dir=str(tmp_path)),
-            Transports(policy=lambda a: None, reward=lambda a: None),  # type: ignore[arg-type,return-value]
+            Transports(policy=lambda a, lim: None, reward=lambda a, lim: None),  # type: ignore[arg-type,return-value]
         )
     assert sorted(servicer.runs) == ["good"]
     status = servicer.runs["good"].status()
