@@ -251,6 +251,9 @@ def test_a_run_whose_peer_is_unreachable_fails_in_plain_words(
             _clean(end.error)
             if run_id == "no-policy":
                 assert "reading the policy service's facts failed 2 times" in end.error
+                # retried while the run loaded: shown as the run's own progress, not lost
+                assert end.progress.phase == trainer_pb2.RUN_PHASE_LOADING
+                assert end.progress.retries == 1 and nobody in end.progress.last_error
 
 
 def test_rlhf_train_in_this_process_ends_on_a_hung_reward_service_in_one_line(

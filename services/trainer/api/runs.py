@@ -14,7 +14,7 @@ from typing import Any
 from rlhf.v1 import trainer_pb2
 from services.trainer.api.records import Checkpointed, RunRecord, write_record
 from services.trainer.orchestrator.loop import StepResult, TrainingLoop
-from services.trainer.orchestrator.progress import Progress
+from services.trainer.orchestrator.progress import Progress, ProgressTracker
 from services.trainer.orchestrator.resume import Swap, journal_swap
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 
@@ -66,8 +66,12 @@ class Run:
         self.changed = threading.Condition()
         self.thread: threading.Thread | None = None
         self._record_lock = threading.Lock()
-        # Before the loop exists (it loads the models in its constructor) the run is loading.
-        self._loading = Progress(phase="loading", step=self.saved.step, since=time.time())
+        self.progress_tracker = ProgressTracker(
+            Progress(phase="loading", step=self.saved.step, since=time.time())
+        )
+        """The run's phase: loading until its TrainingLoop (which reports into it) takes over,
+        so retries while the loop loads (reading the policy's facts) show in GetRun too."""
+        self.progress_tracker.listeners.append(self._progressed)
 
     @classmethod
     def found(cls, record: RunRecord, saved: Checkpointed, folder: Path) -> Run:
@@ -79,7 +83,10 @@ class Run:
         run.policy, run.config, run.swaps = record.policy, record.config, list(record.swaps)
         run.ended_rewards = [EndpointSpec.parse(r) for r in record.rewards]
         run.updated = record.updated
-        run._loading = Progress(phase="idle", step=saved.step, since=record.updated)
+        run.progress_tracker = ProgressTracker(
+            Progress(phase="idle", step=saved.step, since=record.updated)
+        )
+        run.progress_tracker.listeners.append(run._progressed)
         return run
 
     # --- changes -----------------------------------------------------------------------------
@@ -91,8 +98,8 @@ class Run:
         self.save_record()
 
     def attach(self, loop: TrainingLoop) -> None:
-        """Follows the loop's progress; RUNNING unless a stop came while it loaded."""
-        loop.progress.listeners.append(self._progressed)
+        """The loop has loaded: RUNNING unless a stop came while it loaded; its checkpoints
+        rewrite run.json."""
         loop.checkpointed.append(lambda _folder: self.save_record())
         with self.changed:
             self.loop = loop
@@ -181,8 +188,7 @@ class Run:
 
     @property
     def progress(self) -> Progress:
-        loop = self.loop
-        return loop.progress.current if loop is not None else self._loading
+        return self.progress_tracker.current
 
     def status(self) -> trainer_pb2.RunStatus:
         loop = self.loop

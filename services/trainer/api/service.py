@@ -287,7 +287,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             if fresh:
                 mixer.set_endpoints([EndpointSpec.parse(r) for r in config.run.rewards])
             run.rewards = mixer  # swappable from here on, also while the models load
-            loop = TrainingLoop(config, policy, mixer, resume=resume)
+            loop = TrainingLoop(config, policy, mixer, resume, run.progress_tracker)
             run.attach(loop)
             reason = loop.run(stop=run.stop, on_step=run.add_step)
             state = State.RUN_STATE_COMPLETED if reason == "completed" else State.RUN_STATE_STOPPED

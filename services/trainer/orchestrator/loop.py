@@ -82,7 +82,10 @@ class TrainingLoop:
         policy: PolicyTransport,
         rewards: RewardMixer,
         resume: bool = False,
+        progress: ProgressTracker | None = None,
     ) -> None:
+        """`progress`: where to report phases and retries (the control API passes its run's, so
+        retries while loading show too); default: a tracker of the loop's own."""
         from services.trainer.learner.ppo_trainer import PPOTrainer
         from services.trainer.learner.value_head import PolicyWithValueHead
 
@@ -100,7 +103,7 @@ class TrainingLoop:
         """A step whose update changed the learner but did not finish: the run cannot go on."""
         self.last_stats: dict[str, float] = {}
         self.log = ContextLogger(log, {"run": run.run_id})
-        self.progress = ProgressTracker()
+        self.progress = progress or ProgressTracker()
         self.checkpointed: list[Callable[[Path], None]] = []
         """Called with each checkpoint folder once it is complete (the API records the run)."""
 

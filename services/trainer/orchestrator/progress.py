@@ -35,9 +35,10 @@ class Progress:
 class ProgressTracker:
     """Thread-safe holder of the current Progress; `listeners` are called on every change."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: Progress | None = None) -> None:
+        """`start`: the progress before the first change (default: loading, from now)."""
         self._lock = threading.Lock()
-        self._now = Progress(since=time.time())
+        self._now = start or Progress(since=time.time())
         self.listeners: list = []
 
     def enter(self, phase: str, step: int) -> None:
