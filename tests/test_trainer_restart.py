@@ -91,9 +91,15 @@ class Trainer:
 
 
 @contextmanager
-def trainer(root: Path, tiny_lm: Path, **settings: object) -> Iterator[Trainer]:
-    """A trainer service on port 0 over `root`, with in-process transports (its own policy)."""
+def trainer(
+    root: Path, tiny_lm: Path, port: int = 0, holds: tuple[int, ...] = (), **settings: object
+) -> Iterator[Trainer]:
+    """A trainer service on `port` (0: any) over `root`, with in-process transports (its own
+    policy, whose Generate calls `holds` wait from the start). On exit the server stops first
+    (streams break, as when a trainer dies), then its runs are failed and joined."""
     policy = HeldPolicy(str(tiny_lm))
+    for call in holds:
+        policy.hold(call)
     transports = Transports(
         policy=lambda address, limits: policy,
         reward=lambda address, limits: (DeadReward if address == DEAD else LocalReward)(
@@ -105,11 +111,12 @@ def trainer(root: Path, tiny_lm: Path, **settings: object) -> Iterator[Trainer]:
         allowed_endpoints=["local:*"], **settings,  # type: ignore[arg-type]
     )  # fmt: skip
     servicer = TrainerServicer(config, transports)
-    service = build_server("trainer", servicers(servicer), open_config(grace_s=0))
+    service = build_server("trainer", servicers(servicer), open_config(grace_s=0, port=port))
     client = TrainerClient(f"127.0.0.1:{service.port}")
     try:
         yield Trainer(servicer, client, policy)
     finally:
+        service.stop(grace_s=0)
         policy.killed = True
         for _, released in policy.held.values():
             released.set()
@@ -117,7 +124,6 @@ def trainer(root: Path, tiny_lm: Path, **settings: object) -> Iterator[Trainer]:
         for run in servicer.runs.values():  # no run thread outlives its trainer
             if run.thread is not None:
                 run.thread.join(60)
-        service.stop(grace_s=0)
 
 
 def _request(tiny_lm: Path, run_id: str, steps: int, save_every: int = 0) -> object:
@@ -391,3 +397,58 @@ def test_a_row_torn_by_a_kill_is_dropped_on_resume(
         metrics.truncate_after(2)
     assert [r["step"] for r in read_metrics(metrics.path)] == [1, 2]
     assert [r.line for r in caplog.records] == [4]  # type: ignore[attr-defined]
+
+
+def test_rlhf_watch_follows_a_run_across_a_trainer_restart_without_losing_a_row(
+    tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rlhf watch` loses its stream when the trainer dies mid-run, waits for it, and goes on
+    from the step after the last it showed: the restarted trainer (--resume-interrupted)
+    redoes the steps after its checkpoint, and the watcher shows every step exactly once."""
+    from services.trainer.api.display import ProgressDisplay
+
+    shown: list[int] = []
+    reconnected = threading.Event()
+    real_step, real_say = ProgressDisplay.step, ProgressDisplay.say
+
+    def record(display: ProgressDisplay, step: int, stats: dict[str, float]) -> None:
+        shown.append(step)
+        real_step(display, step, stats)
+
+    def said(display: ProgressDisplay, text: str) -> None:
+        if text.startswith("reconnected"):
+            reconnected.set()
+        real_say(display, text)
+
+    monkeypatch.setattr(ProgressDisplay, "step", record)
+    monkeypatch.setattr(ProgressDisplay, "say", said)
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    result: dict[str, int] = {}
+    with trainer(first, tiny_lm) as t:
+        port = int(t.client.address.rpartition(":")[2])
+        waiting = t.policy.hold(4)  # step 4's Generate: steps 1-3 done, checkpoint at 2
+        t.client.start(_request(tiny_lm, "w", 5, save_every=2))
+        watcher_client = TrainerClient(t.client.address)
+        watcher = threading.Thread(
+            target=lambda: result.update(code=commands.watch_run(watcher_client, "w", 1, 60))
+        )
+        watcher.start()
+        assert waiting.wait(60), "step 4 never reached Generate"
+        for _ in range(300):  # the watcher has shown steps 1-3 (a step beyond the checkpoint)
+            if shown == [1, 2, 3]:
+                break
+            threading.Event().wait(0.1)
+        assert shown == [1, 2, 3]
+        shutil.copytree(first, copy)  # the disk as a SIGKILL during step 4 leaves it
+    # The trainer is gone; a new one on the same port resumes the run from step 2's checkpoint.
+    # Its first Generate (step 3, redone) waits until the watcher is back, which asked for the
+    # steps from 4 on: the redone step 3 arrives live and must not be shown again.
+    with trainer(copy, tiny_lm, port=port, holds=(1,), resume_interrupted=True) as again:
+        assert reconnected.wait(60), "the watcher did not reconnect"
+        again.policy.release(1)
+        watcher.join(120)
+        assert not watcher.is_alive()
+    watcher_client.close()
+    assert result["code"] == 0
+    assert shown == [1, 2, 3, 4, 5]  # step 3, redone after the restart, is not shown twice
+    assert [r["step"] for r in _rows(copy, "w")] == [1, 2, 3, 4, 5]

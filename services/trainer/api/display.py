@@ -55,6 +55,11 @@ class ProgressDisplay:
             self._phase_began = time.monotonic() - elapsed_s
             self._draw()
 
+    def say(self, text: str) -> None:
+        """A line above the bar, on stderr (e.g. the trainer went away; reconnecting)."""
+        with self._lock:
+            self.bar.write(text, file=sys.stderr)
+
     def step(self, step: int, stats: dict[str, float]) -> None:
         """Step `step` finished with these statistics."""
         with self._lock:

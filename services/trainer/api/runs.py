@@ -248,6 +248,8 @@ def watch(run: Run, from_step: int, gone: threading.Event) -> Iterator[trainer_p
             pending = run.history[next_index:]
             progress, state, error = run.progress, run.state, run.error
         for result, finished in pending:
+            if result.step < from_step:  # a resumed run redoing steps the caller already has
+                continue
             yield trainer_pb2.StepMetrics(
                 run_id=run.run_id,
                 step=result.step,
