@@ -3,6 +3,7 @@ bounded policy service per module; one torch thread everywhere."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,18 @@ from tools.tiny import make_causal_lm, make_classifier
 # tests start as processes inherit OMP_NUM_THREADS.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs a command in this process (`main([...])`) routes the root logger to
+    JSON on stderr (rlhf.logs.setup_logging); undone after it, so the next test's captured
+    stderr holds only what that test's own code wrote."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
