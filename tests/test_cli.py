@@ -102,3 +102,18 @@ def test_the_process_prints_no_traceback(dead_address: str) -> None:
         "`rlhf trainer serve` running there? (--trainer / RLHF_TRAINER; a trainer serving TLS "
         "also needs --tls-ca, --tls-cert, --tls-key)"
     ]
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly() -> None:
+    """`rlhf ... | head` closes the pipe before the command has printed: exit 1, no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf.cli", "k8s", "render", "--overlay", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # before kustomize has rendered anything: every write fails
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
