@@ -20,8 +20,13 @@ from rlhf.config import add_dataclass_arguments, add_env_argument, from_args
 from rlhf.config.security import ClientConfig
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS, TRAINER_ADDRESS
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the modules themselves are imported where they run
+    from rlhf.v1.trainer_pb2 import StepMetrics
+    from services.trainer.api.client import TrainerClient
+    from services.trainer.api.display import ProgressDisplay
+    from services.trainer.config import TrainConfig
     from services.trainer.orchestrator.loop import TrainingLoop
+    from services.trainer.orchestrator.resume import RewardPlan
 
 
 def _add_trainer_address(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +40,7 @@ def _add_run_id(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", default="", help="the run (default: the latest)")
 
 
-def _client(args: argparse.Namespace):  # noqa: ANN202 - a TrainerClient (imported lazily)
+def _client(args: argparse.Namespace) -> TrainerClient:
     from services.trainer.api.client import TrainerClient
 
     return TrainerClient(args.trainer, client=from_args(ClientConfig, args))
@@ -199,7 +204,7 @@ def _run_with_display(loop: TrainingLoop) -> None:
         display.close()
 
 
-def _resume_plan(config, caller: list[str]):  # noqa: ANN001, ANN202 - TrainConfig, RewardPlan
+def _resume_plan(config: TrainConfig, caller: list[str]) -> RewardPlan:
     """`--resume`: the checkpoint's reward endpoints and the swaps journaled after it (run.json
     of a run a trainer service ran), unless the caller named endpoints (those win, logged)."""
     from pathlib import Path
@@ -382,8 +387,8 @@ _GONE = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED")
 """Statuses of a watch broken by the trainer going away, not by a refusal."""
 
 
-def watch_run(  # noqa: ANN001 - client: a TrainerClient
-    client, run_id: str, from_step: int, reconnect_s: float = RECONNECT_S
+def watch_run(
+    client: TrainerClient, run_id: str, from_step: int, reconnect_s: float = RECONNECT_S
 ) -> int:
     """Follows a run to its end with a progress display; prints its terminal state. Returns 0
     when it completed or was stopped, 1 when it failed or was interrupted.
@@ -431,7 +436,7 @@ def watch_run(  # noqa: ANN001 - client: a TrainerClient
     return 0 if end.state in (trainer_pb2.RUN_STATE_COMPLETED, trainer_pb2.RUN_STATE_STOPPED) else 1
 
 
-def _show_progress(display, message) -> None:  # noqa: ANN001 - ProgressDisplay, StepMetrics
+def _show_progress(display: ProgressDisplay, message: StepMetrics) -> None:
     from rlhf.v1 import trainer_pb2
 
     p = message.progress
@@ -440,7 +445,7 @@ def _show_progress(display, message) -> None:  # noqa: ANN001 - ProgressDisplay,
     display.phase(phase, p.step, p.phase_elapsed_s, p.retries, note, p.last_error)
 
 
-def _wait_for_trainer(client, run_id: str, within_s: float) -> None:  # noqa: ANN001
+def _wait_for_trainer(client: TrainerClient, run_id: str, within_s: float) -> None:
     """Returns once the trainer answers GetRun for `run_id` again; CommandError after
     `within_s`, or at once when it answers that it does not know the run."""
     import time
