@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,13 +32,14 @@ from rlhf.v1 import trainer_pb2
 from services.reward.backends.vader import VaderBackend
 from services.trainer import cli as trainer_cli
 from services.trainer.api import commands
+from services.trainer.api import service as service_module
 from services.trainer.api.client import TrainerClient, TrainerError
 from services.trainer.api.records import MAX_RECORD_BYTES, RECORD, RunRecord, write_record
 from services.trainer.api.service import TrainerServicer, Transports, servicers
 from services.trainer.config import GenerationConfig, TrainerServiceConfig, load_train_config
 from services.trainer.orchestrator.loop import TrainingLoop
 from services.trainer.orchestrator.metrics import MetricsLog, read_metrics
-from services.trainer.orchestrator.peers import Rollout
+from services.trainer.orchestrator.peers import Rollout, TransientError
 from services.trainer.orchestrator.resume import Swap, journal_swap
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 from tests.fuzz_requests import start_request
@@ -83,6 +85,19 @@ class DeadReward(LocalReward):
         raise RuntimeError("no reward service answers here")
 
 
+class LateReward(LocalReward):
+    """Unreachable (a transient error, as over gRPC) until `up` is set; counts the attempts."""
+
+    up = threading.Event()
+    attempts = 0
+
+    def name(self) -> str:
+        LateReward.attempts += 1
+        if not self.up.is_set():
+            raise TransientError(f"GetInfo on {self.address} failed: UNAVAILABLE", self.address)
+        return super().name()
+
+
 @dataclass
 class Trainer:
     servicer: TrainerServicer
@@ -92,19 +107,25 @@ class Trainer:
 
 @contextmanager
 def trainer(
-    root: Path, tiny_lm: Path, port: int = 0, holds: tuple[int, ...] = (), **settings: object
+    root: Path,
+    tiny_lm: Path,
+    port: int = 0,
+    holds: tuple[int, ...] = (),
+    late_rewards: bool = False,
+    **settings: object,
 ) -> Iterator[Trainer]:
     """A trainer service on `port` (0: any) over `root`, with in-process transports (its own
-    policy, whose Generate calls `holds` wait from the start). On exit the server stops first
-    (streams break, as when a trainer dies), then its runs are failed and joined."""
+    policy, whose Generate calls `holds` wait from the start; with `late_rewards` every reward
+    endpoint is a LateReward). On exit the server stops first (streams break, as when a
+    trainer dies), then its runs are failed and joined."""
     policy = HeldPolicy(str(tiny_lm))
     for call in holds:
         policy.hold(call)
     transports = Transports(
         policy=lambda address, limits: policy,
-        reward=lambda address, limits: (DeadReward if address == DEAD else LocalReward)(
-            VaderBackend(), address=address
-        ),
+        reward=lambda address, limits: (
+            LateReward if late_rewards else DeadReward if address == DEAD else LocalReward
+        )(VaderBackend(), address=address),
     )
     config = TrainerServiceConfig(
         policy="local:1", reward=["a@local:2"], output_dir=str(root), model_root=[str(tiny_lm)],
@@ -238,6 +259,35 @@ def test_resume_interrupted_resumes_the_latest_by_itself(tmp_path: Path, tiny_lm
         assert messages[-1].state == State.RUN_STATE_COMPLETED, messages[-1].error
         assert [m.step for m in messages if m.event == STEP] == [1, 2, 3]
         assert t.client.get("older").state == State.RUN_STATE_INTERRUPTED  # one at a time
+
+
+def test_resume_interrupted_waits_for_a_reward_service_that_is_not_up_yet(
+    tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Services restarting together: the trainer is back before its reward service. The resume
+    is refused UNAVAILABLE (a caller may try again) and the trainer tries again by itself
+    until the endpoint answers; then the run resumes and completes."""
+    monkeypatch.setattr(service_module, "RESUME_RETRY_S", 0.1)
+    root = _killed_at(tmp_path, tiny_lm, steps=3, cut=3, swaps={})
+    LateReward.up.clear()
+    LateReward.attempts = 0
+    with trainer(root, tiny_lm, late_rewards=True, resume_interrupted=True) as t:
+        assert t.client.get("cut").state == State.RUN_STATE_INTERRUPTED
+        with pytest.raises(TrainerError) as refused:
+            t.client.start(trainer_pb2.StartRunRequest(run_id="cut", resume=True))
+        assert refused.value.code == "UNAVAILABLE" and "local:2" in refused.value.details
+        for _ in range(300):  # the trainer keeps trying in the background
+            if LateReward.attempts >= 4:
+                break
+            time.sleep(0.05)
+        assert LateReward.attempts >= 4
+        LateReward.up.set()
+        for _ in range(600):
+            if t.client.get("cut").state == State.RUN_STATE_COMPLETED:
+                break
+            time.sleep(0.05)
+        assert t.client.get("cut").state == State.RUN_STATE_COMPLETED
+    assert [r["step"] for r in _rows(root, "cut")] == [1, 2, 3]
 
 
 def test_resume_restores_swapped_endpoints_and_reapplies_later_swaps(

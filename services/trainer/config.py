@@ -219,6 +219,10 @@ class TrainerServiceConfig:
     resume_interrupted: bool = False
     """On start, resume by itself the most recent run this trainer finds INTERRUPTED under
     output_dir (it was active when the trainer stopped); the others stay INTERRUPTED."""
+    resume_wait_s: float = 600.0
+    """With resume_interrupted: how long to keep trying, every RESUME_RETRY_S seconds, while
+    the resume is refused because a reward endpoint does not answer its probe yet (services
+    restarting together after a node reboot); any other refusal is logged at once."""
 
     def __post_init__(self) -> None:
         check(self, "trainer settings")
@@ -230,6 +234,8 @@ class TrainerServiceConfig:
         for name in ("data_root", "model_root"):  # "" would allow the working directory
             if any(not entry.strip() for entry in getattr(self, name)):
                 found.append(f"{name}: an entry is empty; name folders")
+        if not 0 <= self.resume_wait_s <= 86_400:
+            found.append(f"resume_wait_s must be in [0, 86400] seconds, got {self.resume_wait_s}")
         for entry in self.allowed_endpoints:
             host, _, port = entry.rpartition(":")
             if not host or not (port == "*" or port.isdigit()):

@@ -49,7 +49,7 @@ from services.trainer.config import (
 )
 from services.trainer.orchestrator.loop import TrainingLoop
 from services.trainer.orchestrator.model_check import ModelMismatch
-from services.trainer.orchestrator.peers import PolicyTransport
+from services.trainer.orchestrator.peers import PolicyTransport, TransientError
 from services.trainer.orchestrator.resume import Swap, apply_plan, plan_rewards
 from services.trainer.orchestrator.rewards import (
     EndpointSpec,
@@ -60,6 +60,8 @@ from services.trainer.orchestrator.rewards import (
 from services.trainer.orchestrator.transports import served_model_check
 
 log = logging.getLogger("rlhf.trainer.service")
+RESUME_RETRY_S = 5.0
+"""Pause between attempts of resume_interrupted's resume while a reward endpoint is down."""
 
 
 def _from_proto(endpoint: trainer_pb2.RewardEndpoint) -> EndpointSpec:
@@ -128,17 +130,47 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def resume_interrupted(self) -> None:
         """Resumes the most recent INTERRUPTED run (one run at a time: the others stay
-        INTERRUPTED). A resume that is refused is logged; the run stays INTERRUPTED."""
+        INTERRUPTED). Refused because a reward endpoint does not answer yet, it is tried again
+        in the background every RESUME_RETRY_S for resume_wait_s; any other refusal is logged
+        and the run stays INTERRUPTED."""
         interrupted = [r for r in self.runs.values() if r.state == State.RUN_STATE_INTERRUPTED]
         if not interrupted:
             return
-        run = max(interrupted, key=lambda r: r.updated)
+        run_id = max(interrupted, key=lambda r: r.updated).run_id
+        if not self._try_resume(run_id):
+            threading.Thread(
+                target=self._keep_resuming, args=(run_id,), name=f"resume-{run_id}", daemon=True
+            ).start()
+
+    def _try_resume(self, run_id: str) -> bool:
+        """One resume attempt of an INTERRUPTED run; False when it is worth another later."""
         try:
-            self._start(trainer_pb2.StartRunRequest(run_id=run.run_id, resume=True))
+            run = self._start(trainer_pb2.StartRunRequest(run_id=run_id, resume=True))
         except RpcError as err:
-            log.error("interrupted run not resumed", extra={"run": run.run_id, "error": str(err)})
-            return
-        log.info("interrupted run resumed", extra={"run": run.run_id, "from_step": run.step})
+            if err.code == grpc.StatusCode.UNAVAILABLE:
+                log.warning(
+                    "interrupted run not resumed yet; trying again",
+                    extra={"run": run_id, "error": str(err), "retry_s": RESUME_RETRY_S},
+                )
+                return False
+            log.error("interrupted run not resumed", extra={"run": run_id, "error": str(err)})
+            return True
+        log.info("interrupted run resumed", extra={"run": run_id, "from_step": run.step})
+        return True
+
+    def _keep_resuming(self, run_id: str) -> None:
+        deadline = time.monotonic() + self.defaults.resume_wait_s
+        while time.monotonic() + RESUME_RETRY_S <= deadline:
+            time.sleep(RESUME_RETRY_S)
+            run = self.runs.get(run_id)
+            if run is None or run.state != State.RUN_STATE_INTERRUPTED:
+                return  # a caller resumed it (or started it afresh) meanwhile
+            if self._try_resume(run_id):
+                return
+        log.error(
+            "interrupted run not resumed: its reward endpoints did not answer in time",
+            extra={"run": run_id, "resume_wait_s": self.defaults.resume_wait_s},
+        )
 
     # --- helpers -----------------------------------------------------------------------------
     def _find(self, run_id: str, rpc: str = "") -> Run:
@@ -222,7 +254,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             apply_plan(mixer, plan)
         except RewardError as err:
             mixer.close()
-            raise precondition(f"resume of run {run_id}: {err}") from None
+            # An endpoint that does not answer yet may later (UNAVAILABLE: try again); one that
+            # answers wrongly will not.
+            unreachable = isinstance(err.__cause__, TransientError)
+            code = (
+                grpc.StatusCode.UNAVAILABLE if unreachable else grpc.StatusCode.FAILED_PRECONDITION
+            )
+            raise RpcError(code, f"resume of run {run_id}: {err}") from None
         if plan.caller_wins:  # the swaps after the checkpoint are not re-applied: forget them
             journal = [s for s in journal if s.from_step <= saved.step]
         return saved, list(journal), mixer
