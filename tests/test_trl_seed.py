@@ -1,5 +1,6 @@
 """The TRL 0.11.4 baseline: bench/trl_env.py prepares its own venv, and bench/trl_seed_loop.py
-runs the seed's loop in it on the tiny model and prints its JSON line.
+runs the seed's loop in it on the tiny model and prints its JSON line, also step by step
+through bench/trl_side.py.
 
 The first preparation installs torch and ~60 pins from the registry (about 70-100 s on the
 2-core machine); after that it is a stamp check and the loop test takes ~10 s. If the venv
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench import trl_env
+from bench.trl_side import TrlSide
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOP = ROOT / "bench" / "trl_seed_loop.py"
@@ -31,10 +33,9 @@ def trl_python() -> Path:
         pytest.skip(f"the TRL 0.11.4 venv cannot be prepared on this machine: {err}")
 
 
-def _loop(python: Path, model: Path, *flags: str, stdin: str | None = None) -> list[dict]:
+def _loop(python: Path, model: Path, *flags: str) -> list[dict]:
     done = subprocess.run(
         [str(python), str(LOOP), "--model", str(model), "--seed", "0", "--threads", "1", *flags],
-        input=stdin,
         capture_output=True,
         text=True,
         timeout=150,
@@ -62,13 +63,13 @@ def test_seed_loop_runs_in_its_venv_and_reports(trl_python: Path, tiny_lm: Path)
 
 
 @pytest.mark.slow
-def test_stdin_steps_run_one_step_per_line(trl_python: Path, tiny_lm: Path) -> None:
-    lines = _loop(trl_python, tiny_lm, "--warmup", "0", "--stdin-steps", stdin="step\nstep\n")
-    ready, first, second, summary = lines
-    assert ready["ready"] is True
+def test_trl_side_runs_one_step_per_call(trl_python: Path, tiny_lm: Path) -> None:
+    with TrlSide(trl_python, tiny_lm, seed=0, threads=1, warmup=0) as trl:
+        first, second = trl.step(), trl.step()
+    assert trl.ready is not None and trl.ready["ready"] is True
     assert first["episodes"] == second["episodes"] == 4
-    assert summary["steps"] == 2
-    assert summary["step_s"] == [first["seconds"], second["seconds"]]
+    assert trl.summary is not None and trl.summary["steps"] == 2
+    assert trl.summary["step_s"] == [first["seconds"], second["seconds"]]
 
 
 def test_a_matching_stamp_means_nothing_is_run(tmp_path: Path, monkeypatch) -> None:
