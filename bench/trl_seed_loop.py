@@ -205,6 +205,12 @@ def _emit(row: dict[str, Any]) -> None:
     print(json.dumps(row), flush=True)
 
 
+def _progress(name: str, row: dict[str, Any]) -> None:
+    """One line on stderr per step: a SmolLM2 step takes tens of seconds on a busy machine."""
+    phases = ", ".join(f"{p} {row[p]:.1f} s" for p in PHASES)
+    print(f"trl_seed_loop: {name}: {row['seconds']:.1f} s ({phases})", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _flags(argv)
     if args.threads:
@@ -217,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     loop = SeedLoop(args.model, args.seed, _prompts(args.prompts))
     loaded = time.perf_counter()
-    for _ in range(args.warmup):
-        loop.run_step()
+    for number in range(args.warmup):
+        _progress(f"warm-up {number + 1}", loop.run_step())
     warmup_s = time.perf_counter() - loaded
     rows: list[dict[str, Any]] = []
     if args.stdin_steps:
@@ -231,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise SystemExit("stdin closed before any 'step': nothing measured")
     else:
-        rows = [loop.run_step() for _ in range(args.steps)]
+        for number in range(args.steps):
+            rows.append(loop.run_step())
+            _progress(f"step {number + 1}/{args.steps}", rows[-1])
     _emit(summarize(rows, warmup_s, loaded - began))
     return 0
 
