@@ -21,6 +21,10 @@ seconds per phase per step (generate, score, step), generated tokens/s, peak RSS
 With --stdin-steps it prints {"ready": ...} after the warm-up, then runs one measured step per
 line read from stdin ("step"), printing that step's JSON line, and the summary line at EOF:
 this lets a caller alternate it step by step with another system (ABBA) without reloading.
+
+Pin --threads to the cores the side may use: with 2 torch threads on the 2-core machine while
+other processes ran, 4 SmolLM2 steps took over 20 minutes (OpenMP threads spin-waiting on a
+descheduled sibling); with 1 thread, 34 s a step.
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 runs the seed's loop in it on the tiny model and prints its JSON line, also step by step
 through bench/trl_side.py.
 
-The first preparation installs torch and ~60 pins from the registry (about 70-100 s on the
-2-core machine); after that it is a stamp check and the loop test takes ~10 s. If the venv
-cannot be prepared here (no python3.11, a registry without the pins), the slow tests are skipped
-with pip's error as the reason.
+The first preparation installs torch and 55 pins from the registry: 72 s on the 2-core machine
+lightly loaded, 181 s beside other runs. After that it is a stamp check (0.1 s), and the two
+slow tests took 37 s beside other runs. If the venv cannot be prepared here (no
+python3.11, a registry without the pins), the slow tests are skipped with pip's error as the
+reason.
 """
 
 from __future__ import annotations
