@@ -31,7 +31,7 @@ from rlhf.server import build_server
 from rlhf.v1 import trainer_pb2
 from services.reward.backends.vader import VaderBackend
 from services.trainer import cli as trainer_cli
-from services.trainer.api import commands
+from services.trainer.api import commands, watching
 from services.trainer.api import service as service_module
 from services.trainer.api.client import TrainerClient, TrainerError
 from services.trainer.api.records import MAX_RECORD_BYTES, RECORD, RunRecord, write_record
@@ -480,7 +480,7 @@ def test_rlhf_watch_follows_a_run_across_a_trainer_restart_without_losing_a_row(
         t.client.start(_request(tiny_lm, "w", 5, save_every=2))
         watcher_client = TrainerClient(t.client.address)
         watcher = threading.Thread(
-            target=lambda: result.update(code=commands.watch_run(watcher_client, "w", 1, 60))
+            target=lambda: result.update(code=watching.watch_run(watcher_client, "w", 1, 60))
         )
         watcher.start()
         assert waiting.wait(60), "step 4 never reached Generate"

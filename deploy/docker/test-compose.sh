@@ -4,9 +4,9 @@
 # Installs docker.io, docker-compose and debootstrap (apt) when missing, starts a private dockerd
 # (deploy/docker/engine.sh), builds the image offline (build-images.sh), runs
 # tests/compose/ (`docker compose up` of the real compose file with mutual TLS and authorisation
-# on, strangers refused UpdateWeights, a PPO run, a reward swap and a reward container killed and
-# restarted mid-run), then removes every container, network and
-# volume it made and stops dockerd by its pid, also when a step fails. Where docker cannot be
+# on, strangers refused UpdateWeights, a PPO run, a reward swap, and the reward-b and policy
+# containers' processes SIGKILLed and restarted by docker mid-run), then removes every container,
+# network and volume it made and stops dockerd by its pid, also when a step fails. Where docker cannot be
 # installed or started it fails loudly; it never skips. Last it checks that the host's firewall
 # rules are what they were before it began (engine.sh rules), even when it installed iptables
 # itself: a difference fails the test and is printed.

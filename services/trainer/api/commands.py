@@ -12,18 +12,16 @@ train` without --trainer uses them for its channels to the policy and reward ser
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import TYPE_CHECKING
 
 from rlhf.command_errors import CommandError
 from rlhf.config import add_dataclass_arguments, add_env_argument, from_args
 from rlhf.config.security import ClientConfig
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS, TRAINER_ADDRESS
+from services.trainer.api.watching import RECONNECT_S, resume_hint, state_name, watch_run
 
 if TYPE_CHECKING:  # annotations only: the modules themselves are imported where they run
-    from rlhf.v1.trainer_pb2 import StepMetrics
     from services.trainer.api.client import TrainerClient
-    from services.trainer.api.display import ProgressDisplay
     from services.trainer.config import TrainConfig
     from services.trainer.orchestrator.loop import TrainingLoop
     from services.trainer.orchestrator.resume import RewardPlan
@@ -277,7 +275,7 @@ class Status:
 
         status = _client(args).get(args.run_id)
         print(f"run        {status.run_id}")
-        print(f"state      {_state(status.state)}")
+        print(f"state      {state_name(status.state)}")
         print(f"step       {status.step} / {status.total_steps}")
         if status.HasField("progress") and status.progress.phase:
             p = status.progress
@@ -297,7 +295,7 @@ class Status:
         if status.error:
             print(f"error      {status.error}")
         if status.state == trainer_pb2.RUN_STATE_INTERRUPTED:
-            print(f"resume     {_resume_hint(args.trainer, status.run_id)}")
+            print(f"resume     {resume_hint(args.trainer, status.run_id)}")
         return 0
 
 
@@ -340,7 +338,7 @@ class Stop:
     def run(args: argparse.Namespace) -> int:
         client = _client(args)
         status = client.stop(args.run_id)
-        print(f"run {status.run_id}: {_state(status.state)} at step {status.step}")
+        print(f"run {status.run_id}: {state_name(status.state)} at step {status.step}")
         if args.wait:
             return watch_run(client, status.run_id, from_step=0)
         return 0
@@ -365,105 +363,3 @@ class SwapReward:
         names = ", ".join(f"{r.name} @ {r.address} x {r.weight:g}" for r in reply.rewards)
         print(f"rewards from step {reply.effective_from_step}: {names}")
         return 0
-
-
-def _resume_hint(trainer: str, run_id: str) -> str:
-    return (
-        f"the trainer stopped while it ran: rlhf train --trainer {trainer} --run-id {run_id} "
-        "--resume"
-    )
-
-
-def _state(state: int) -> str:
-    from rlhf.v1 import trainer_pb2
-
-    return trainer_pb2.RunState.Name(state).removeprefix("RUN_STATE_")
-
-
-RECONNECT_S = 300.0
-"""How long `rlhf watch` (and `rlhf train --trainer`, `rlhf stop --wait`) waits for a trainer
-that went away mid-watch (restarted, its pod rescheduled) before it gives up."""
-_GONE = ("UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED")
-"""Statuses of a watch broken by the trainer going away, not by a refusal."""
-
-
-def watch_run(
-    client: TrainerClient, run_id: str, from_step: int, reconnect_s: float = RECONNECT_S
-) -> int:
-    """Follows a run to its end with a progress display; prints its terminal state. Returns 0
-    when it completed or was stopped, 1 when it failed or was interrupted.
-
-    A trainer that goes away mid-watch (killed, restarted, shut down) is waited for up to
-    `reconnect_s`; the watch then goes on from the step after the last one shown, which the
-    restarted trainer replays from the run's metrics file: no row is lost or shown twice."""
-    from rlhf.v1 import trainer_pb2
-    from services.trainer.api.client import TrainerError
-    from services.trainer.api.display import ProgressDisplay
-
-    status = client.get(run_id)
-    display = ProgressDisplay(status.total_steps)
-    shown = from_step - 1 if from_step else status.step  # the last step the display has
-    end = None
-    try:
-        while end is None:
-            try:
-                for message in client.watch(status.run_id, shown + 1):
-                    if message.event == trainer_pb2.WATCH_EVENT_END:
-                        end = message
-                        break
-                    if message.event == trainer_pb2.WATCH_EVENT_PROGRESS:
-                        _show_progress(display, message)
-                    else:
-                        display.step(message.step, dict(message.metrics))
-                        shown = message.step
-            except TrainerError as err:
-                if err.code not in _GONE:
-                    raise
-            if end is None:  # the stream ended or broke without END: the trainer went away
-                display.say(
-                    f"the trainer at {client.address} went away during the watch; waiting up "
-                    f"to {reconnect_s:.0f} s for it to come back"
-                )
-                _wait_for_trainer(client, status.run_id, reconnect_s)
-                display.say(f"reconnected: following run {status.run_id} from step {shown + 1}")
-    finally:
-        display.close()
-    print(f"run {status.run_id}: {_state(end.state)} at step {end.step}/{status.total_steps}")
-    if end.error:
-        print(f"error: {end.error}", file=sys.stderr)
-    if end.state == trainer_pb2.RUN_STATE_INTERRUPTED:
-        print(_resume_hint(client.address, status.run_id), file=sys.stderr)
-    return 0 if end.state in (trainer_pb2.RUN_STATE_COMPLETED, trainer_pb2.RUN_STATE_STOPPED) else 1
-
-
-def _show_progress(display: ProgressDisplay, message: StepMetrics) -> None:
-    from rlhf.v1 import trainer_pb2
-
-    p = message.progress
-    phase = trainer_pb2.RunPhase.Name(p.phase).removeprefix("RUN_PHASE_").lower()
-    note = "stopping" if message.state == trainer_pb2.RUN_STATE_STOPPING else ""
-    display.phase(phase, p.step, p.phase_elapsed_s, p.retries, note, p.last_error)
-
-
-def _wait_for_trainer(client: TrainerClient, run_id: str, within_s: float) -> None:
-    """Returns once the trainer answers GetRun for `run_id` again; CommandError after
-    `within_s`, or at once when it answers that it does not know the run."""
-    import time
-
-    from services.trainer.api.client import TrainerError
-
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            client.get(run_id)
-            return
-        except TrainerError as err:
-            if err.code not in _GONE:
-                raise
-            if time.monotonic() >= deadline:
-                raise CommandError(
-                    f"the trainer at {client.address} went away while run {run_id} was watched "
-                    f"and did not answer again within {within_s:.0f} s; `rlhf status` shows "
-                    "where the run is once it is back"
-                ) from None
-        time.sleep(1.0)
