@@ -26,7 +26,7 @@ from typing import Any
 
 from rlhf.v1 import trainer_pb2
 from services.trainer.config import RUN_ID
-from services.trainer.orchestrator.checkpoint import latest_checkpoint
+from services.trainer.orchestrator.checkpoint import latest_checkpoint, replace_text
 from services.trainer.orchestrator.loop import StepResult
 from services.trainer.orchestrator.metrics import iter_rows, row_stats
 from services.trainer.orchestrator.resume import Swap
@@ -102,9 +102,7 @@ class RunRecord:
 def write_record(folder: Path, record: RunRecord) -> None:
     """Writes run.json atomically (readers see the old file or the new one, never half)."""
     folder.mkdir(parents=True, exist_ok=True)
-    staging = folder / f".{RECORD}.tmp"
-    staging.write_text(json.dumps(record.to_json()))
-    os.replace(staging, folder / RECORD)
+    replace_text(folder / RECORD, json.dumps(record.to_json()))
 
 
 def read_record(folder: Path) -> RunRecord:

@@ -20,6 +20,19 @@ from pathlib import Path
 _FOLDER = re.compile(r"step-\d{6,}")
 
 
+def replace_text(path: Path, text: str, durable: bool = False) -> None:
+    """Writes `path` atomically: `text` goes to a temporary file beside it, renamed over it, so
+    a reader (or a restart after a kill) sees the old content or the new, never half. With
+    `durable` the bytes reach the disk before the rename (fsync), for a write-ahead record."""
+    staging = path.with_name(f".{path.name}.tmp")
+    with open(staging, "w") as out:
+        out.write(text)
+        if durable:
+            out.flush()
+            os.fsync(out.fileno())
+    os.replace(staging, path)
+
+
 def _folder_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -39,9 +52,7 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
+    replace_text(root / "latest", final.name + "\n")
     if keep > 0:
         complete = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in complete[:-keep]:

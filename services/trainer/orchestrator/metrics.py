@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from services.trainer.orchestrator.checkpoint import replace_text
 
 log = logging.getLogger("rlhf.trainer.metrics")
 ROW_KEYS = ("step", "time")
@@ -51,9 +52,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [json.dumps(row) + "\n" for row in iter_rows(self.path) if row["step"] <= step]
-        staging = self.path.with_name(f".{self.path.name}.tmp")
-        staging.write_text("".join(kept))
-        os.replace(staging, self.path)
+        replace_text(self.path, "".join(kept))
 
     def close(self) -> None:
         if self.tensorboard is not None:

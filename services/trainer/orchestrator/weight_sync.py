@@ -21,7 +21,6 @@ The rules (issue #13):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -29,6 +28,7 @@ from typing import TypeVar
 import torch
 
 from rlhf.logs import ContextLogger
+from services.trainer.orchestrator.checkpoint import replace_text
 from services.trainer.orchestrator.peers import (
     FatalError,
     PolicyFacts,
@@ -58,14 +58,9 @@ def read_high_water(folder: Path) -> int:
 
 
 def write_high_water(folder: Path, version: int) -> None:
-    """Records `version` atomically (a temporary file, then os.replace)."""
+    """Records `version` atomically, on disk before the push it announces."""
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / f".{HIGH_WATER_FILE}.tmp"
-    with open(temporary, "w") as out:
-        out.write(f"{version}\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, folder / HIGH_WATER_FILE)
+    replace_text(folder / HIGH_WATER_FILE, f"{version}\n", durable=True)
 
 
 class WeightSync:
