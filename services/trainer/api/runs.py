@@ -44,7 +44,9 @@ class Run:
         total_steps: int,
         saved: Checkpointed | None = None,
         folder: Path | None = None,
+        progress: Progress | None = None,
     ) -> None:
+        """`progress`: where the run is (default: loading, from now)."""
         self.run_id = run_id
         self.total_steps = total_steps
         self.state = State.RUN_STATE_STARTING
@@ -67,7 +69,7 @@ class Run:
         self.thread: threading.Thread | None = None
         self._record_lock = threading.Lock()
         self.progress_tracker = ProgressTracker(
-            Progress(phase="loading", step=self.saved.step, since=time.time())
+            progress or Progress(phase="loading", step=self.saved.step, since=time.time())
         )
         """The run's phase: loading until its TrainingLoop (which reports into it) takes over,
         so retries while the loop loads (reading the policy's facts) show in GetRun too."""
@@ -76,17 +78,14 @@ class Run:
     @classmethod
     def found(cls, record: RunRecord, saved: Checkpointed, folder: Path) -> Run:
         """A run a restarted trainer found on disk: one that was active is INTERRUPTED."""
-        run = cls(record.run_id, record.total_steps, saved, folder)
+        idle = Progress(phase="idle", step=saved.step, since=record.updated)
+        run = cls(record.run_id, record.total_steps, saved, folder, idle)
         state = State.Value(record.state)
         run.state = State.RUN_STATE_INTERRUPTED if state not in ENDED else state
         run.error = record.error
         run.policy, run.config, run.swaps = record.policy, record.config, list(record.swaps)
         run.ended_rewards = [EndpointSpec.parse(r) for r in record.rewards]
         run.updated = record.updated
-        run.progress_tracker = ProgressTracker(
-            Progress(phase="idle", step=saved.step, since=record.updated)
-        )
-        run.progress_tracker.listeners.append(run._progressed)
         return run
 
     # --- changes -----------------------------------------------------------------------------
