@@ -167,7 +167,10 @@ def settings_line(config: Mapping[str, Any], policy_dtype: str) -> str:
     (dataclasses.asdict of its TrainConfig) and the policy service's dtype. A trainer that
     predates either setting runs fp32 and lock-step, and the line says so."""
     mixed = config.get("ppo", {}).get("mixed_precision")
-    trainer = "fp32 (it has no ppo.mixed_precision)" if mixed is None else MIXED_PRECISION[mixed]
+    if mixed is None:
+        trainer = "fp32 (it has no ppo.mixed_precision)"
+    else:  # a value this table does not know yet is shown as the config says it
+        trainer = MIXED_PRECISION.get(mixed, f"ppo.mixed_precision={mixed}")
     staleness = config.get("run", {}).get("max_staleness")
     if staleness is None:
         overlap = "0, lock-step (the trainer has no run.max_staleness)"
