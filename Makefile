@@ -13,6 +13,7 @@ PROTOS := $(wildcard protos/rlhf/v1/*.proto)
 
 help:
 	@echo "make run      PPO on the offline defaults: policy, reward, trainer as three services"
+	@echo "              (ARGS=\"--precision bf16 --max-staleness 0\" etc.: make run ARGS=--help)"
 	@echo "make smoke    start policy + reward on the defaults; one Generate, one Score"
 	@echo "make pipeline SFT -> reward model -> PPO on the defaults (runs/pipeline)"
 	@echo "make test     lint + the whole test suite, the compose stack included (test-compose)"
@@ -51,8 +52,10 @@ $(STUBS) &: $(PROTOS) $(VENV)/.installed
 models: install
 	$(VENV)/bin/rlhf models prepare
 
+# ARGS go to tools.main_job, e.g. make run ARGS="--precision bf16 --max-staleness 0".
+ARGS ?=
 run: install
-	$(PY) -m tools.main_job
+	$(PY) -m tools.main_job $(ARGS)
 
 # The serving halves alone: start policy + reward on the defaults, one Generate, one Score.
 smoke: install

@@ -48,19 +48,21 @@ def test_make_run_is_one_ppo_job_on_the_default_policy_and_vader(
 
     calls = []
 
-    def fake_ppo_job(model, rewards, config, output_dir, run_id="", overrides=()):  # noqa: ANN001
-        calls.append((model, rewards, config, output_dir, list(overrides)))
+    def fake_ppo_job(model, rewards, config, output_dir, run_id="", **kw):  # noqa: ANN001
+        calls.append((model, rewards, config, output_dir, kw))
         return main_job.PPOJobResult(0, output_dir / "r", 0.1)
 
     monkeypatch.setattr(rlhf.models, "prepare_default_policy", lambda: tmp_path / "smol")
     monkeypatch.setattr(main_job, "run_ppo_job", fake_ppo_job)
     assert main_job.main(["--output-dir", str(tmp_path), "--set", "run.steps=3"]) == 0
-    ((model, rewards, config, output_dir, overrides),) = calls
+    ((model, rewards, config, output_dir, keywords),) = calls
     assert model == str(tmp_path / "smol") and config == main_job.DEFAULT_CONFIG
     assert [(r.args, r.weight) for r in rewards] == [
         (["reward", "serve", "--backend", "vader"], 1.0)
     ]
-    assert output_dir == tmp_path and overrides == ["run.steps=3"]
+    assert output_dir == tmp_path
+    # fp32, the default precision, adds no policy argument and no override.
+    assert keywords == {"overrides": ["run.steps=3"], "policy_args": []}
 
 
 # --- pipeline ------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Starts the policy service (SmolLM2-135M-Instruct), the reward service (VADER sentiment) and the
 trainer service as three OS processes, starts a PPO run on the shipped prompts through the
-trainer's API, follows it with a progress bar, and ends with a summary table and a PNG plot of
-reward and KL per step.
+trainer's API, follows it with a progress bar, and ends with a summary table (statistics, then
+seconds per phase and how much rollout overlapped training) and a PNG plot of reward and KL
+beside the step timeline. `--precision` and `--max-staleness` choose the run's precision and
+how far its rollout may run ahead of training.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rlhf.command_errors import CommandError
 from rlhf.defaults import DEFAULT_OUTPUT_DIR
@@ -24,6 +26,15 @@ if TYPE_CHECKING:  # grpc, the stubs and the launcher load only when a job runs
     from tools.launch import LocalPki, ServiceProcess
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+PRECISIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "fp32": ((), ()),
+    "bf16": (("--dtype", "bfloat16"), ("ppo.mixed_precision=bf16",)),
+}
+"""`--precision`: (policy service arguments, run config overrides) each choice adds. bf16 is
+how users run on GPUs: a bf16 policy service, bf16 autocast in the trainer over fp32 master
+weights. fp32 adds nothing (the services' and the config's defaults)."""
+MIXED_PRECISION = {"no": "fp32", "bf16": "bf16 autocast over fp32 master weights"}
+"""ppo.mixed_precision's values, as the header says them."""
 
 
 @dataclass
@@ -54,11 +65,13 @@ def run_ppo_job(
     output_dir: Path = Path(DEFAULT_OUTPUT_DIR),
     run_id: str = "",
     overrides: Sequence[str] = (),
+    policy_args: Sequence[str] = (),
 ) -> PPOJobResult:
     """A PPO run across processes: starts a policy service on `model`, the reward services and
     a trainer service, starts the run (PPOConfig.model_name = `model`) through the trainer's
     API, follows it with a progress bar and stops the services. `overrides` are KEY=VALUE
-    config fields (e.g. run.steps=2)."""
+    config fields (e.g. run.steps=2); `policy_args` further `rlhf policy serve` arguments
+    (e.g. --dtype bfloat16)."""
     from rlhf.v1 import trainer_pb2
     from tools.launch import LocalPki, running_services
 
@@ -68,7 +81,7 @@ def run_ppo_job(
     started = time.monotonic()
     # Mutual TLS between the three: a development CA and certificates for this run.
     pki = LocalPki.make(output_dir / run_id / "certs")
-    specs = [("policy", ["policy", "serve", "--model", model])]
+    specs = [("policy", policy_command(model, policy_args))]
     specs += [(r.name, r.args) for r in rewards]
     with running_services(specs, logs, pki) as services:
         endpoints = [
@@ -86,8 +99,14 @@ def run_ppo_job(
                 rewards=endpoints,
                 overrides=_overrides(model, overrides),
             )
-            code = _follow_run([*services.values(), trainer["trainer"]], pki, request, config)
+            processes = [*services.values(), trainer["trainer"]]
+            code = _follow_run(processes, pki, request, config, output_dir)
     return _result(code, output_dir / run_id, time.monotonic() - started)
+
+
+def policy_command(model: str, policy_args: Sequence[str] = ()) -> list[str]:
+    """`rlhf` arguments that serve `model` as the policy, with `policy_args` added."""
+    return ["policy", "serve", "--model", model, *policy_args]
 
 
 def _trainer_args(
@@ -110,13 +129,20 @@ def _trainer_args(
 
 
 def _follow_run(
-    processes: list[ServiceProcess], pki: LocalPki, request: StartRunRequest, config: Path
+    processes: list[ServiceProcess],
+    pki: LocalPki,
+    request: StartRunRequest,
+    config: Path,
+    output_dir: Path,
 ) -> int:
-    """Says where the services are, starts the run through the trainer (the last process) and
-    follows it to its end; the exit code of `rlhf watch`."""
+    """Says where the services are, starts the run through the trainer (the last process; the
+    policy service is the first), says its precision and staleness, and follows it to its end;
+    the exit code of `rlhf watch`."""
+    from rlhf.clients import PolicyClient
     from rlhf.protocol import TRAINER_SERVICE
     from services.trainer.api.client import TrainerClient
     from services.trainer.api.commands import watch_run
+    from services.trainer.api.records import read_record
     from tools.launch import describe
 
     address = processes[-1].address
@@ -125,9 +151,45 @@ def _follow_run(
     client = TrainerClient(address, client=pki.client())
     status = client.start(request)
     print(f"run {status.run_id}: {status.total_steps} PPO steps on {config.name}")
+    # What the services use, as they say it: the trainer's run.json (its config with every
+    # default filled in, written before StartRun answers) and the policy's GetInfo.
+    policy = PolicyClient(processes[0].address, client=pki.client())
+    dtype = policy.info().dtype
+    policy.close()
+    print(settings_line(read_record(output_dir / status.run_id).config, dtype), flush=True)
     code = watch_run(client, status.run_id, from_step=1)
     client.close()
     return code
+
+
+def settings_line(config: Mapping[str, Any], policy_dtype: str) -> str:
+    """The header's line on precision and staleness, from a run's config in run.json form
+    (dataclasses.asdict of its TrainConfig) and the policy service's dtype. A trainer that
+    predates either setting runs fp32 and lock-step, and the line says so."""
+    mixed = config.get("ppo", {}).get("mixed_precision")
+    if mixed is None:
+        trainer = "fp32 (it has no ppo.mixed_precision)"
+    else:  # a value this table does not know yet is shown as the config says it
+        trainer = MIXED_PRECISION.get(mixed, f"ppo.mixed_precision={mixed}")
+    staleness = config.get("run", {}).get("max_staleness")
+    if staleness is None:
+        overlap = "0, lock-step (the trainer has no run.max_staleness)"
+    elif staleness == 0:
+        overlap = "0, lock-step: each step's rollout waits for the previous update"
+    else:
+        overlap = (
+            f"{staleness}: the rollout runs ahead under the update, on weights at most "
+            f"{staleness} version(s) old"
+        )
+    return f"precision: policy service {policy_dtype}, trainer {trainer}; max staleness {overlap}"
+
+
+def job_settings(precision: str, max_staleness: int | None) -> tuple[list[str], list[str]]:
+    """(`rlhf policy serve` arguments, run config overrides) for `--precision` and
+    `--max-staleness` (None: the config's run.max_staleness)."""
+    policy_args, overrides = PRECISIONS[precision]
+    staleness = [] if max_staleness is None else [f"run.max_staleness={max_staleness}"]
+    return list(policy_args), [*overrides, *staleness]
 
 
 def _result(code: int, folder: Path, seconds: float) -> PPOJobResult:
@@ -165,12 +227,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp32",
+        help="bf16: the policy service in bfloat16 and the trainer's forward and backward passes "
+        "in bf16 autocast (ppo.mixed_precision=bf16) over fp32 master weights",
+    )
+    parser.add_argument(
+        "--max-staleness",
+        type=_non_negative,
+        metavar="N",
+        help="run.max_staleness: the rollout of step t+1 may run during step t's update, on "
+        "weights at most N versions old (0: lock-step; default: the config's)",
+    )
     args = parser.parse_args(argv)
     try:
         return _main(args)
     except CommandError as err:  # e.g. the trainer went away: one line, as `rlhf` says it
         print(f"make run: {err}", file=sys.stderr)
         return 1
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0")
+    return value
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -182,7 +265,16 @@ def _main(args: argparse.Namespace) -> int:
     print("preparing the embedded SmolLM2-135M-Instruct (converted once, then cached) ...")
     model = str(prepare_default_policy())
     vader = RewardServiceSpec("reward", ["reward", "serve", "--backend", "vader"])
-    result = run_ppo_job(model, [vader], args.config, args.output_dir, overrides=args.set)
+    policy_args, overrides = job_settings(args.precision, args.max_staleness)
+    # --set comes last: a field it names wins over the one a flag set.
+    result = run_ppo_job(
+        model,
+        [vader],
+        args.config,
+        args.output_dir,
+        overrides=[*overrides, *args.set],
+        policy_args=policy_args,
+    )
     if result.metrics:
         print(summarize(result.metrics, result.run_dir / "summary.png", result.seconds))
     return result.code
