@@ -11,6 +11,11 @@ when the whole step (push included) succeeded. A failure before the update leave
 changed (the prompts are drawn again next time); a failure in the update or the push leaves
 the learner mid-step, so the run stops without writing a checkpoint: the last boundary
 checkpoint stays the latest, and a resume redoes the step exactly.
+
+With run.max_staleness k >= 1 the step's rollout (prompts, Generate, Score) is made ahead by
+a worker thread while the learner trains earlier steps (rollouts.py has its ordering rules);
+the step takes it, trains on it and pushes once the worker's Generate of step + k returned.
+The same rules hold: a worker's failure fails the step that takes its sample, at a boundary.
 """
 
 from __future__ import annotations
@@ -215,6 +220,7 @@ class TrainingLoop:
             batch, drift = self._prepare(step, sample, timings)
         except BaseException:
             self.sampler.load_state_dict(sampler_state)  # the same prompts again next time
+            self.rewards.scored_through(step - 1)  # a swap from now on applies to it
             raise
 
         # 4. The PPO update (ppo_epochs over shuffled mini-batches), KL controller update. From
@@ -254,7 +260,7 @@ class TrainingLoop:
             staleness = self.weight_version - sample.basis
             batch, drift = self._prepare(step, sample, timings)
         except BaseException:
-            self._rewind(sample)
+            self._rewind(step, sample)
             raise
         self.sampler.load_state_dict(sample.sampler_after)
 
@@ -354,10 +360,10 @@ class TrainingLoop:
             self._worker.stop()
             self._worker = None
 
-    def _rewind(self, failed: Sample | None) -> None:
-        """A step failed before its update: the worker stops, what it made after the last
+    def _rewind(self, step: int, failed: Sample | None) -> None:
+        """Step `step` failed before its update: the worker stops, what it made after the last
         finished step is dropped and the sampler goes back to before the failed step's
-        prompts, so the step draws them again."""
+        prompts, so the step draws them again (and a swap from now on applies to it)."""
         worker = self._worker
         before = failed.sampler_before if failed is not None else None
         if before is None and worker is not None:
@@ -365,6 +371,7 @@ class TrainingLoop:
         self._stop_worker()
         if before is not None:
             self.sampler.load_state_dict(before)
+        self.rewards.scored_through(step - 1)
 
     def _resync_at_rest(self, what: str, seen: Rollout) -> None:
         """A worker's Generate met a restarted policy while the learner is between steps:

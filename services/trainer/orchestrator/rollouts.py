@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -30,9 +30,8 @@ from services.trainer.orchestrator.data import PromptSampler
 from services.trainer.orchestrator.peers import PolicyTransport, Rollout
 from services.trainer.orchestrator.progress import ProgressTracker
 from services.trainer.orchestrator.rewards import RewardMixer, RewardSource
-from services.trainer.orchestrator.weight_sync import WeightSync
+from services.trainer.orchestrator.weight_sync import Retrying, WeightSync
 
-T = TypeVar("T")
 Resync = Callable[[str, Rollout], None]
 """(what, the answer that showed a restarted policy) -> the policy serves this run's weights."""
 
@@ -138,7 +137,7 @@ class Sampling:
         policy: PolicyTransport,
         rewards: RewardMixer,
         sync: WeightSync,
-        retrying: Callable[[str, Callable[[], T]], T],
+        retrying: Retrying,
         progress: ProgressTracker,
     ) -> None:
         self.config = config
