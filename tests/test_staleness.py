@@ -27,9 +27,10 @@ from services.trainer.config import GenerationConfig, TrainConfig, TrainerServic
 from services.trainer.orchestrator.checkpoint import latest_checkpoint
 from services.trainer.orchestrator.data import PromptSampler, load_prompts
 from services.trainer.orchestrator.drift import logprob_drift
-from services.trainer.orchestrator.loop import StepFailed, TrainingLoop, _mean_std
+from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
 from services.trainer.orchestrator.metrics import read_metrics
 from services.trainer.orchestrator.peers import Rollout
+from services.trainer.orchestrator.samples import mean_std
 from services.trainer.orchestrator.trainer_state import read_state, read_summary
 from tests.fuzz_requests import start_request
 from tests.servers import open_config
@@ -86,9 +87,9 @@ def _lock_step_reference(config: TrainConfig, tiny_lm: Path) -> tuple[Any, list[
         stats = trainer.update(batch)
         stats.update(logprob_drift(rollout.response_logprobs, batch.logprobs, batch.mask))
         policy.push_weights(model.policy_state_dict_for_serving(trained_only=True), step)
-        stats["env/reward_mean"], stats["env/reward_std"] = _mean_std(scores)
+        stats["env/reward_mean"], stats["env/reward_std"] = mean_std(scores)
         for name, values in per_source.items():
-            stats[f"env/reward/{name}"] = _mean_std(values)[0]
+            stats[f"env/reward/{name}"] = mean_std(values)[0]
         lengths = [len(r) for r in rollout.response_ids]
         stats["env/response_length"] = sum(lengths) / len(lengths)
         stats["weight_version"] = float(step)

@@ -48,13 +48,8 @@ from services.trainer.orchestrator.peers import (
 )
 from services.trainer.orchestrator.progress import ProgressTracker
 from services.trainer.orchestrator.rewards import RewardMixer, RewardSource
-from services.trainer.orchestrator.rollouts import (
-    RolloutWorker,
-    Sample,
-    Sampling,
-    StepFailed,
-    overlap_s,
-)
+from services.trainer.orchestrator.rollouts import Prefetch, Sampling, StepFailed
+from services.trainer.orchestrator.samples import Sample, overlap_s
 from services.trainer.orchestrator.trainer_state import read_state, write_state
 from services.trainer.orchestrator.weight_sync import WeightSync
 
@@ -67,11 +62,6 @@ class StepResult:
     step: int
     weight_version: int
     stats: dict[str, float]
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
 
 
 class TrainingLoop:
@@ -127,9 +117,7 @@ class TrainingLoop:
         )
 
         self.sampling = Sampling(config, policy, rewards, self.sync, self._retrying, self.progress)
-        self._worker: RolloutWorker | None = None
-        self._restored: list[Sample] = []
-        """Samples a resume restored (prefetched before its checkpoint), handed out first."""
+        self.prefetch = Prefetch(self.sampling, config)
         self._trained: deque[tuple[float, float]] = deque(maxlen=run.max_staleness + 1)
         """The last steps' training intervals (unix times), for time/overlap."""
 
@@ -139,7 +127,7 @@ class TrainingLoop:
         # Unless the service serves the base model as loaded (a fresh run's start), make it
         # serve this run's weights before the first Generate.
         self.sync.begin(facts, resumed=resume)
-        for sample in self._restored:  # the same weights under the resume's version number
+        for sample in self.prefetch.restored:  # same weights, under the resume's version number
             sample.basis += self.weight_version - checkpoint_version
 
     @property
@@ -182,7 +170,7 @@ class TrainingLoop:
                     if latest_checkpoint(self.checkpoints) != self._step_folder():
                         self.save()
             finally:
-                self._stop_worker()
+                self.prefetch.stop()
                 self.metrics.close()
         return reason
 
@@ -250,12 +238,12 @@ class TrainingLoop:
         """run.max_staleness k >= 1: the step trains on a sample the rollout worker made while
         earlier steps trained (from the weights of step - 1 - k or newer; rollouts.py)."""
         run = self.config.run
-        worker = self._start_worker(step)
+        worker = self.prefetch.start(step, self.step, self.sampler)
         worker.release(step - 1)  # the weights of step - 1 are served: the worker may go on
         t_step = time.perf_counter()
         sample: Sample | None = None
         try:
-            sample = worker.take(step, self._resync_at_rest, self.progress.enter)
+            sample = worker.take(step, self.sync.resync, self.progress.enter)
             timings = dict(sample.times)
             staleness = self.weight_version - sample.basis
             batch, drift = self._prepare(step, sample, timings)
@@ -313,13 +301,8 @@ class TrainingLoop:
 
     def _finish(self, step: int, stats: dict[str, float], sample: Sample) -> StepResult:
         """The finished step's metrics row and log line."""
-        stats["env/reward_mean"], stats["env/reward_std"] = _mean_std(sample.scores)
-        for name, values in sample.per_source.items():
-            stats[f"env/reward/{name}"] = _mean_std(values)[0]
-        response_ids = sample.rollout.response_ids
-        stats["env/response_length"] = float(sum(len(r) for r in response_ids) / len(response_ids))
+        stats.update(sample.stats())
         stats["weight_version"] = float(self.weight_version)
-        stats["rollout/weight_version"] = float(sample.rollout.weight_version)
         stats.setdefault("rollout/staleness", 0.0)
         stats["time/overlap"] = overlap_s(stats, self._trained)
         self._trained.append((stats["timeline/train_start"], stats["timeline/train_end"]))
@@ -338,45 +321,14 @@ class TrainingLoop:
         )
         return StepResult(step, self.weight_version, stats)
 
-    # --- the rollout worker (run.max_staleness >= 1) -----------------------------------------
-    def _start_worker(self, step: int) -> RolloutWorker:
-        """The running worker, or a new one producing from `step` on (after the samples a
-        resume restored, which it hands out first)."""
-        if self._worker is not None:
-            return self._worker
-        pending, self._restored = self._restored, []
-        sampler = PromptSampler(self.sampler.prompts, self.sampler.seed)
-        sampler.load_state_dict(pending[-1].sampler_after if pending else self.sampler.state_dict())
-        first = pending[-1].step + 1 if pending else step
-        run = self.config.run
-        self._worker = RolloutWorker(
-            self.sampling, sampler, first, run.steps, run.max_staleness, self.step, pending
-        )
-        self._worker.start()
-        return self._worker
-
-    def _stop_worker(self) -> None:
-        if self._worker is not None:
-            self._worker.stop()
-            self._worker = None
-
     def _rewind(self, step: int, failed: Sample | None) -> None:
         """Step `step` failed before its update: the worker stops, what it made after the last
         finished step is dropped and the sampler goes back to before the failed step's
         prompts, so the step draws them again (and a swap from now on applies to it)."""
-        worker = self._worker
-        before = failed.sampler_before if failed is not None else None
-        if before is None and worker is not None:
-            before = worker.first_failure_before()
-        self._stop_worker()
+        before = self.prefetch.rewind(failed)
         if before is not None:
             self.sampler.load_state_dict(before)
         self.rewards.scored_through(step - 1)
-
-    def _resync_at_rest(self, what: str, seen: Rollout) -> None:
-        """A worker's Generate met a restarted policy while the learner is between steps:
-        the learner's weights are those served last (or newer: sync_every > 1)."""
-        self.sync.resync(what, seen)
 
     def _resync_after_update(self, what: str, seen: Rollout) -> None:
         """A worker's Generate met a restarted policy after this step's update: the weights it
@@ -440,10 +392,9 @@ class TrainingLoop:
 
     def _pending(self) -> list[Sample]:
         """The samples made for steps after this one: the worker's, once finished."""
-        if self._worker is None:
-            return list(self._restored)
-        self.progress.enter("generating", self.step + 1)  # waiting for the worker
-        return self._worker.finish_pending(self.step, self._resync_at_rest)
+        if self.prefetch.worker is not None:
+            self.progress.enter("generating", self.step + 1)  # waiting for the worker
+        return self.prefetch.pending(self.step, self.sync.resync)
 
     def _restore(self) -> None:
         folder = latest_checkpoint(self.checkpoints)
@@ -462,7 +413,7 @@ class TrainingLoop:
                 f"{self.config.run.max_staleness})"
             )
         # Their versions are relative to the checkpoint's until the resume's first push.
-        self._restored = [Sample.from_state(p, self.weight_version) for p in pending]
+        self.prefetch.restored = [Sample.from_state(p, self.weight_version) for p in pending]
         self._trained.extend((float(a), float(b)) for a, b in state.get("trained", []))
         self.rewards.scored_through(self.step + len(pending))
         self.metrics.truncate_after(self.step)

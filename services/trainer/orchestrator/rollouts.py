@@ -19,17 +19,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from collections.abc import Callable
 
 from services.trainer.config import TrainConfig
 from services.trainer.orchestrator.data import PromptSampler
 from services.trainer.orchestrator.peers import PolicyTransport, Rollout
 from services.trainer.orchestrator.progress import ProgressTracker
 from services.trainer.orchestrator.rewards import RewardMixer, RewardSource
+from services.trainer.orchestrator.samples import Failed, Sample
 from services.trainer.orchestrator.weight_sync import Retrying, WeightSync
 
 Resync = Callable[[str, Rollout], None]
@@ -38,94 +35,6 @@ Resync = Callable[[str, Rollout], None]
 
 class StepFailed(RuntimeError):
     """A step could not be completed; it was not counted, logged or checkpointed."""
-
-
-@dataclass
-class Sample:
-    """One step's rollout and rewards: all of the step that happens outside the learner."""
-
-    step: int
-    prompts: list[str]
-    rollout: Rollout
-    scores: list[float]
-    per_source: dict[str, list[float]]
-    times: dict[str, float] = field(default_factory=dict)
-    """time/generate, time/score and the timeline/{generate,score}_{start,end} unix times."""
-    sampler_before: dict[str, int] = field(default_factory=dict)
-    sampler_after: dict[str, int] = field(default_factory=dict)
-    """The prompt sampler's state before and after this sample's prompts were drawn."""
-    basis: int = -1
-    """The version, in this process's numbering, of the weights that generated it (for
-    rollout/staleness): the rollout's own, except for a sample a resume restored (versions are
-    renumbered on a resume, never reused)."""
-
-    def __post_init__(self) -> None:
-        if self.basis < 0:
-            self.basis = self.rollout.weight_version
-
-    def to_state(self, version_now: int) -> dict[str, Any]:
-        """The sample as checkpoint data (trainer_state.py: tensors + JSON, no pickle).
-        `version_now`: the run's weight version at the checkpoint."""
-        r = self.rollout
-        return {
-            "step": self.step,
-            "prompts": list(self.prompts),
-            "query_ids": [torch.tensor(q, dtype=torch.long) for q in r.query_ids],
-            "response_ids": [torch.tensor(q, dtype=torch.long) for q in r.response_ids],
-            # float64 holds every value the services report (float32, or a float) exactly
-            "response_logprobs": [
-                torch.tensor(q, dtype=torch.float64) for q in r.response_logprobs
-            ],
-            "response_texts": list(r.response_texts),
-            "weight_version": r.weight_version,
-            "instance_id": r.instance_id,
-            "scores": list(self.scores),
-            "per_source": {name: list(v) for name, v in self.per_source.items()},
-            "times": dict(self.times),
-            "sampler_before": dict(self.sampler_before),
-            "sampler_after": dict(self.sampler_after),
-            "versions_behind": version_now - self.basis,
-        }
-
-    @classmethod
-    def from_state(cls, data: dict[str, Any], version_now: int) -> Sample:
-        """What to_state wrote; `version_now`: the run's weight version after the resume's
-        first push. Raises ValueError for data that is not a sample."""
-        try:
-            rollout = Rollout(
-                query_ids=[t.tolist() for t in data["query_ids"]],
-                response_ids=[t.tolist() for t in data["response_ids"]],
-                response_logprobs=[t.tolist() for t in data["response_logprobs"]],
-                response_texts=list(data["response_texts"]),
-                weight_version=int(data["weight_version"]),
-                instance_id=str(data["instance_id"]),
-            )
-            sample = cls(
-                step=int(data["step"]),
-                prompts=list(data["prompts"]),
-                rollout=rollout,
-                scores=[float(s) for s in data["scores"]],
-                per_source={k: [float(s) for s in v] for k, v in data["per_source"].items()},
-                times={k: float(v) for k, v in data["times"].items()},
-                sampler_before=dict(data["sampler_before"]),
-                sampler_after=dict(data["sampler_after"]),
-                basis=version_now - int(data["versions_behind"]),
-            )
-        except (KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"a prefetched sample in a checkpoint is malformed: {err!r}") from err
-        counts = {len(rollout.query_ids), len(rollout.response_ids), len(sample.scores)}
-        if len(counts) != 1 or len(rollout.response_logprobs) != len(rollout.response_ids):
-            raise ValueError(f"the prefetched sample of step {sample.step} is inconsistent")
-        return sample
-
-
-@dataclass
-class Failed:
-    """A step whose rollout failed (after retries): the loop raises `error` when it takes it."""
-
-    step: int
-    error: BaseException
-    sampler_before: dict[str, int]
 
 
 class Sampling:
@@ -403,13 +312,50 @@ class RolloutWorker:
             self._thread.join()
 
 
-def overlap_s(times: dict[str, float], trained: Iterable[tuple[float, float]]) -> float:
-    """time/overlap: seconds of a step's rollout (its generate and score intervals in `times`,
-    timeline/* unix times) that ran while the learner trained (`trained`: earlier steps'
-    (train_start, train_end)); 0 in lock-step, where they never meet."""
-    total = 0.0
-    for phase in ("generate", "score"):
-        start, end = times[f"timeline/{phase}_start"], times[f"timeline/{phase}_end"]
-        for begin, finish in trained:
-            total += max(0.0, min(end, finish) - max(start, begin))
-    return total
+class Prefetch:
+    """The loop's side of run.max_staleness >= 1: the worker it runs, and the samples a resume
+    restored (made before its checkpoint), which a new worker hands out first."""
+
+    def __init__(self, sampling: Sampling, config: TrainConfig) -> None:
+        self.sampling = sampling
+        self.config = config
+        self.worker: RolloutWorker | None = None
+        self.restored: list[Sample] = []
+
+    def start(self, step: int, finished: int, sampler: PromptSampler) -> RolloutWorker:
+        """The running worker, or a new one producing from `step` on (after the restored
+        samples). `finished`: the loop's last finished step; `sampler`: the loop's, at the
+        state after the prompts of every sample made so far."""
+        if self.worker is not None:
+            return self.worker
+        pending, self.restored = self.restored, []
+        own = PromptSampler(sampler.prompts, sampler.seed)
+        own.load_state_dict(pending[-1].sampler_after if pending else sampler.state_dict())
+        first = pending[-1].step + 1 if pending else step
+        run = self.config.run
+        self.worker = RolloutWorker(
+            self.sampling, own, first, run.steps, run.max_staleness, finished, pending
+        )
+        self.worker.start()
+        return self.worker
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+
+    def rewind(self, failed: Sample | None) -> dict[str, int] | None:
+        """A step failed before its update (`failed`: its sample, if it was taken): stops the
+        worker, dropping what it made; returns the sampler state before the failed step's
+        prompts (None: unknown, the loop's is right)."""
+        before = failed.sampler_before if failed is not None else None
+        if before is None and self.worker is not None:
+            before = self.worker.first_failure_before()
+        self.stop()
+        return before
+
+    def pending(self, step: int, resync: Resync) -> list[Sample]:
+        """At the boundary of step `step`: the samples made for the steps after it, finished."""
+        if self.worker is None:
+            return list(self.restored)
+        return self.worker.finish_pending(step, resync)
