@@ -88,8 +88,17 @@ class Sampling:
         )
         times["time/score"] = time.perf_counter() - t
         times["timeline/score_end"] = time.time()
-        after = sampler.state_dict()
-        return Sample(step, prompts, rollout, scores, per_source, times, before, after)
+        return Sample(
+            step,
+            prompts,
+            rollout,
+            scores,
+            per_source,
+            basis=rollout.weight_version,
+            times=times,
+            sampler_before=before,
+            sampler_after=sampler.state_dict(),
+        )
 
     def generate(self, step: int, prompts: list[str], resync: Resync) -> Rollout:
         """The step's rollout, sampled from this run's weights: a policy service that restarted

@@ -30,24 +30,20 @@ class Sample:
     rollout: Rollout
     scores: list[float]
     per_source: dict[str, list[float]]
+    basis: int
+    """The version, in this process's numbering, of the weights that generated it (for
+    rollout/staleness): the rollout's own, except for a sample a resume restored (versions are
+    renumbered on a resume, never reused)."""
     times: dict[str, float] = field(default_factory=dict)
     """time/generate, time/score and the timeline/{generate,score}_{start,end} unix times."""
     sampler_before: dict[str, int] = field(default_factory=dict)
     sampler_after: dict[str, int] = field(default_factory=dict)
     """The prompt sampler's state before and after this sample's prompts were drawn."""
-    basis: int = -1
-    """The version, in this process's numbering, of the weights that generated it (for
-    rollout/staleness): the rollout's own, except for a sample a resume restored (versions are
-    renumbered on a resume, never reused)."""
-
-    def __post_init__(self) -> None:
-        if self.basis < 0:
-            self.basis = self.rollout.weight_version
 
     def stats(self) -> dict[str, float]:
         """The sample's statistics: reward mean and std, each source's mean, response length,
         the weight version that generated it."""
-        stats = {}
+        stats: dict[str, float] = {}
         stats["env/reward_mean"], stats["env/reward_std"] = mean_std(self.scores)
         for name, values in self.per_source.items():
             stats[f"env/reward/{name}"] = mean_std(values)[0]
