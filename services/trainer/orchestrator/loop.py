@@ -379,7 +379,9 @@ class TrainingLoop:
                     "rewards": [str(s.spec) for s in self.rewards.sources],
                     "config": asdict(self.config),
                     "pending": [p.to_state(self.weight_version) for p in pending],
-                    "trained": [list(interval) for interval in self._trained],
+                    # Clock readings, for the pending samples' time/overlap only: a checkpoint
+                    # without them (lock-step, a run's last) holds none, and compares equal.
+                    "trained": [list(interval) for interval in self._trained] if pending else [],
                 },
             )
 
