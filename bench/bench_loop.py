@@ -98,6 +98,7 @@ def _loop_config(args: argparse.Namespace, model: str, work: Path, name: str) ->
         f"run.output_dir={work}",
         f"run.run_id={name}",
         "run.save_every=0",
+        "run.max_staleness=0",  # lock-step: the two loops alternate step by step in one process
     ]
     return load_train_config(Path(args.config).read_text() if args.config else None, overrides)
 

@@ -37,6 +37,9 @@ MAX_TOP_K = 1_000_000
 """Largest generation.top_k (above any vocabulary)."""
 MAX_STEPS = 10_000_000
 """Largest run.steps, run.save_every and run.sync_every."""
+MAX_STALENESS = 16
+"""Largest run.max_staleness: each step of it keeps one more batch of samples in memory and in
+every checkpoint, and one version of lag already hides the update behind the rollout."""
 MAX_CALL_S = 86_400.0
 """Largest deadline of one call to a peer (a day), and of a health check or its interval."""
 MIN_CALL_S = 0.1
@@ -110,6 +113,11 @@ class RunConfig:
     """How many complete checkpoints to keep (older ones are deleted)."""
     sync_every: int = 1
     """Push the new weights to the policy service every N steps (1: on-policy, the default)."""
+    max_staleness: int = 0
+    """How many weight versions old a step's samples may be. 0: lock-step (generate, score,
+    then update, then push). k >= 1: a rollout worker generates and scores step t from the
+    weights of step t-1-k while the learner trains the steps before it; old log-probs are
+    recomputed by the learner (the README's "overlap" section)."""
     step_retries: int = 5
     """Attempts of each call to a peer (generate, score, weight push, policy facts) that fails
     transiently: unreachable, past its deadline, or given up by the health watch."""
@@ -140,6 +148,7 @@ class RunConfig:
         found = at_least(self, 1, "steps", "keep_checkpoints", "sync_every", "step_retries")
         found += at_least(self, 0, "save_every", "retry_backoff_s")
         found += at_most(self, MAX_STEPS, "steps", "save_every", "sync_every")
+        found += at_least(self, 0, "max_staleness") + at_most(self, MAX_STALENESS, "max_staleness")
         found += at_most(self, 1000, "keep_checkpoints") + at_most(self, 100, "step_retries")
         found += at_most(self, 3600, "retry_backoff_s")
         timing = (

@@ -20,6 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -57,6 +58,7 @@ from services.trainer.orchestrator.rewards import (
     RewardMixer,
     RewardTransport,
 )
+from services.trainer.orchestrator.trainer_state import read_summary
 from services.trainer.orchestrator.transports import served_model_check
 
 log = logging.getLogger("rlhf.trainer.service")
@@ -261,6 +263,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 grpc.StatusCode.UNAVAILABLE if unreachable else grpc.StatusCode.FAILED_PRECONDITION
             )
             raise RpcError(code, f"resume of run {run_id}: {err}") from None
+        if saved.checkpoint_dir:  # samples prefetched (run.max_staleness >= 1) are scored
+            try:
+                mixer.scored_through(read_summary(Path(saved.checkpoint_dir))["scored_through"])
+            except (OSError, ValueError) as err:
+                mixer.close()
+                raise precondition(f"resume of run {run_id}: {err}") from None
         if plan.caller_wins:  # the swaps after the checkpoint are not re-applied: forget them
             journal = [s for s in journal if s.from_step <= saved.step]
         return saved, list(journal), mixer
@@ -383,16 +391,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 + (" (its endpoints are being probed, or it is ending)" if run.active else "")
             )
         try:
-            applied, in_step = mixer.set_endpoints(specs)
+            # The mixer names the first step whose scoring had not begun: with prefetching
+            # (run.max_staleness >= 1) a step or two past the one the learner trains.
+            applied, effective = mixer.swap(specs)
         except RewardError as err:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"swap refused: {err}") from None
-        # The first step that snapshots the new sources: the one after the step in progress
-        # (the loop counts a step as done before its weight sync ends, so its counter alone
-        # would be off by one there), else the next one to start.
-        if in_step is not None:
-            effective = in_step + 1
-        else:
-            effective = run.step + 1  # the loop's step; a resume still loading: its checkpoint's
         run.record_swap(effective, applied)  # a resume re-applies it from its step
         log.info(
             "reward endpoints swapped",

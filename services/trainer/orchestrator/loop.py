@@ -11,6 +11,11 @@ when the whole step (push included) succeeded. A failure before the update leave
 changed (the prompts are drawn again next time); a failure in the update or the push leaves
 the learner mid-step, so the run stops without writing a checkpoint: the last boundary
 checkpoint stays the latest, and a resume redoes the step exactly.
+
+With run.max_staleness k >= 1 the step's rollout (prompts, Generate, Score) is made ahead by
+a worker thread while the learner trains earlier steps (rollouts.py has its ordering rules);
+the step takes it, trains on it and pushes once the worker's Generate of step + k returned.
+The same rules hold: a worker's failure fails the step that takes its sample, at a boundary.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +34,7 @@ import torch
 from rlhf.defaults import DEFAULT_OUTPUT_DIR
 from rlhf.logs import ContextLogger
 from services.trainer.config import TrainConfig
+from services.trainer.learner.batch import PPOBatch
 from services.trainer.orchestrator.checkpoint import latest_checkpoint, save_checkpoint
 from services.trainer.orchestrator.data import PromptSampler, load_prompts
 from services.trainer.orchestrator.drift import logprob_drift
@@ -41,6 +48,8 @@ from services.trainer.orchestrator.peers import (
 )
 from services.trainer.orchestrator.progress import ProgressTracker
 from services.trainer.orchestrator.rewards import RewardMixer, RewardSource
+from services.trainer.orchestrator.rollouts import Prefetch, Sampling, StepFailed
+from services.trainer.orchestrator.samples import Sample, overlap_s
 from services.trainer.orchestrator.trainer_state import read_state, write_state
 from services.trainer.orchestrator.weight_sync import WeightSync
 
@@ -53,24 +62,6 @@ class StepResult:
     step: int
     weight_version: int
     stats: dict[str, float]
-
-
-class StepFailed(RuntimeError):
-    """A step could not be completed; it was not counted, logged or checkpointed."""
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
-
-
-@dataclass
-class _Sampled:
-    """A step's rollout and its rewards: all of the step that happens outside the learner."""
-
-    rollout: Rollout
-    scores: list[float]
-    per_source: dict[str, list[float]]
 
 
 class TrainingLoop:
@@ -125,11 +116,19 @@ class TrainingLoop:
             self.log,
         )
 
+        self.sampling = Sampling(config, policy, rewards, self.sync, self._retrying, self.progress)
+        self.prefetch = Prefetch(self.sampling, config)
+        self._trained: deque[tuple[float, float]] = deque(maxlen=run.max_staleness + 1)
+        """The last steps' training intervals (unix times), for time/overlap."""
+
         if resume:
             self._restore()
+        checkpoint_version = self.weight_version
         # Unless the service serves the base model as loaded (a fresh run's start), make it
         # serve this run's weights before the first Generate.
         self.sync.begin(facts, resumed=resume)
+        for sample in self.prefetch.restored:  # same weights, under the resume's version number
+            sample.basis += self.weight_version - checkpoint_version
 
     @property
     def weight_version(self) -> int:
@@ -165,11 +164,14 @@ class TrainingLoop:
                 if every and self.step % every == 0 and self.step < self.config.run.steps:
                     self.save()
         finally:
-            at_boundary = self._mid_step is None
-            if at_boundary and self.step > 0:
-                if latest_checkpoint(self.checkpoints) != self._step_folder():
-                    self.save()
-            self.metrics.close()
+            try:
+                at_boundary = self._mid_step is None
+                if at_boundary and self.step > 0:
+                    if latest_checkpoint(self.checkpoints) != self._step_folder():
+                        self.save()
+            finally:
+                self.prefetch.stop()
+                self.metrics.close()
         return reason
 
     def run_step(self) -> StepResult:
@@ -180,6 +182,11 @@ class TrainingLoop:
                 f"cannot go on: resume it from its last checkpoint"
             )
         step = self.step + 1
+        if self.config.run.max_staleness:
+            try:
+                return self._run_overlapped_step(step)
+            except FatalError as err:
+                raise StepFailed(f"step {step}: {err}") from err
         sources = self.rewards.begin_step(step)  # a swap during this step applies from the next
         try:
             return self._run_step(step, sources)
@@ -189,42 +196,35 @@ class TrainingLoop:
             self.rewards.end_step()
 
     def _run_step(self, step: int, sources: list[RewardSource]) -> StepResult:
+        """Lock-step (run.max_staleness 0): this step's rollout, then its update and push."""
         run = self.config.run
-        timings: dict[str, float] = {}
         t_step = time.perf_counter()
         sampler_state = self.sampler.state_dict()
         try:
-            sampled = self._sample_and_score(step, sources, timings)
-
-            # 3. Old log-probs, values and reference log-probs (the trainer's forward passes).
-            queries = [torch.tensor(q, dtype=torch.long) for q in sampled.rollout.query_ids]
-            responses = [torch.tensor(r, dtype=torch.long) for r in sampled.rollout.response_ids]
-            self.progress.enter("updating", step)
-            t = time.perf_counter()
-            batch = self.trainer.prepare(
-                queries, responses, torch.tensor(sampled.scores, dtype=torch.float32)
+            sample = self.sampling.sample(
+                step, self.sampler, lambda: sources, self.sync.resync, self.progress.enter
             )
-            timings["time/ref_values"] = time.perf_counter() - t
-            drift = logprob_drift(sampled.rollout.response_logprobs, batch.logprobs, batch.mask)
+            timings = dict(sample.times)
+            batch, drift = self._prepare(step, sample, timings)
         except BaseException:
             self.sampler.load_state_dict(sampler_state)  # the same prompts again next time
+            self.rewards.scored_through(step - 1)  # a swap from now on applies to it
             raise
 
         # 4. The PPO update (ppo_epochs over shuffled mini-batches), KL controller update. From
         #    here until the push succeeds the learner is mid-step.
         self._mid_step = step
-        t = time.perf_counter()
-        stats = self.trainer.update(batch)
-        timings["time/update"] = time.perf_counter() - t
+        stats = self._update(batch, timings)
 
         # 5. Weight sync: the next Generate must use the new policy.
         self.progress.enter("syncing", step)
-        t = time.perf_counter()
+        timings["timeline/sync_start"], t = time.time(), time.perf_counter()
         if step % run.sync_every == 0 or step == run.steps:
             self.sync.push_step(f"step {step}: update weights")
         else:
             self.sync.learner_moved()
         timings["time/weight_sync"] = time.perf_counter() - t
+        timings["timeline/sync_end"] = time.time()
         timings["time/step"] = time.perf_counter() - t_step
         self._mid_step = None
         self.step = step
@@ -232,65 +232,80 @@ class TrainingLoop:
         # 6. Statistics under the classic names, plus each reward source's mean and the drift.
         stats.update(timings)
         stats.update(drift)
-        return self._finish(step, stats, sampled)
+        return self._finish(step, stats, sample)
 
-    def _sample_and_score(
-        self, step: int, sources: list[RewardSource], timings: dict[str, float]
-    ) -> _Sampled:
-        # 1. Rollout: the policy service samples a response per prompt.
-        prompts = self.sampler.next_batch(self.config.ppo.batch_size)
-        self.progress.enter("generating", step)
-        t = time.perf_counter()
-        rollout = self._generate(step, prompts)
-        timings["time/generate"] = time.perf_counter() - t
+    def _run_overlapped_step(self, step: int) -> StepResult:
+        """run.max_staleness k >= 1: the step trains on a sample the rollout worker made while
+        earlier steps trained (from the weights of step - 1 - k or newer; rollouts.py)."""
+        run = self.config.run
+        worker = self.prefetch.start(step, self.step, self.sampler)
+        worker.release(step - 1)  # the weights of step - 1 are served: the worker may go on
+        t_step = time.perf_counter()
+        sample: Sample | None = None
+        try:
+            sample = worker.take(step, self.sync.resync, self.progress.enter)
+            timings = dict(sample.times)
+            staleness = self.weight_version - sample.basis
+            batch, drift = self._prepare(step, sample, timings)
+        except BaseException:
+            self._rewind(step, sample)
+            raise
+        self.sampler.load_state_dict(sample.sampler_after)
 
-        # 2. Reward: every source scores every (prompt, response); the reward is their
-        #    weighted sum. Sources are fixed for the whole step (a swap applies next step).
-        self.progress.enter("scoring", step)
-        t = time.perf_counter()
-        scores, per_source = self._retrying(
-            f"step {step}: score",
-            lambda: self.rewards.score(prompts, rollout.response_texts, sources),
+        # 4. The update, as in lock-step.
+        self._mid_step = step
+        stats = self._update(batch, timings)
+
+        # 5. Weight sync, once the worker's Generate of step + k returned: that Generate used
+        #    the weights of step - 1 (a restarted policy meanwhile gets this step's, in full).
+        self.progress.enter("syncing", step)
+        self.sync.learner_moved()
+        worker.await_generated(step + run.max_staleness, self._resync_after_update)
+        timings["timeline/sync_start"], t = time.time(), time.perf_counter()
+        if (step % run.sync_every == 0 or step == run.steps) and not self.sync.current:
+            self.sync.push_step(f"step {step}: update weights")
+        timings["time/weight_sync"] = time.perf_counter() - t
+        timings["timeline/sync_end"] = time.time()
+        timings["time/step"] = time.perf_counter() - t_step
+        self._mid_step = None
+        self.step = step
+
+        stats.update(timings)
+        stats.update(drift)
+        stats["rollout/staleness"] = float(staleness)
+        return self._finish(step, stats, sample)
+
+    def _prepare(
+        self, step: int, sample: Sample, timings: dict[str, float]
+    ) -> tuple[PPOBatch, dict[str, float]]:
+        """3. Old log-probs, values and reference log-probs (the trainer's forward passes), at
+        the learner's current weights; the drift from the sampler's log-probs."""
+        queries = [torch.tensor(q, dtype=torch.long) for q in sample.rollout.query_ids]
+        responses = [torch.tensor(r, dtype=torch.long) for r in sample.rollout.response_ids]
+        self.progress.enter("updating", step)
+        timings["timeline/train_start"], t = time.time(), time.perf_counter()
+        batch = self.trainer.prepare(
+            queries, responses, torch.tensor(sample.scores, dtype=torch.float32)
         )
-        timings["time/score"] = time.perf_counter() - t
-        return _Sampled(rollout, scores, per_source)
+        timings["time/ref_values"] = time.perf_counter() - t
+        drift = logprob_drift(sample.rollout.response_logprobs, batch.logprobs, batch.mask)
+        return batch, drift
 
-    def _generate(self, step: int, prompts: list[str]) -> Rollout:
-        """The step's rollout, sampled from this run's weights: a policy service that restarted
-        (or lost them) gets them pushed again and generates again with the same seed, at most
-        run.step_retries times a step. Nothing sampled from other weights goes further."""
-        gen, seed = self.config.generation, self.config.ppo.seed * 100_003 + step
-        retries = self.config.run.step_retries
-        for resync in range(retries + 1):
-            rollout = self._retrying(
-                f"step {step}: generate", lambda: self.policy.generate(prompts, gen, seed=seed)
-            )
-            if self.sync.serves_ours(rollout):
-                return rollout
-            if resync == retries:
-                break
-            self.progress.retried(
-                f"the policy service at {self.policy.address} answered from instance "
-                f"{rollout.instance_id or '(unnamed)'} at weight version {rollout.weight_version}, "
-                f"not this run's version {self.weight_version}: it restarted; pushing the "
-                "weights again"
-            )
-            self.sync.resync(f"step {step}: push weights to a restarted policy", rollout)
-        raise StepFailed(
-            f"step {step}: the policy service at {self.policy.address} still did not serve this "
-            f"run's weights (version {self.weight_version}) after {retries} re-pushes; it "
-            f"answered from instance {rollout.instance_id or '(unnamed)'} at version "
-            f"{rollout.weight_version}"
-        )
+    def _update(self, batch: PPOBatch, timings: dict[str, float]) -> dict[str, float]:
+        """4. ppo_epochs over shuffled mini-batches, then the KL controller."""
+        t = time.perf_counter()
+        stats = self.trainer.update(batch)
+        timings["time/update"] = time.perf_counter() - t
+        timings["timeline/train_end"] = time.time()
+        return stats
 
-    def _finish(self, step: int, stats: dict[str, float], sampled: _Sampled) -> StepResult:
+    def _finish(self, step: int, stats: dict[str, float], sample: Sample) -> StepResult:
         """The finished step's metrics row and log line."""
-        stats["env/reward_mean"], stats["env/reward_std"] = _mean_std(sampled.scores)
-        for name, values in sampled.per_source.items():
-            stats[f"env/reward/{name}"] = _mean_std(values)[0]
-        response_ids = sampled.rollout.response_ids
-        stats["env/response_length"] = float(sum(len(r) for r in response_ids) / len(response_ids))
+        stats.update(sample.stats())
         stats["weight_version"] = float(self.weight_version)
+        stats.setdefault("rollout/staleness", 0.0)
+        stats["time/overlap"] = overlap_s(stats, self._trained)
+        self._trained.append((stats["timeline/train_start"], stats["timeline/train_end"]))
         self.metrics.write(step, self.weight_version, stats)
         self.last_stats = stats
         self.progress.enter("idle", step)
@@ -305,6 +320,22 @@ class TrainingLoop:
             },
         )
         return StepResult(step, self.weight_version, stats)
+
+    def _rewind(self, step: int, failed: Sample | None) -> None:
+        """Step `step` failed before its update: the worker stops, what it made after the last
+        finished step is dropped and the sampler goes back to before the failed step's
+        prompts, so the step draws them again (and a swap from now on applies to it)."""
+        before = self.prefetch.rewind(failed)
+        if before is not None:
+            self.sampler.load_state_dict(before)
+        self.rewards.scored_through(step - 1)
+
+    def _resync_after_update(self, what: str, seen: Rollout) -> None:
+        """A worker's Generate met a restarted policy after this step's update: the weights it
+        was to sample from may be gone from the learner, so the policy gets the learner's
+        current ones, in full, as a new version (a smaller staleness, within the bound)."""
+        self.sync.learner_moved()
+        self.sync.resync(what, seen)
 
     # --- weights, retries, checkpoints -------------------------------------------------------
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
@@ -330,7 +361,10 @@ class TrainingLoop:
         return self.checkpoints / f"step-{self.step:06d}"
 
     def save(self) -> Path:
-        """Writes a checkpoint atomically: the servable policy, and all state to resume."""
+        """Writes a checkpoint atomically: the servable policy, and all state to resume (with
+        run.max_staleness >= 1, the samples prefetched for the next steps too, once finished)."""
+        pending = self._pending()
+        sampler = pending[-1].sampler_after if pending else self.sampler.state_dict()
 
         def write(folder: Path) -> None:
             self.model.save_pretrained(folder / "policy")
@@ -341,9 +375,13 @@ class TrainingLoop:
                     "weight_version": self.weight_version,
                     # model's trainable weights, optimizer, KL controller, RNG states
                     "trainer": self.trainer.state_dict(include_model=True),
-                    "sampler": self.sampler.state_dict(),
+                    "sampler": sampler,  # after the prompts of the pending samples
                     "rewards": [str(s.spec) for s in self.rewards.sources],
                     "config": asdict(self.config),
+                    "pending": [p.to_state(self.weight_version) for p in pending],
+                    # Clock readings, for the pending samples' time/overlap only: a checkpoint
+                    # without them (lock-step, a run's last) holds none, and compares equal.
+                    "trained": [list(interval) for interval in self._trained] if pending else [],
                 },
             )
 
@@ -354,6 +392,12 @@ class TrainingLoop:
             listener(path)
         return path
 
+    def _pending(self) -> list[Sample]:
+        """The samples made for steps after this one: the worker's, once finished."""
+        if self.prefetch.worker is not None:
+            self.progress.enter("generating", self.step + 1)  # waiting for the worker
+        return self.prefetch.pending(self.step, self.sync.resync)
+
     def _restore(self) -> None:
         folder = latest_checkpoint(self.checkpoints)
         if folder is None:
@@ -363,5 +407,16 @@ class TrainingLoop:
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
         self.weight_version = int(state.get("weight_version", 0))
+        pending = state.get("pending", [])
+        if len(pending) > self.config.run.max_staleness:
+            raise ValueError(
+                f"checkpoint {folder} holds {len(pending)} samples prefetched for the next "
+                f"steps: resume it with run.max_staleness >= {len(pending)} (it has "
+                f"{self.config.run.max_staleness})"
+            )
+        # Their versions are relative to the checkpoint's until the resume's first push.
+        self.prefetch.restored = [Sample.from_state(p, self.weight_version) for p in pending]
+        self._trained.extend((float(a), float(b)) for a, b in state.get("trained", []))
+        self.rewards.scored_through(self.step + len(pending))
         self.metrics.truncate_after(self.step)
         self.log.info("resumed", extra={"step": self.step, "path": str(folder)})

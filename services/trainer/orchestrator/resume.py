@@ -87,6 +87,7 @@ def plan_rewards(
 def apply_plan(mixer: RewardMixer, plan: RewardPlan) -> None:
     """Probes every endpoint of the plan; puts `initial` in force and schedules the swaps.
     Raises RewardError naming the endpoint (and the swap's step) that failed its probe."""
+    mixer.scored_through(plan.checkpoint_step)  # a swap while the run loads applies after it
     mixer.set_endpoints([EndpointSpec.parse(r) for r in plan.initial])
     for swap in plan.swaps:
         try:

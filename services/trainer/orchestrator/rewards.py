@@ -86,9 +86,11 @@ class RewardSource:
 class RewardMixer:
     """The reward sources in force, replaceable atomically between steps.
 
-    The loop takes a snapshot of the sources when a step starts (`begin_step`) and scores with
-    it, so a swap during a step applies from the next one; transports swapped out are closed
-    only when no step uses them any more.
+    Whoever scores a step takes a snapshot of the sources when its scoring starts
+    (`begin_step`; lock-step: when the step starts) and scores with it, so a swap applies from
+    the first step whose scoring had not begun (`swap` returns it: with run.max_staleness >= 1
+    that can be a step or two past the one the learner trains); transports swapped out are
+    closed only when no step uses them any more.
     """
 
     def __init__(self, connect: Callable[[str], RewardTransport]) -> None:
@@ -97,6 +99,8 @@ class RewardMixer:
         self._retired: list[RewardSource] = []
         self._step_in_progress: int | None = None
         """Between begin_step(N) and end_step(): N; else None."""
+        self._begun = 0
+        """The last step whose scoring began (a resume: the last its checkpoint holds scored)."""
         self._scheduled: list[tuple[int, list[RewardSource]]] = []
         """(step, probed sources) put in force when that step begins, in step order: a resume
         re-applies the swaps made after its checkpoint from the steps they applied from."""
@@ -111,6 +115,7 @@ class RewardMixer:
         """The sources for step `step`, which starts now (scheduled ones due by then put in
         force first); closes transports no step uses."""
         with self._lock:
+            self._begun = max(self._begun, step)
             while self._scheduled and self._scheduled[0][0] <= step:
                 self._retired.extend(self._sources)
                 self._sources = self._scheduled.pop(0)[1]
@@ -137,6 +142,12 @@ class RewardMixer:
     def end_step(self) -> None:
         with self._lock:
             self._step_in_progress = None
+
+    def scored_through(self, step: int) -> None:
+        """Steps up to `step` were scored already (a resume's checkpoint and the samples it
+        holds), or (after a failed step) only those: a swap applies from `step` + 1."""
+        with self._lock:
+            self._begun = step
 
     def probe(self, specs: Sequence[EndpointSpec]) -> list[RewardSource]:
         """Connects to each endpoint and checks it speaks the reward contract.
@@ -180,10 +191,14 @@ class RewardMixer:
         """Puts probed sources in force. Returns the step in progress (it keeps the old
         sources; the next one takes these), or None between steps (the next step takes them).
         """
+        return self._replace(sources)[0]
+
+    def _replace(self, sources: list[RewardSource]) -> tuple[int | None, int]:
+        """replace(), also returning the first step that scores with `sources`."""
         with self._lock:
             self._retired.extend(self._sources)
             self._sources = sources
-            in_step = self._step_in_progress
+            in_step, effective = self._step_in_progress, self._begun + 1
             # The caller's newest choice wins over swaps a resume scheduled and not yet applied.
             cancelled = [s for _, scheduled in self._scheduled for s in scheduled]
             self._scheduled = []
@@ -191,12 +206,18 @@ class RewardMixer:
             if in_step is None:
                 self._retired = []
         self._close_unused(retired + cancelled, sources)
-        return in_step
+        return in_step, effective
 
     def set_endpoints(self, specs: Sequence[EndpointSpec]) -> tuple[list[EndpointSpec], int | None]:
         """Probes, then swaps. Returns the specs in force and the step in progress, if any."""
         in_step = self.replace(self.probe(specs))
         return [s.spec for s in self.sources], in_step
+
+    def swap(self, specs: Sequence[EndpointSpec]) -> tuple[list[EndpointSpec], int]:
+        """Probes, then swaps. Returns the specs in force and the first step whose scoring
+        uses them (the first whose scoring had not begun when they were put in force)."""
+        effective = self._replace(self.probe(specs))[1]
+        return [s.spec for s in self.sources], effective
 
     @staticmethod
     def _close_unused(sources: list[RewardSource], keep: list[RewardSource]) -> None:

@@ -101,9 +101,11 @@ MAX_STATE_JSON_BYTES = 64 * 1024 * 1024
 
 
 def read_summary(folder: Path) -> dict[str, Any]:
-    """A checkpoint's step, weight_version and reward endpoints ("rewards", spec strings), read
-    from trainer_state.json alone: no tensor is loaded. Raises ValueError (OSError for an
-    unreadable file) when the file is missing, too large or not a trainer state."""
+    """A checkpoint's step, weight_version, reward endpoints ("rewards", spec strings) and the
+    last step it holds scored ("scored_through": step plus its samples prefetched at
+    run.max_staleness >= 1), read from trainer_state.json alone: no tensor is loaded. Raises
+    ValueError (OSError for an unreadable file) when the file is missing, too large or not a
+    trainer state."""
     path = folder / STATE_JSON
     size = path.stat().st_size
     if size > MAX_STATE_JSON_BYTES:
@@ -118,7 +120,15 @@ def read_summary(folder: Path) -> dict[str, Any]:
         or not all(isinstance(r, str) for r in rewards)
     ):
         raise ValueError(f"{path} does not hold a trainer state (step, weight_version, rewards)")
-    return {"step": step, "weight_version": data.get("weight_version", 0), "rewards": rewards}
+    pending = data.get("pending", [])
+    if not isinstance(pending, list):
+        raise ValueError(f"{path}: its prefetched samples (pending) are not a list")
+    return {
+        "step": step,
+        "weight_version": data.get("weight_version", 0),
+        "rewards": rewards,
+        "scored_through": step + len(pending),
+    }
 
 
 def legacy_refusal(folder: Path) -> str:

@@ -17,6 +17,11 @@ The rules (issue #13):
   weights to a new instance (a LoRA step's push carries only the adapted layers: right only if
   the restarted service loaded exactly the base this run started from; a full push does not
   depend on what it loaded).
+- At run.max_staleness >= 1 the rollout worker's answers pass serves_ours too: no push happens
+  while its Generate runs (rollouts.py's ordering rules), so the version served then is the
+  one the rules say. A restart found by the worker is repaired by the loop, never by the
+  worker: resync() between steps, or after an update, learner_moved() then resync(), which
+  sends the learner's current weights, in full, as a new version.
 """
 
 from __future__ import annotations
