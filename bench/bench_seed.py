@@ -144,11 +144,16 @@ def _threads(args: argparse.Namespace, overlapping: bool) -> tuple[int, Threads,
     cores = 1 if args.quick else len(os.sched_getaffinity(0))
     policy = max(1, cores // 2) if overlapping else cores
     trainer = max(1, cores - policy) if overlapping else cores
-    why = "split between the overlapping processes" if overlapping else "lock-step: all each"
+    if args.quick:
+        why = "--quick: one each"
+    elif overlapping:
+        why = f"{cores} cores, split: generation overlaps the update"
+    else:
+        why = f"{cores} cores, all to each: lock-step, they never compute at once"
     return (
         args.trl_threads or cores,
         Threads(args.policy_threads or policy, args.trainer_threads or trainer),
-        f"{cores} core(s); {why}" + (" (--quick: 1)" if args.quick else ""),
+        why,
     )
 
 
@@ -285,10 +290,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{threads.trainer} ({why})"]  # fmt: skip
     if not trainer_has_threads_flag():
         notes.append("trainer: no --threads in this version; pinned by OMP_NUM_THREADS only")
-    notes.append(
-        "run.max_staleness: "
-        + ("not in this version's config (lock-step)" if staleness is None else str(staleness))
-    )
+    if staleness is None:
+        notes.append("run.max_staleness: not in this version's config (lock-step)")
+    settings = setup["overrides"].items()
+    notes.append("project settings: " + " ".join(f"{k}={v}" for k, v in settings))
     try:
         measured = _measure(args, setup, work)
     except BaseException:

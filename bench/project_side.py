@@ -8,9 +8,9 @@ its seconds are the wall time from the warm-up step's metrics row to the last st
 `time`), so the warm-up step, the run's start (model load, first weight push) and its final
 checkpoint are excluded, and a rollout that overlaps the previous step's update counts once.
 
-    with ProjectStack(variant, model, work, threads) as stack:
-        rows = stack.run_round(steps=3)         # the K measured steps' metrics rows
-        seconds = round_seconds(rows_with_warmup)
+    with ProjectStack(variant, model, work, threads, overrides, data) as stack:
+        rows = stack.run_round(steps=3)         # the run's metrics rows, warm-up step first
+        seconds = round_seconds(rows)           # the 3 measured steps' wall time
         stack.peak_mib()                        # {process: VmHWM MiB}
 """
 
@@ -149,12 +149,21 @@ class ProjectStack:
             overrides={**self.overrides, "run.steps": str(total)},
         )
         client = TrainerClient(self._services["trainer"].address, client=self._pki.client())
+        end = None
         try:
             client.start(request)
-            end = next(m for m in client.watch(run_id) if m.event == trainer_pb2.WATCH_EVENT_END)
+            for message in client.watch(run_id):
+                if message.event == trainer_pb2.WATCH_EVENT_END:
+                    end = message
+                    break
         finally:
             client.close()
         folder = self.work / "runs" / run_id
+        if end is None:
+            raise RuntimeError(
+                f"{self.variant.name}: the watch of run {run_id} ended without its end: the "
+                f"trainer went away\n{self._services['trainer'].log_tail()}"
+            )
         if end.state != trainer_pb2.RUN_STATE_COMPLETED:
             state = trainer_pb2.RunState.Name(end.state)
             raise RuntimeError(
