@@ -43,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,12 @@ def _say(line: str) -> None:
     print(f"bench_seed: {line}", file=sys.stderr, flush=True)
 
 
+def _said(side: str, seconds: float) -> float:
+    """`seconds`, after a progress line: a SmolLM2 round takes minutes."""
+    _say(f"{side}: a round of measured steps took {seconds:.1f} s")
+    return seconds
+
+
 def _measure(args: argparse.Namespace, setup: dict[str, Any], work: Path) -> dict[str, Any]:
     """Starts every side, runs the rounds ABBA, reads the peaks; the raw results."""
     from bench import trl_env
@@ -231,20 +238,21 @@ def _measure(args: argparse.Namespace, setup: dict[str, Any], work: Path) -> dic
         def trl_round() -> float:
             steps = [trl.step() for _ in range(args.steps)]
             rows[TRL] += steps
-            return sum(s["seconds"] for s in steps)
+            return _said(TRL, sum(s["seconds"] for s in steps))
 
-        def project_round(name: str) -> Any:
+        def project_round(name: str) -> Callable[[], float]:
             def run() -> float:
                 run_rows = stacks[name].run_round(args.steps)
                 rows[name] += run_rows[WARMUP_STEPS:]
-                return round_seconds(run_rows)
+                return _said(name, round_seconds(run_rows))
 
             return run
 
         sides = {TRL: trl_round, **{name: project_round(name) for name in stacks}}
         seconds = alternate(sides, args.rounds)
+        # TRL's one process ran one run throughout; each stack's peak is its first run's.
         memory = {TRL: {"trl_seed_loop": peak_memory_mib(trl.pid)}}
-        memory.update({name: s.peak_mib() for name, s in stacks.items()})
+        memory.update({name: s.first_run_peak_mib for name, s in stacks.items()})
     return {"rows": rows, "seconds": seconds, "memory": memory}
 
 

@@ -3,15 +3,21 @@ processes on localhost with mutual TLS, started as `make run` starts them (tools
 PPO runs started through the trainer's API.
 
 One ProjectStack per variant (fp32, bf16), kept up for the whole bench, so that each process's
-peak memory (VmHWM) belongs to one variant. Each round is one run of WARMUP_STEPS + K steps;
-its seconds are the wall time from the warm-up step's metrics row to the last step's (the rows'
-`time`), so the warm-up step, the run's start (model load, first weight push) and its final
-checkpoint are excluded, and a rollout that overlaps the previous step's update counts once.
+peak memory (VmHWM) belongs to one variant. The peaks are read after a stack's first run, which
+is all a `make run` does: the trainer keeps a finished run's loop, model and optimiser included
+(services/trainer/api/runs.py, Run.loop), so each later run adds its own to the trainer's
+resident memory (measured: 5.7 GiB after two fp32 SmolLM2 runs).
+
+Each round is one run of WARMUP_STEPS + K steps; its seconds are the wall time from the warm-up
+step's metrics row to the last step's (the rows' `time`), so the warm-up step, the run's start
+(model load, first weight push) and its final checkpoint are excluded, and a rollout that
+overlaps the previous step's update counts once. Every run starts from the same weights and
+seed, so each round repeats the same first steps.
 
     with ProjectStack(variant, model, work, threads, overrides, data) as stack:
         rows = stack.run_round(steps=3)         # the run's metrics rows, warm-up step first
         seconds = round_seconds(rows)           # the 3 measured steps' wall time
-        stack.peak_mib()                        # {process: VmHWM MiB}
+        stack.first_run_peak_mib                # {process: VmHWM MiB} after the first run
 """
 
 from __future__ import annotations
@@ -87,6 +93,8 @@ class ProjectStack:
         self.threads = threads
         self.overrides = {**overrides, **variant.overrides, "ppo.model_name": str(model)}
         self.rounds = 0
+        self.first_run_peak_mib: dict[str, float] = {}
+        """Each process's peak memory (VmHWM, MiB) when the first run had ended."""
         self._stack = ExitStack()
         self._services: dict[str, Any] = {}
         self._pki: Any = None
@@ -170,6 +178,8 @@ class ProjectStack:
                 f"{self.variant.name}: run {run_id} ended {state} at step {end.step}/{total}: "
                 f"{end.error}\n{self._services['trainer'].log_tail()}"
             )
+        if self.rounds == 1:
+            self.first_run_peak_mib = self.peak_mib()
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         rows = read_metrics(folder / "metrics.jsonl")
         if [row["step"] for row in rows] != list(range(1, total + 1)):

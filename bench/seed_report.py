@@ -10,6 +10,7 @@ weight push; TRL has none) and overlap (rollout seconds that ran during an updat
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any
 
 from bench.measure import speed_ratios
@@ -106,6 +107,7 @@ def results(
         ratios[f"memory/{side}"] = {"value": sides[side]["peak_mib"] / sides[TRL]["peak_mib"]}
     return {
         "model": str(setup["model"]),
+        "model_name": Path(setup["model"]).name,
         "rounds": len(seconds[TRL]),
         "steps_per_round": steps,
         "episodes_per_step": BATCH_SIZE,
@@ -140,7 +142,7 @@ def render(results: dict[str, Any], targets: bool) -> str:
     sides, floor = results["sides"], results["floor"]
     names = list(sides)
     lines = [
-        f"\nseed exercise, {results['model']}: {results['rounds']} round(s) ABBA x "
+        f"\nseed exercise, {results['model_name']}: {results['rounds']} round(s) ABBA x "
         f"{results['steps_per_round']} measured step(s) x {results['episodes_per_step']} "
         "episodes per side, warm-up step excluded",
         *(f"  {note}" for note in results["notes"]),
@@ -160,7 +162,8 @@ def render(results: dict[str, Any], targets: bool) -> str:
         _row("generated tokens/s", [f"{sides[n]['generated_tokens_per_s']:.1f}" for n in names]),
         _row("update / fp32 floor", [f"{sides[n]['update_floor_multiple']:.2f}x" for n in names]),
         _row("peak memory MiB", [f"{sides[n]['peak_mib']:.0f}" for n in names]),
-        "  memory per process (VmHWM, MiB): " + "; ".join(_processes(n, sides[n]) for n in names),
+        "  memory per process (VmHWM, MiB; the project's after its first run): "
+        + "; ".join(_processes(n, sides[n]) for n in names),
         f"fp32 matmul floor: {floor['flops'] / 1e12:.3f} TFLOP per update (replica step, "
         f"responses of {floor['response_tokens']} tokens) / {floor['matmul_gflops']:.0f} GFLOP/s "
         f"(fp32 matmul, {floor['threads']} thread(s)) = {floor['seconds']:.2f} s",
