@@ -124,10 +124,10 @@ def _staleness(args: argparse.Namespace) -> int | None:
 
 def _variants(names: list[str]) -> tuple[list[Variant], list[str]]:
     """The variants to run, and a line for each that this version cannot run as specified."""
-    ppo_fields = _config_fields("ppo")
     chosen, skipped = [], []
     for name in names:
-        missing = [k for k in VARIANTS[name].overrides if k.split(".")[1] not in ppo_fields]
+        keys = [key.split(".", 1) for key in VARIANTS[name].overrides]
+        missing = [".".join(k) for k in keys if k[1] not in _config_fields(k[0])]
         if missing:
             skipped.append(f"{name}: not measured: this version's run config has no {missing[0]}")
         else:

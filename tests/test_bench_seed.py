@@ -2,7 +2,7 @@
 
 The smoke run (`--quick`: the tiny model on both sides, 1 round of 1 measured step) checks that
 both sides ran the same work (the same number of episodes) and that the report has its fields;
-no speed is judged (timed tests on a shared machine prove nothing). It took 45-80 s beside other
+no speed is judged (timed tests on a shared machine prove nothing). It took 31-80 s beside other
 jobs on the 2-core machine (the TRL venv already prepared): slow. The report's arithmetic is
 checked on made-up rows, fast.
 """
