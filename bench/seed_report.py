@@ -74,6 +74,8 @@ def side_result(
         "phase_s_median": phases,
         "generated_tokens_per_s": sum(s["tokens"] for s in steps)
         / sum(s["generate"] for s in steps),
+        # EOS may end a response early on both sides: longer responses are more work.
+        "response_tokens_mean": sum(s["tokens"] for s in steps) / sum(s["episodes"] for s in steps),
         "update_floor_multiple": phases["update"] / floor_s,
         "peak_mib": sum(memory.values()),
         "peak_mib_per_process": memory,
@@ -160,6 +162,7 @@ def render(results: dict[str, Any], targets: bool) -> str:
         lines.append(_row(f"{phase} s/step (median)", cells))
     lines += [
         _row("generated tokens/s", [f"{sides[n]['generated_tokens_per_s']:.1f}" for n in names]),
+        _row("response tokens (mean)", [f"{sides[n]['response_tokens_mean']:.1f}" for n in names]),
         _row("update / fp32 floor", [f"{sides[n]['update_floor_multiple']:.2f}x" for n in names]),
         _row("peak memory MiB", [f"{sides[n]['peak_mib']:.0f}" for n in names]),
         "  memory per process (VmHWM, MiB; the project's after its first run): "

@@ -29,6 +29,7 @@ REPORT_LINES = (
     "update s/step",
     "sync s/step",
     "generated tokens/s",
+    "response tokens (mean)",
     "update / fp32 floor",
     "peak memory MiB",
     "fp32 matmul floor:",
@@ -91,6 +92,7 @@ def test_results_ratios_and_targets_from_rows() -> None:
     assert fp32["episodes_per_s"] == pytest.approx((8 / 5 + 8 / 8) / 2)
     assert fp32["phase_s_median"]["update"] == 2.0  # ref_values + update
     assert fp32["generated_tokens_per_s"] == pytest.approx(160.0)  # 40 x 4 tokens per second
+    assert fp32["response_tokens_mean"] == 40.0 and trl["response_tokens_mean"] == 50.0
     assert fp32["update_floor_multiple"] == 2.0
     assert results["ratios"]["speed/fp32"] == {"value": 3.0, "min": 2.0, "max": 4.0}
     assert results["ratios"]["memory/fp32"]["value"] == pytest.approx(1.4)
