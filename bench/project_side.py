@@ -27,9 +27,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.measure import peak_memory_mib
+
+if TYPE_CHECKING:  # grpc and the launcher load when a stack starts
+    from tools.launch import LocalPki, ServiceProcess
 
 WARMUP_STEPS = 1
 """Steps at the start of each run that are not measured (lazy initialisation, first touches)."""
@@ -96,8 +99,8 @@ class ProjectStack:
         self.first_run_peak_mib: dict[str, float] = {}
         """Each process's peak memory (VmHWM, MiB) when the first run had ended."""
         self._stack = ExitStack()
-        self._services: dict[str, Any] = {}
-        self._pki: Any = None
+        self._services: dict[str, ServiceProcess] = {}
+        self._pki: LocalPki | None = None
 
     def __enter__(self) -> ProjectStack:
         from tools.launch import LocalPki
@@ -135,7 +138,7 @@ class ProjectStack:
         env = {"OMP_NUM_THREADS": str(self.threads.trainer)}
         self._add(start_service("trainer", trainer_args, logs, env=env, pki=self._pki))
 
-    def _add(self, service: Any) -> None:
+    def _add(self, service: ServiceProcess) -> None:
         self._stack.callback(service.stop)
         self._services[service.name] = service
 
@@ -156,6 +159,7 @@ class ProjectStack:
             rewards=[trainer_pb2.RewardEndpoint(address=self._services["reward"].address)],
             overrides={**self.overrides, "run.steps": str(total)},
         )
+        assert self._pki is not None, "ProjectStack is not entered"
         client = TrainerClient(self._services["trainer"].address, client=self._pki.client())
         end = None
         try:
