@@ -1,5 +1,5 @@
-"""What the benchmarks share: the two sides' rounds in ABBA order, their ratio, and stopping the
-server process a benchmark measures.
+"""What the benchmarks share: the two sides' rounds in ABBA order, their ratio, stopping the
+server process a benchmark measures, and a process's peak memory.
 
 On a shared machine other work comes and goes; alternating the sides round by round lets it
 slow both alike, and the median of the per-round ratios (round i of one side ran right beside
@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 
 def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -37,3 +38,17 @@ def stop(server: subprocess.Popen) -> None:
         server.wait(timeout=30)
     except subprocess.TimeoutExpired:
         server.kill()
+
+
+def speed_ratios(seconds: list[float], baseline_seconds: list[float]) -> list[float]:
+    """Each round's speed relative to the baseline's round beside it (speed_ratio's terms)."""
+    return [b / a for a, b in zip(seconds, baseline_seconds, strict=True)]
+
+
+def peak_memory_mib(pid: int) -> float:
+    """A live process's peak resident memory (VmHWM in /proc/<pid>/status), in MiB."""
+    status = Path(f"/proc/{pid}/status")
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # the kernel reports kB
+    raise RuntimeError(f"{status}: no VmHWM line (not a Linux process with memory?)")

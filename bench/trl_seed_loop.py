@@ -47,9 +47,23 @@ SEED_QUERIES = [
 ]
 """The seed exercise's four queries, the default prompt batch (the same four every step)."""
 PHASES = ("generate", "score", "step")
-BATCH_SIZE = 4
-"""The seed's PPOConfig.batch_size: episodes per step."""
+SEED_PPO: dict[str, Any] = {
+    "learning_rate": 1.41e-5,
+    "batch_size": 4,
+    "mini_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "kl_penalty": "kl",
+    "target_kl": 0.1,
+    "init_kl_coef": 0.2,
+    "adap_kl_ctrl": True,
+    "ppo_epochs": 4,
+}
+"""The seed's PPOConfig arguments (seed and model aside); this project's PPOConfig has the same
+names, so bench_seed.py passes them to the other side as ppo.* overrides."""
+BATCH_SIZE = SEED_PPO["batch_size"]
+"""Episodes per step."""
 MAX_NEW_TOKENS = 64
+"""The seed's generation_kwargs["max_new_tokens"]; min_length -1: EOS may end a response."""
 
 
 def _flags(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,19 +110,7 @@ class SeedLoop:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self._torch = torch
-        config = PPOConfig(
-            model_name=str(model),
-            learning_rate=1.41e-5,
-            batch_size=BATCH_SIZE,
-            mini_batch_size=2,
-            gradient_accumulation_steps=1,
-            kl_penalty="kl",
-            target_kl=0.1,
-            init_kl_coef=0.2,
-            adap_kl_ctrl=True,
-            ppo_epochs=4,
-            seed=seed,
-        )
+        config = PPOConfig(model_name=str(model), seed=seed, **SEED_PPO)
         # transformers 5 loads in the checkpoint's dtype by default; the seed ran fp32.
         policy = AutoModelForCausalLMWithValueHead.from_pretrained(str(model), dtype=torch.float32)
         ref = AutoModelForCausalLMWithValueHead.from_pretrained(str(model), dtype=torch.float32)

@@ -42,6 +42,12 @@ class TrlSide:
             raise RuntimeError(f"trl_seed_loop.py: expected the ready line, got {self.ready}")
         return self
 
+    @property
+    def pid(self) -> int:
+        """The child's process id (its /proc entry holds its peak memory)."""
+        assert self._process is not None, "TrlSide is not entered"
+        return self._process.pid
+
     def step(self) -> dict[str, Any]:
         """Runs one measured step in the child; its JSON row."""
         assert self._process is not None and self._process.stdin is not None

@@ -30,10 +30,11 @@ def test_every_benchmark_runs_and_prints_its_table() -> None:
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     summary = out.split("=== summary ===")[1]
-    for name in ("bench_loop.py", "bench_policy.py", "bench_reward.py"):
+    for name in ("bench_loop.py", "bench_policy.py", "bench_reward.py", "bench_seed.py"):
         assert f"{name}" in summary and "FAILED" not in summary, summary
     assert "the same on both sides: yes" in out  # Generate sampled the in-process tokens
     assert "UpdateWeights MB/s" in out
+    assert "episodes/s (median of rounds)" in out  # bench_seed's table, TRL 0.11.4 beside us
     rows = [line for line in out.splitlines() if line.startswith(("seed-length", "short"))]
     assert len(rows) == 8, out  # 2 text sizes x 2 call sizes x 2 client modes
     assert sum(line.rstrip().endswith("met") for line in rows) == 2  # the target rows say so

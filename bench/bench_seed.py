@@ -1,0 +1,321 @@
+"""The seed exercise's PPO loop: TRL 0.11.4 itself against this project's three services.
+
+Side by side at the seed's own settings (issue #14):
+
+  trl-0.11.4: bench/trl_seed_loop.py in the venv bench/trl_env.py prepares (offline, from the
+              package registry), kept running through bench/trl_side.py: SmolLM2 fp32 full
+              fine-tune, the seed's PPOConfig, one `generate` per query, VADER, `step`.
+  fp32, bf16: the policy, reward (VADER) and trainer services as three processes with mutual
+              TLS (bench/project_side.py, as `make run` starts them), PPO runs started through
+              the trainer's API with the same settings as run config overrides. bf16: the
+              policy service in bfloat16 and ppo.mixed_precision=bf16 (the TRL side stays
+              fp32, as the seed ran). At --staleness N (default 1) a step's rollout may come
+              from weights N steps older: generation overlaps the previous update.
+
+Rounds alternate the sides ABBA (trl fp32 bf16, bf16 fp32 trl, ...), so other load on the
+machine slows all alike. A round is K steps (--steps) per side after its warm-up step. The TRL
+child stays loaded and runs K steps per round. The project's services stay up for the whole
+bench and each round is one run of 1 + K steps through the trainer's API, timed from the
+warm-up step's metrics row to the last row: a run cannot be paused while the TRL side has the
+machine, and one long run would compete with it; a run's start (model load, first weight push)
+and its final checkpoint fall outside the timed span, as the TRL child's loading does.
+
+Printed per side: episodes/s (median over rounds, range), seconds per step of each phase
+(median), generated tokens/s, the update's seconds (forward passes included) over the fp32
+matmul floor (bench/update_floor.py), peak memory (TRL: its process's VmHWM; the project: the
+sum of its three processes'); then the ratios against the targets (>= 2.0x fp32, >= 4.0x bf16,
+update <= 1.5x floor, memory <= 1.4x), each met or not met. Exit 0 when it ran: targets are
+reported, not asserted.
+
+    python bench/bench_seed.py                    # SmolLM2-135M-Instruct, 4 rounds x 3 steps
+    python bench/bench_seed.py --rounds 2 --steps 2
+    python bench/bench_seed.py --quick            # tiny random model, 1 round x 1 step
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import seed_report  # noqa: E402
+from bench.measure import alternate, peak_memory_mib  # noqa: E402
+from bench.project_side import (  # noqa: E402
+    WARMUP_STEPS,
+    ProjectStack,
+    Threads,
+    Variant,
+    round_seconds,
+    trainer_has_threads_flag,
+)
+from bench.trl_seed_loop import MAX_NEW_TOKENS, SEED_PPO, SEED_QUERIES  # noqa: E402
+
+TRL = "trl-0.11.4"
+"""The baseline side's name."""
+VARIANTS = {
+    "fp32": Variant("fp32", "float32"),
+    "bf16": Variant("bf16", "bfloat16", {"ppo.mixed_precision": "bf16"}),
+}
+PROMPTS_FILE = "seed-queries.jsonl"
+"""The seed's four queries, one JSONL row each, in the trainer's --data-root."""
+
+
+def _flags(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 1 round x 1 step")
+    parser.add_argument("--rounds", type=int, help="rounds per side, ABBA (default 4)")
+    parser.add_argument("--steps", type=int, help="measured steps per round (default 3)")
+    parser.add_argument(
+        "--variants", default="fp32,bf16", help="the project's variants, comma-separated"
+    )
+    parser.add_argument(
+        "--staleness",
+        type=int,
+        help="run.max_staleness of the project's runs (default 1 where the config has it)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="PPOConfig.seed of every side")
+    parser.add_argument("--trl-threads", type=int, help="TRL's torch threads (default: all)")
+    parser.add_argument("--policy-threads", type=int, help="policy service's threads")
+    parser.add_argument("--trainer-threads", type=int, help="trainer service's threads")
+    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 4)
+    args.steps = args.steps or (1 if args.quick else 3)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown or not args.variants:
+        parser.error(f"--variants: choose from {', '.join(VARIANTS)}; got {unknown or 'none'}")
+    if args.rounds < 1 or args.steps < 1:
+        parser.error("--rounds and --steps must be >= 1")
+    for name in ("trl_threads", "policy_threads", "trainer_threads", "staleness"):
+        if (getattr(args, name) or 0) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    return args
+
+
+def _config_fields(section: str) -> set[str]:
+    """The fields of a run config section (ppo, generation, run) in this version."""
+    from services.trainer.config import TrainConfig
+
+    return {f.name for f in dataclasses.fields(getattr(TrainConfig(), section))}
+
+
+def _staleness(args: argparse.Namespace) -> int | None:
+    """run.max_staleness for the project's runs; None where this version has no such field."""
+    if "max_staleness" in _config_fields("run"):
+        return 1 if args.staleness is None else args.staleness
+    if args.staleness is not None:
+        raise SystemExit("--staleness: this version's run config has no run.max_staleness")
+    return None
+
+
+def _variants(names: list[str]) -> tuple[list[Variant], list[str]]:
+    """The variants to run, and a line for each that this version cannot run as specified."""
+    chosen, skipped = [], []
+    for name in names:
+        keys = [key.split(".", 1) for key in VARIANTS[name].overrides]
+        missing = [".".join(k) for k in keys if k[1] not in _config_fields(k[0])]
+        if missing:
+            skipped.append(f"{name}: not measured: this version's run config has no {missing[0]}")
+        else:
+            chosen.append(VARIANTS[name])
+    if not chosen:
+        raise SystemExit("no variant can run: " + "; ".join(skipped))
+    return chosen, skipped
+
+
+def _threads(args: argparse.Namespace, overlapping: bool) -> tuple[int, Threads, str]:
+    """TRL's threads, the stacks' threads, and why. The TRL process runs alone: every core. The
+    policy and trainer processes take every core each in lock-step (they never compute at the
+    same time) and split the cores when the rollout overlaps the update: more OpenMP threads
+    than cores spin-wait on descheduled siblings (see trl_seed_loop.py)."""
+    cores = 1 if args.quick else len(os.sched_getaffinity(0))
+    policy = max(1, cores // 2) if overlapping else cores
+    trainer = max(1, cores - policy) if overlapping else cores
+    if args.quick:
+        why = "--quick: one each"
+    elif overlapping:
+        why = f"{cores} cores, split: generation overlaps the update"
+    else:
+        why = f"{cores} cores, all to each: lock-step, they never compute at once"
+    return (
+        args.trl_threads or cores,
+        Threads(args.policy_threads or policy, args.trainer_threads or trainer),
+        why,
+    )
+
+
+def _text(value: object) -> str:
+    """A value as an override's text: bools as true/false (str() would say True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _overrides(args: argparse.Namespace, staleness: int | None) -> dict[str, str]:
+    """The seed's settings as run config overrides (every variant's)."""
+    overrides = {f"ppo.{k}": _text(v) for k, v in SEED_PPO.items()}
+    overrides.update(
+        {
+            "ppo.seed": str(args.seed),
+            "ppo.use_lora": "false",
+            "ppo.dtype": "float32",
+            "ppo.max_grad_norm": "none",  # TRL 0.11.4's PPOConfig default: no clipping
+            "ppo.log_with": "jsonl",
+            "generation.max_new_tokens": str(MAX_NEW_TOKENS),
+            "generation.min_new_tokens": "0",  # the seed's min_length -1: EOS may end early
+            "generation.top_k": "0",
+            "generation.top_p": "1.0",
+            "generation.temperature": "1.0",
+            "generation.do_sample": "true",
+            "generation.apply_chat_template": "false",
+            "run.save_every": "0",
+        }
+    )
+    if staleness is not None:
+        overrides["run.max_staleness"] = str(staleness)
+    return overrides
+
+
+def _model(quick: bool, work: Path) -> Path:
+    if quick:
+        from tools.tiny import make_causal_lm
+
+        return make_causal_lm(work / "tiny-lm")
+    from rlhf.models import prepare_default_policy
+
+    return Path(prepare_default_policy())
+
+
+def _say(line: str) -> None:
+    print(f"bench_seed: {line}", file=sys.stderr, flush=True)
+
+
+def _said(side: str, seconds: float) -> float:
+    """`seconds`, after a progress line: a SmolLM2 round takes minutes."""
+    _say(f"{side}: a round of measured steps took {seconds:.1f} s")
+    return seconds
+
+
+def _measure(args: argparse.Namespace, setup: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Starts every side, runs the rounds ABBA, reads the peaks; the raw results."""
+    from bench import trl_env
+    from bench.trl_side import TrlSide
+
+    python = trl_env.prepare(say=_say)
+    data = work / "data"
+    data.mkdir(parents=True)
+    prompts = data / PROMPTS_FILE
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in SEED_QUERIES))
+    overrides = {**setup["overrides"], "run.prompts": str(prompts)}
+    rows: dict[str, list[dict[str, Any]]] = {TRL: []}
+    with ExitStack() as stack:
+        _say(f"starting {TRL} (loading, warm-up step)")
+        trl = stack.enter_context(
+            TrlSide(python, setup["model"], args.seed, setup["trl_threads"], WARMUP_STEPS)
+        )
+        stacks = {}
+        for variant in setup["variants"]:
+            _say(f"starting the {variant.name} services")
+            stacks[variant.name] = stack.enter_context(
+                ProjectStack(
+                    variant, setup["model"], work / variant.name, setup["threads"], overrides, data
+                )
+            )
+            rows[variant.name] = []
+
+        def trl_round() -> float:
+            steps = [trl.step() for _ in range(args.steps)]
+            rows[TRL] += steps
+            return _said(TRL, sum(s["seconds"] for s in steps))
+
+        def project_round(name: str) -> Callable[[], float]:
+            def run() -> float:
+                run_rows = stacks[name].run_round(args.steps)
+                rows[name] += run_rows[WARMUP_STEPS:]
+                return _said(name, round_seconds(run_rows))
+
+            return run
+
+        sides = {TRL: trl_round, **{name: project_round(name) for name in stacks}}
+        seconds = alternate(sides, args.rounds)
+        # TRL's one process ran one run throughout; each stack's peak is its first run's.
+        memory = {TRL: {"trl_seed_loop": peak_memory_mib(trl.pid)}}
+        memory.update({name: s.first_run_peak_mib for name, s in stacks.items()})
+    return {"rows": rows, "seconds": seconds, "memory": memory}
+
+
+def _floor(args: argparse.Namespace, setup: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
+    """The fp32 matmul floor of the update at the measured mean response length."""
+    from bench.update_floor import matmul_gflops, update_flops
+
+    tokens = statistics.fmean(r["env/response_length"] for r in rows)
+    flops = update_flops(
+        [f"{k}={v}" for k, v in setup["overrides"].items() if not k.startswith("run.")]
+        + [f"ppo.model_name={setup['model']}"],
+        SEED_QUERIES,
+        max(1, round(tokens)),
+    )
+    gflops = matmul_gflops(setup["threads"].trainer, size=256 if args.quick else 2048)
+    return {
+        "flops": flops,
+        "response_tokens": round(tokens),
+        "matmul_gflops": gflops,
+        "threads": setup["threads"].trainer,
+        "seconds": flops / (gflops * 1e9),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _flags(argv)
+    from rlhf.logs import setup_logging
+
+    setup_logging("bench", "WARNING")
+    started = time.monotonic()
+    staleness = _staleness(args)
+    variants, skipped = _variants(args.variants)
+    trl_threads, threads, why = _threads(args, bool(staleness))
+    work = Path(tempfile.mkdtemp(prefix="bench-seed-"))
+    setup = {
+        "model": _model(args.quick, work),
+        "variants": variants,
+        "overrides": _overrides(args, staleness),
+        "threads": threads,
+        "trl_threads": trl_threads,
+    }
+    notes = [*skipped, f"threads: {TRL} {trl_threads}; policy {threads.policy}, trainer "
+             f"{threads.trainer} ({why})"]  # fmt: skip
+    if not trainer_has_threads_flag():
+        notes.append("trainer: no --threads in this version; pinned by OMP_NUM_THREADS only")
+    if staleness is None:
+        notes.append("run.max_staleness: not in this version's config (lock-step)")
+    settings = setup["overrides"].items()
+    notes.append("project settings: " + " ".join(f"{k}={v}" for k, v in settings))
+    try:
+        measured = _measure(args, setup, work)
+    except BaseException:
+        print(f"bench_seed: failed; the services' logs are under {work}", file=sys.stderr)
+        raise
+    floor = _floor(args, setup, measured["rows"][variants[0].name])
+    results = seed_report.results(setup, measured, floor, notes, args.steps)
+    results["wall_s"] = time.monotonic() - started
+    print(seed_report.render(results, targets=not args.quick))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
