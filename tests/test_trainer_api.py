@@ -4,8 +4,10 @@ GetRun shows the phase of the step in progress."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +56,9 @@ def policy(tiny_lm: Path) -> GatedPolicy:
 
 
 @pytest.fixture
-def trainer(policy: GatedPolicy, tmp_path: Path, tiny_lm: Path) -> Iterator[TrainerClient]:
+def served(
+    policy: GatedPolicy, tmp_path: Path, tiny_lm: Path
+) -> Iterator[tuple[TrainerClient, TrainerServicer]]:
     transports = Transports(
         policy=lambda address, limits: policy,
         reward=lambda address, limits: LocalReward(VaderBackend(), address=address),
@@ -73,13 +77,18 @@ def trainer(policy: GatedPolicy, tmp_path: Path, tiny_lm: Path) -> Iterator[Trai
     port = service.start()
     service.set_serving()
     client = TrainerClient(f"127.0.0.1:{port}")
-    yield client
+    yield client, servicer
     policy.release.set()
     client.close()
     for run in servicer.runs.values():  # no run thread outlives its test
         if run.thread is not None:
             run.thread.join(60)
     service.stop(grace_s=0)
+
+
+@pytest.fixture
+def trainer(served: tuple[TrainerClient, TrainerServicer]) -> TrainerClient:
+    return served[0]
 
 
 def _start(client: TrainerClient, tiny_lm: Path, run_id: str, steps: int) -> None:
@@ -105,6 +114,32 @@ def test_watch_ends_with_completed(trainer: TrainerClient, tiny_lm: Path) -> Non
     replay = list(trainer.watch("done", from_step=2))
     assert [(m.event, m.step) for m in replay] == [(trainer_pb2.WATCH_EVENT_STEP, 2), (END, 2)]
     assert replay[-1].state == trainer_pb2.RUN_STATE_COMPLETED
+
+
+def test_an_ended_run_lets_go_of_its_models_and_keeps_its_status(
+    served: tuple[TrainerClient, TrainerServicer], policy: GatedPolicy, tiny_lm: Path
+) -> None:
+    # A trainer that serves run after run must not hold every ended run's model, reference
+    # and optimizer state (the bench saw a trainer grow by a run's worth of memory per run).
+    client, servicer = served
+    policy.gated = True  # the run waits in its first Generate, its loop attached
+    _start(client, tiny_lm, "let-go", steps=2)
+    assert policy.generating.wait(60)
+    held = weakref.ref(servicer.runs["let-go"].loop or _never_attached())
+    policy.release.set()
+    assert list(client.watch("let-go", from_step=1))[-1].event == END
+    servicer.runs["let-go"].thread.join(60)
+    gc.collect()
+    assert servicer.runs["let-go"].loop is None and held() is None
+    status = client.get("let-go")
+    assert status.state == trainer_pb2.RUN_STATE_COMPLETED
+    assert status.step == 2 and status.weight_version >= 2
+    assert status.checkpoint_dir.endswith("checkpoints")
+    assert "objective/kl" in status.last_metrics
+
+
+def _never_attached() -> object:
+    raise AssertionError("the run's loop was never attached")
 
 
 def test_stop_answers_at_once_and_watch_ends_with_stopped(

@@ -8,11 +8,13 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from rlhf.v1 import trainer_pb2
 from services.trainer.api.records import Checkpointed, RunRecord, write_record
+from services.trainer.orchestrator.checkpoint import latest_checkpoint
 from services.trainer.orchestrator.loop import StepResult, TrainingLoop
 from services.trainer.orchestrator.progress import Progress, ProgressTracker
 from services.trainer.orchestrator.resume import Swap, journal_swap
@@ -122,6 +124,23 @@ class Run:
         with self.changed:
             self.swaps = journal_swap(self.swaps, Swap(from_step, [str(s) for s in specs]))
         self.save_record()
+
+    def release_loop(self) -> None:
+        """The run ended: GetRun keeps its step, version, checkpoint and last statistics, and
+        the loop goes, so a trainer that runs many runs holds no ended run's model, reference
+        and optimizer state in memory."""
+        with self.changed:
+            loop, self.loop = self.loop, None
+            if loop is None:
+                return
+            latest = latest_checkpoint(loop.checkpoints)
+            self.saved = replace(
+                self.saved,
+                step=loop.step,
+                weight_version=loop.weight_version,
+                checkpoint_dir=str(latest) if latest is not None else self.saved.checkpoint_dir,
+                last_metrics=dict(loop.last_stats) or self.saved.last_metrics,
+            )
 
     def retire_rewards(self) -> None:
         """The run ends: GetRun keeps listing the endpoints in force, the mixer closes."""

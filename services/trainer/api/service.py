@@ -342,6 +342,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             error = f"{type(err).__name__}: {err}"
         finally:
             run.retire_rewards()  # GetRun keeps listing the endpoints of an ended run
+            run.release_loop()
             mixer.close()
             if policy is not None:
                 policy.close()
