@@ -1,13 +1,24 @@
 """The forward passes of PPO: rows of a PPOBatch through the policy (logits and values) or the
-frozen reference (logits), at the response positions only."""
+frozen reference (logits), at the response positions only, under the run's mixed precision."""
 
 from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 
 from services.trainer.learner.batch import PPOBatch
 from services.trainer.learner.value_head import PolicyWithValueHead, causal_lm_logits
+
+
+def autocast(mixed_precision: str, device: torch.device) -> AbstractContextManager:
+    """PPOConfig.mixed_precision as a context for forward passes: "bf16", torch.autocast in
+    bfloat16 on the device's type; "no", nothing. Their outputs (logits, values) come out in
+    float32 either way: the PPO math after them runs outside the context, in float32."""
+    if mixed_precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def batch_inputs(batch: PPOBatch, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
