@@ -28,16 +28,24 @@ def batch_inputs(batch: PPOBatch, idx: torch.Tensor) -> tuple[torch.Tensor, torc
     return batch.input_ids[idx, :length], mask[:, :length]
 
 
+def response_width(batch: PPOBatch, idx: torch.Tensor) -> int:
+    """The longest response among rows idx: columns past it are padding in every one of them,
+    so no logits, values or losses are computed there."""
+    return int(batch.mask[idx].sum(1).max())
+
+
 def response_positions(batch: PPOBatch, idx: torch.Tensor, length: int) -> torch.Tensor:
-    """(b, T) positions whose outputs predict response tokens: query_len - 1 + t."""
-    steps = torch.arange(batch.mask.shape[1], device=batch.mask.device)
+    """(b, w) positions whose outputs predict response tokens: query_len - 1 + t, for t below
+    the rows' response_width w (a shorter row's padding columns repeat its last position)."""
+    steps = torch.arange(response_width(batch, idx), device=batch.mask.device)
     return (batch.query_lens[idx, None] - 1 + steps[None, :]).clamp(max=length - 1)
 
 
 def policy_forward(
     model: PolicyWithValueHead, batch: PPOBatch, idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (b, T, V), values (b, T)) at the response positions of rows idx."""
+    """(logits (b, w, V), values (b, w)) at the response positions of rows idx (w: their
+    response_width)."""
     input_ids, attention_mask = batch_inputs(batch, idx)
     pos = response_positions(batch, idx, input_ids.shape[1])
     return model(input_ids, attention_mask, positions=pos)
@@ -46,7 +54,7 @@ def policy_forward(
 def reference_forward(
     model: PolicyWithValueHead, ref_model: nn.Module | None, batch: PPOBatch, idx: torch.Tensor
 ) -> torch.Tensor:
-    """The reference's logits (b, T, V) at the response positions of rows idx. ref_model None:
+    """The reference's logits (b, w, V) at the response positions of rows idx. ref_model None:
     the policy with its LoRA adapters switched off."""
     input_ids, attention_mask = batch_inputs(batch, idx)
     pos = response_positions(batch, idx, input_ids.shape[1])

@@ -128,17 +128,19 @@ class PPOTrainer:
             with self._autocast():
                 logits, values = policy_forward(self.model, batch, idx)
                 ref_logits = reference_forward(self.model, self.ref_model, batch, idx)
-            labels = batch.response_ids[idx]
-            batch.logprobs[idx] = logprobs_from_logits(logits, labels)
-            batch.ref_logprobs[idx] = logprobs_from_logits(ref_logits, labels)
-            batch.values[idx] = values
+            # Columns past these rows' longest response stay 0: padding, masked everywhere.
+            cols = slice(0, logits.shape[1])
+            labels = batch.response_ids[idx, cols]
+            batch.logprobs[idx, cols] = logprobs_from_logits(logits, labels)
+            batch.ref_logprobs[idx, cols] = logprobs_from_logits(ref_logits, labels)
+            batch.values[idx, cols] = values
             if batch.full_kl is not None:
                 full = kl_penalty(
                     "full",
                     logprobs_from_logits(logits, None),
                     logprobs_from_logits(ref_logits, None),
                 )
-                batch.full_kl[idx] = full
+                batch.full_kl[idx, cols] = full
 
     # --- phase 2: rewards, advantages, PPO epochs, KL control --------------------------------
     def targets(self, batch: PPOBatch, scores: Scores | None = None) -> PPOTargets:
@@ -323,15 +325,17 @@ class PPOTrainer:
         cfg = self.config
         with self._autocast():
             logits, vpreds = policy_forward(self.model, batch, idx)
-        logprobs = logprobs_from_logits(logits, batch.response_ids[idx])
+        # Only the columns up to these rows' longest response: the rest is masked padding.
+        cols = slice(0, logits.shape[1])
+        logprobs = logprobs_from_logits(logits, batch.response_ids[idx, cols])
         return ppo_loss(
-            old_logprobs=batch.logprobs[idx],
-            values=targets.values[idx],
+            old_logprobs=batch.logprobs[idx, cols],
+            values=targets.values[idx, cols],
             logprobs=logprobs,
             vpreds=vpreds,
-            mask=batch.mask[idx],
-            advantages=targets.advantages[idx],
-            returns=targets.returns[idx],
+            mask=batch.mask[idx, cols],
+            advantages=targets.advantages[idx, cols],
+            returns=targets.returns[idx, cols],
             cliprange=cfg.cliprange,
             cliprange_value=cfg.cliprange_value,
             vf_coef=cfg.vf_coef,
