@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.trainer.config import TrainerServiceConfig
+from services.trainer.config import TrainerServiceConfig, load_train_config
 from services.trainer.learner.config import PPOConfig
 from services.trainer.learner.ppo_trainer import PPOTrainer
 from tests.test_ppo_step import make, rollouts
@@ -93,12 +93,23 @@ def test_bf16_step_is_close_to_fp32_with_float32_weights(tiny_lm: Path) -> None:
     ("fields", "fragment"),
     [
         ({"mixed_precision": "fp16"}, "mixed_precision must be one of no, bf16; got 'fp16'"),
-        ({"mixed_precision": "bf16", "dtype": "bfloat16"}, "it needs dtype float32"),
+        (
+            {"mixed_precision": "bf16", "dtype": "bfloat16"},
+            "mixed_precision bf16 keeps float32 master weights: it needs dtype float32",
+        ),
     ],
 )
 def test_mixed_precision_refusals(fields: dict[str, str], fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         PPOConfig(**fields)  # type: ignore[arg-type]
+    overrides = [f"ppo.{name}={value}" for name, value in fields.items()]
+    with pytest.raises(ValueError, match=rf"ppo\.{fragment}"):
+        load_train_config(None, overrides)  # a run config's error names the field
+
+
+def test_mixed_precision_override() -> None:
+    assert PPOConfig().mixed_precision == "no"
+    assert load_train_config(None, ["ppo.mixed_precision=bf16"]).ppo.mixed_precision == "bf16"
 
 
 # --- the trainer's --threads --------------------------------------------------------------------
