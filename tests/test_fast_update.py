@@ -89,6 +89,16 @@ def test_bf16_step_is_close_to_fp32_with_float32_weights(tiny_lm: Path) -> None:
     assert {batch.logprobs.dtype, batch.ref_logprobs.dtype, batch.values.dtype} == {torch.float32}
 
 
+def test_bf16_with_lora_and_the_exact_kl(tiny_lm: Path) -> None:
+    """configs/default.yaml trains LoRA adapters: its reference is the base with them off."""
+    lora = {"use_lora": True, "lora_r": 4, "lora_alpha": 8, "kl_penalty": "full"}
+    _, model, trainer = make(tiny_lm, mixed_precision="bf16", **lora)
+    stats = two_steps(trainer)[1]
+    assert all(math.isfinite(v) for v in stats.values()), stats
+    assert stats["objective/kl"] > 0  # the exact KL of the moved adapters
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 @pytest.mark.parametrize(
     ("fields", "fragment"),
     [
