@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -312,7 +313,7 @@ class PPOTrainer:
     def _full_kl(self) -> bool:
         return self.config.kl_penalty == "full"
 
-    def _autocast(self) -> Any:
+    def _autocast(self) -> AbstractContextManager:
         """The forward passes' mixed-precision context (PPOConfig.mixed_precision)."""
         return autocast(self.config.mixed_precision, self.device)
 
