@@ -11,8 +11,7 @@ import pytest
 from rlhf.cli import build_parser
 from rlhf.config import service_settings
 from services.policy.config import PolicyServiceConfig
-from services.trainer.config import RunConfig, load_train_config
-from services.trainer.learner.config import PPOConfig
+from services.trainer.config import load_train_config
 from tools import main_job
 
 
@@ -63,17 +62,6 @@ def test_negative_staleness_is_refused(capsys: pytest.CaptureFixture[str]) -> No
     assert exit_.value.code == 2 and "-1 is below 0" in capsys.readouterr().err
 
 
-SHARED_FIELDS = hasattr(RunConfig, "max_staleness") and any(
-    f.name == "mixed_precision" for f in dataclasses.fields(PPOConfig)
-)
-
-
-@pytest.mark.xfail(
-    not SHARED_FIELDS,
-    raises=ValueError,
-    strict=True,
-    reason="run.max_staleness and ppo.mixed_precision land with the overlap and update branches",
-)
 def test_the_trainer_takes_the_overrides_and_the_header_says_them() -> None:
     _, overrides = main_job.job_settings("bf16", 2)
     config = load_train_config(main_job.DEFAULT_CONFIG.read_text(), overrides)

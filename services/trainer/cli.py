@@ -29,6 +29,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     server, config = service_settings(args, TrainerServiceConfig, "rlhf trainer serve")
     outbound = from_args(ClientConfig, args)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)  # before any torch work in this process
 
     from rlhf.auth import client_token
     from rlhf.logs import setup_logging

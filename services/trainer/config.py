@@ -225,6 +225,10 @@ class TrainerServiceConfig:
     model_root: list[str] = field(default_factory=list)
     """Folders, comma-separated, whose models a run's ppo.model_name may name; the embedded
     default policy's alias is always allowed."""
+    threads: int = 0
+    """CPU threads for torch in this process (0: torch's default, one per core), set before any
+    torch work. On a CPU shared with the policy service, give each process its own share (the
+    policy service has the same flag) so that their OpenMP threads do not fight for cores."""
     resume_interrupted: bool = False
     """On start, resume by itself the most recent run this trainer finds INTERRUPTED under
     output_dir (it was active when the trainer stopped); the others stay INTERRUPTED."""
@@ -243,6 +247,7 @@ class TrainerServiceConfig:
         for name in ("data_root", "model_root"):  # "" would allow the working directory
             if any(not entry.strip() for entry in getattr(self, name)):
                 found.append(f"{name}: an entry is empty; name folders")
+        found += at_least(self, 0, "threads")
         if not 0 <= self.resume_wait_s <= 86_400:
             found.append(f"resume_wait_s must be in [0, 86400] seconds, got {self.resume_wait_s}")
         for entry in self.allowed_endpoints:

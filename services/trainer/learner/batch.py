@@ -78,7 +78,8 @@ def pad_rollouts(
     full_kl: bool,
     scores: torch.Tensor | None,
 ) -> PPOBatch:
-    """The rollouts right-padded into a PPOBatch whose old-policy tensors are still empty."""
+    """The rollouts right-padded into a PPOBatch whose old-policy tensors are still zeros (the
+    padding columns stay so)."""
     device = queries[0].device
     bsz = len(queries)
     q_lens = torch.tensor([len(q) for q in queries], device=device)
@@ -100,10 +101,10 @@ def pad_rollouts(
         query_lens=q_lens,
         response_ids=response_ids,
         mask=mask,
-        logprobs=torch.empty(bsz, resp_len, device=device),
-        ref_logprobs=torch.empty(bsz, resp_len, device=device),
-        values=torch.empty(bsz, resp_len, device=device),
-        full_kl=torch.empty(bsz, resp_len, device=device) if full_kl else None,
+        logprobs=torch.zeros(bsz, resp_len, device=device),
+        ref_logprobs=torch.zeros(bsz, resp_len, device=device),
+        values=torch.zeros(bsz, resp_len, device=device),
+        full_kl=torch.zeros(bsz, resp_len, device=device) if full_kl else None,
         scores=scores,
     )
 

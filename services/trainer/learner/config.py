@@ -22,6 +22,8 @@ MAX_BATCH_SIZE = 4096
 MAX_SEED = 2**63 - 1
 """Largest seed torch takes."""
 LOGGERS = (None, "tensorboard", "jsonl")
+MIXED_PRECISIONS = ("no", "bf16")
+"""PPOConfig.mixed_precision's choices (fp16 is not one: it needs a gradient scaler)."""
 
 
 @dataclass
@@ -38,6 +40,12 @@ class PPOConfig:
     dtype: str = "float32"
     """Weights' dtype: float32, bfloat16 or float16. The value head and all PPO math stay in
     float32 whatever this is."""
+    mixed_precision: str = "no"
+    """"bf16": the forward passes (old policy, reference, PPO epochs; so their backward passes
+    too) run under torch.autocast in bfloat16, while the weights stay float32 masters, and the
+    gradients, optimiser state and PPO math (log-softmax of the logits, ratios, GAE, losses,
+    stats) stay float32. "no": everything in `dtype`. Needs dtype float32. fp16 is not offered:
+    it needs a gradient scaler."""
     value_head_dropout: float = 0.1
     """Dropout on the last hidden state before the value head (TRL's summary_dropout_prob,
     default 0.1). Like every dropout of the model, it acts only with dropout_in_update: by
@@ -165,10 +173,16 @@ class PPOConfig:
                 errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
         errors += choice_problems("kl_penalty", self.kl_penalty, KL_PENALTIES)
         errors += choice_problems("log_with", self.log_with, LOGGERS)
+        errors += choice_problems("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        if self.mixed_precision == "bf16" and self.dtype != "float32":
+            errors.append(
+                f"mixed_precision bf16 keeps float32 master weights: it needs dtype float32, "
+                f"got {self.dtype}"
+            )
         errors += dtype_problems("dtype", self.dtype) + device_problems("device", self.device)
         if not self.model_name:
             errors.append("model_name must not be empty")
         return errors
 
 
-__all__ = ["KL_PENALTIES", "LOGGERS", "PPOConfig"]
+__all__ = ["KL_PENALTIES", "LOGGERS", "MIXED_PRECISIONS", "PPOConfig"]

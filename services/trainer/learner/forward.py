@@ -1,13 +1,24 @@
 """The forward passes of PPO: rows of a PPOBatch through the policy (logits and values) or the
-frozen reference (logits), at the response positions only."""
+frozen reference (logits), at the response positions only, under the run's mixed precision."""
 
 from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 
 from services.trainer.learner.batch import PPOBatch
 from services.trainer.learner.value_head import PolicyWithValueHead, causal_lm_logits
+
+
+def autocast(mixed_precision: str, device: torch.device) -> AbstractContextManager:
+    """PPOConfig.mixed_precision as a context for forward passes: "bf16", torch.autocast in
+    bfloat16 on the device's type; "no", nothing. Their outputs (logits, values) come out in
+    float32 either way: the PPO math after them runs outside the context, in float32."""
+    if mixed_precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def batch_inputs(batch: PPOBatch, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,16 +28,24 @@ def batch_inputs(batch: PPOBatch, idx: torch.Tensor) -> tuple[torch.Tensor, torc
     return batch.input_ids[idx, :length], mask[:, :length]
 
 
+def response_width(batch: PPOBatch, idx: torch.Tensor) -> int:
+    """The longest response among rows idx: columns past it are padding in every one of them,
+    so no logits, values or losses are computed there."""
+    return int(batch.mask[idx].sum(1).max())
+
+
 def response_positions(batch: PPOBatch, idx: torch.Tensor, length: int) -> torch.Tensor:
-    """(b, T) positions whose outputs predict response tokens: query_len - 1 + t."""
-    steps = torch.arange(batch.mask.shape[1], device=batch.mask.device)
+    """(b, w) positions whose outputs predict response tokens: query_len - 1 + t, for t below
+    the rows' response_width w (a shorter row's padding columns repeat its last position)."""
+    steps = torch.arange(response_width(batch, idx), device=batch.mask.device)
     return (batch.query_lens[idx, None] - 1 + steps[None, :]).clamp(max=length - 1)
 
 
 def policy_forward(
     model: PolicyWithValueHead, batch: PPOBatch, idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (b, T, V), values (b, T)) at the response positions of rows idx."""
+    """(logits (b, w, V), values (b, w)) at the response positions of rows idx (w: their
+    response_width)."""
     input_ids, attention_mask = batch_inputs(batch, idx)
     pos = response_positions(batch, idx, input_ids.shape[1])
     return model(input_ids, attention_mask, positions=pos)
@@ -35,7 +54,7 @@ def policy_forward(
 def reference_forward(
     model: PolicyWithValueHead, ref_model: nn.Module | None, batch: PPOBatch, idx: torch.Tensor
 ) -> torch.Tensor:
-    """The reference's logits (b, T, V) at the response positions of rows idx. ref_model None:
+    """The reference's logits (b, w, V) at the response positions of rows idx. ref_model None:
     the policy with its LoRA adapters switched off."""
     input_ids, attention_mask = batch_inputs(batch, idx)
     pos = response_positions(batch, idx, input_ids.shape[1])

@@ -8,7 +8,8 @@ The rollouts' layout is in `batch`, the forward passes in `forward`, the stats i
 (classic TRL names, as plain floats). Every forward pass runs in eval mode, as in TRL 0.11.4
 (its batched_forward_pass calls model.eval(); the model.train() in train_minibatch comes after
 the mini-batch's forward pass), unless PPOConfig.dropout_in_update asks for train mode in the
-PPO epochs.
+PPO epochs. With PPOConfig.mixed_precision "bf16" the forward passes run under bfloat16 autocast
+(`forward.autocast`); everything after the logits and values, in float32.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -36,8 +38,9 @@ from services.trainer.learner.batch import (
     scores_tensor,
 )
 from services.trainer.learner.config import PPOConfig
-from services.trainer.learner.forward import policy_forward, reference_forward
+from services.trainer.learner.forward import autocast, policy_forward, reference_forward
 from services.trainer.learner.kl_control import make_kl_controller
+from services.trainer.learner.optim import load_optimizer_state, make_optimizer
 from services.trainer.learner.ppo import (
     compute_advantages,
     compute_rewards,
@@ -76,8 +79,8 @@ class PPOTrainer:
         set_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)  # mini-batch shuffling
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # AdamW without weight decay is TRL's Adam.
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0)
+        # AdamW without weight decay is TRL's Adam; fused where the device has the kernel.
+        self.optimizer = make_optimizer(self.params, config.learning_rate)
         self.kl_ctl = make_kl_controller(
             config.adap_kl_ctrl, config.init_kl_coef, config.target, config.horizon
         )
@@ -123,19 +126,22 @@ class PPOTrainer:
         # In chunks of mini_batch_size, as TRL's batched_forward_pass, to bound memory.
         for start in range(0, bsz, step):
             idx = torch.arange(start, min(start + step, bsz), device=self.device)
-            logits, values = policy_forward(self.model, batch, idx)
-            ref_logits = reference_forward(self.model, self.ref_model, batch, idx)
-            labels = batch.response_ids[idx]
-            batch.logprobs[idx] = logprobs_from_logits(logits, labels)
-            batch.ref_logprobs[idx] = logprobs_from_logits(ref_logits, labels)
-            batch.values[idx] = values
+            with self._autocast():
+                logits, values = policy_forward(self.model, batch, idx)
+                ref_logits = reference_forward(self.model, self.ref_model, batch, idx)
+            # Columns past these rows' longest response stay 0: padding, masked everywhere.
+            cols = slice(0, logits.shape[1])
+            labels = batch.response_ids[idx, cols]
+            batch.logprobs[idx, cols] = logprobs_from_logits(logits, labels)
+            batch.ref_logprobs[idx, cols] = logprobs_from_logits(ref_logits, labels)
+            batch.values[idx, cols] = values
             if batch.full_kl is not None:
                 full = kl_penalty(
                     "full",
                     logprobs_from_logits(logits, None),
                     logprobs_from_logits(ref_logits, None),
                 )
-                batch.full_kl[idx] = full
+                batch.full_kl[idx, cols] = full
 
     # --- phase 2: rewards, advantages, PPO epochs, KL control --------------------------------
     def targets(self, batch: PPOBatch, scores: Scores | None = None) -> PPOTargets:
@@ -296,7 +302,7 @@ class PPOTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "model" in state:
             self.model.load_trainable_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
@@ -307,6 +313,10 @@ class PPOTrainer:
     def _full_kl(self) -> bool:
         return self.config.kl_penalty == "full"
 
+    def _autocast(self) -> AbstractContextManager:
+        """The forward passes' mixed-precision context (PPOConfig.mixed_precision)."""
+        return autocast(self.config.mixed_precision, self.device)
+
     def _scores(self, scores: Scores) -> torch.Tensor:
         return scores_tensor(scores, self.config.batch_size, self.device)
 
@@ -314,16 +324,19 @@ class PPOTrainer:
         self, batch: PPOBatch, targets: PPOTargets, idx: torch.Tensor, ratio_guard: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
-        logits, vpreds = policy_forward(self.model, batch, idx)
-        logprobs = logprobs_from_logits(logits, batch.response_ids[idx])
+        with self._autocast():
+            logits, vpreds = policy_forward(self.model, batch, idx)
+        # Only the columns up to these rows' longest response: the rest is masked padding.
+        cols = slice(0, logits.shape[1])
+        logprobs = logprobs_from_logits(logits, batch.response_ids[idx, cols])
         return ppo_loss(
-            old_logprobs=batch.logprobs[idx],
-            values=targets.values[idx],
+            old_logprobs=batch.logprobs[idx, cols],
+            values=targets.values[idx, cols],
             logprobs=logprobs,
             vpreds=vpreds,
-            mask=batch.mask[idx],
-            advantages=targets.advantages[idx],
-            returns=targets.returns[idx],
+            mask=batch.mask[idx, cols],
+            advantages=targets.advantages[idx, cols],
+            returns=targets.returns[idx, cols],
             cliprange=cfg.cliprange,
             cliprange_value=cfg.cliprange_value,
             vf_coef=cfg.vf_coef,

@@ -27,7 +27,8 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class ValueHead(nn.Module):
-    """Dropout -> Linear(hidden, 1), in float32 whatever the LM's dtype (as TRL's ValueHead)."""
+    """Dropout -> Linear(hidden, 1), in float32 whatever the LM's dtype (as TRL's ValueHead) or
+    autocast."""
 
     def __init__(self, hidden_size: int, dropout: float = 0.1) -> None:
         super().__init__()
@@ -35,8 +36,10 @@ class ValueHead(nn.Module):
         self.summary = nn.Linear(hidden_size, 1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout(hidden_states.to(self.summary.weight.dtype))
-        return self.summary(hidden).squeeze(-1)
+        # Outside any autocast: the values GAE and the value loss regress on stay float32.
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            hidden = self.dropout(hidden_states.to(self.summary.weight.dtype))
+            return self.summary(hidden).squeeze(-1)
 
 
 class PolicyWithValueHead(nn.Module):

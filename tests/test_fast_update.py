@@ -1,0 +1,151 @@
+"""The fast PPO update (issue #14): fused AdamW with the for-each path's statistics, old
+checkpoints resuming into it, bf16 mixed precision, and the trainer's --threads."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.trainer.config import TrainerServiceConfig, load_train_config
+from services.trainer.learner.config import PPOConfig
+from services.trainer.learner.ppo_trainer import PPOTrainer
+from tests.test_ppo_step import make, rollouts
+
+FIDELITY = {"rel": 1e-5, "abs": 1e-7}
+"""Same statistics: 1e-5 relative, and an absolute floor for those near 0 (whitened means)."""
+
+
+def foreach_adamw(trainer: PPOTrainer) -> None:
+    """Gives the trainer the for-each AdamW the PPO step used before the fused one."""
+    lr = trainer.config.learning_rate
+    trainer.optimizer = torch.optim.AdamW(trainer.params, lr=lr, weight_decay=0.0, foreach=True)
+
+
+def two_steps(trainer: PPOTrainer) -> list[dict[str, float]]:
+    stats = [trainer.step(*rollouts(20)), trainer.step(*rollouts(21))]
+    return [{k: v for k, v in s.items() if not k.startswith("time/")} for s in stats]
+
+
+def test_fused_adamw_gives_the_foreach_steps_statistics(tiny_lm: Path) -> None:
+    # At the seed's learning rate: make()'s 1e-3 moves the tiny model so far per step that
+    # rounding differences grow past 1e-5 by the second step, whichever path is taken.
+    lr = PPOConfig().learning_rate
+    _, fused_model, fused = make(tiny_lm, learning_rate=lr)
+    assert fused.optimizer.param_groups[0]["fused"] is True  # the CPU has the kernel
+    _, foreach_model, foreach = make(tiny_lm, learning_rate=lr)
+    foreach_adamw(foreach)
+
+    fast, before = two_steps(fused), two_steps(foreach)
+    for fast_stats, old_stats in zip(fast, before, strict=True):
+        assert fast_stats.keys() == old_stats.keys()
+        for name, value in old_stats.items():
+            assert fast_stats[name] == pytest.approx(value, **FIDELITY), name
+    assert fast[1]["objective/kl"] != 0.0  # the first step moved the policy: a real comparison
+    for a, b in zip(fused_model.parameters(), foreach_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_foreach_checkpoint_resumes_into_the_fused_step(tiny_lm: Path) -> None:
+    _, _, old = make(tiny_lm)
+    foreach_adamw(old)
+    old.step(*rollouts(22))
+    buffer = io.BytesIO()
+    torch.save(old.state_dict(), buffer)  # what a checkpoint from before the fused step holds
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["fused"] is None
+
+    _, _, resumed = make(tiny_lm)
+    resumed.load_state_dict(state)
+    group = resumed.optimizer.param_groups[0]
+    assert group["fused"] is True and group["foreach"] is None  # still the fused step
+    after = resumed.step(*rollouts(23))
+    continued = old.step(*rollouts(23))
+    for name in ("objective/kl", "ppo/loss/total", "ppo/val/vpred", "ppo/policy/ratio"):
+        assert after[name] == pytest.approx(continued[name], **FIDELITY), name
+
+
+# --- bf16 mixed precision -----------------------------------------------------------------------
+def test_bf16_step_is_close_to_fp32_with_float32_weights(tiny_lm: Path) -> None:
+    _, _, fp32 = make(tiny_lm)
+    _, bf16_model, bf16 = make(tiny_lm, mixed_precision="bf16")
+    expected, got = two_steps(fp32), two_steps(bf16)
+
+    for name, value in got[1].items():
+        assert math.isfinite(value), name
+    for name in ("objective/kl", "objective/logprobs", "ppo/loss/value", "ppo/val/vpred"):
+        assert got[1][name] == pytest.approx(expected[1][name], rel=5e-2, abs=5e-2), name
+    assert got[1]["objective/logprobs"] != expected[1]["objective/logprobs"]  # bf16 did act
+
+    assert {p.dtype for p in bf16_model.parameters()} == {torch.float32}
+    slots = [s for state in bf16.optimizer.state.values() for s in state.values()]
+    assert slots and {s.dtype for s in slots} == {torch.float32}
+    batch = bf16.prepare(*rollouts(24))
+    assert {batch.logprobs.dtype, batch.ref_logprobs.dtype, batch.values.dtype} == {torch.float32}
+
+
+def test_bf16_with_lora_and_the_exact_kl(tiny_lm: Path) -> None:
+    """configs/default.yaml trains LoRA adapters: its reference is the base with them off."""
+    lora = {"use_lora": True, "lora_r": 4, "lora_alpha": 8, "kl_penalty": "full"}
+    _, model, trainer = make(tiny_lm, mixed_precision="bf16", **lora)
+    stats = two_steps(trainer)[1]
+    assert all(math.isfinite(v) for v in stats.values()), stats
+    assert stats["objective/kl"] > 0  # the exact KL of the moved adapters
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"mixed_precision": "fp16"}, "mixed_precision must be one of no, bf16; got 'fp16'"),
+        (
+            {"mixed_precision": "bf16", "dtype": "bfloat16"},
+            "mixed_precision bf16 keeps float32 master weights: it needs dtype float32",
+        ),
+    ],
+)
+def test_mixed_precision_refusals(fields: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        PPOConfig(**fields)  # type: ignore[arg-type]
+    overrides = [f"ppo.{name}={value}" for name, value in fields.items()]
+    with pytest.raises(ValueError, match=rf"ppo\.{fragment}"):
+        load_train_config(None, overrides)  # a run config's error names the field
+
+
+def test_mixed_precision_override() -> None:
+    assert PPOConfig().mixed_precision == "no"
+    assert load_train_config(None, ["ppo.mixed_precision=bf16"]).ppo.mixed_precision == "bf16"
+
+
+# --- the trainer's --threads --------------------------------------------------------------------
+def test_trainer_threads_flag_is_set_before_serving(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from rlhf import server
+    from services.trainer import cli
+
+    calls: list[tuple[str, object]] = []
+
+    class Served(Exception):
+        pass
+
+    def serve(*_args: object, **_kwargs: object) -> None:
+        calls.append(("serve", None))
+        raise Served
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("threads", n)))
+    monkeypatch.setattr(server, "run_service", serve)
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    args = parser.parse_args(["--threads", "3", "--port", "0", "--output-dir", str(tmp_path)])
+    with pytest.raises(Served):
+        cli.run(args)
+    assert calls == [("threads", 3), ("serve", None)]
+
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        TrainerServiceConfig(threads=-1)
