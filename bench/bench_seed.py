@@ -9,8 +9,9 @@ Side by side at the seed's own settings (issue #14):
               TLS (bench/project_side.py, as `make run` starts them), PPO runs started through
               the trainer's API with the same settings as run config overrides. bf16: the
               policy service in bfloat16 and ppo.mixed_precision=bf16 (the TRL side stays
-              fp32, as the seed ran). At --staleness N (default 1) a step's rollout may come
-              from weights N steps older: generation overlaps the previous update.
+              fp32, as the seed ran). Both lock-step (run.max_staleness 0).
+  fp32-overlap, bf16-overlap: the same at run.max_staleness 1: step t+1's rollout is generated
+              and scored while step t's update runs, from the weights of step t-1.
 
 Rounds alternate the sides ABBA (trl fp32 bf16, bf16 fp32 trl, ...), so other load on the
 machine slows all alike. A round is K steps (--steps) per side after its warm-up step. The TRL
@@ -27,7 +28,8 @@ sum of its three processes'); then the ratios against the targets (>= 2.0x fp32,
 update <= 1.5x floor, memory <= 1.4x), each met or not met. Exit 0 when it ran: targets are
 reported, not asserted.
 
-    python bench/bench_seed.py                    # SmolLM2-135M-Instruct, 4 rounds x 3 steps
+    python bench/bench_seed.py                    # SmolLM2-135M-Instruct, 4 rounds x 3 steps,
+                                                  # fp32, bf16 and fp32-overlap
     python bench/bench_seed.py --rounds 2 --steps 2
     python bench/bench_seed.py --quick            # tiny random model, 1 round x 1 step
 """
@@ -35,7 +37,6 @@ reported, not asserted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -59,16 +60,19 @@ from bench.project_side import (  # noqa: E402
     Threads,
     Variant,
     round_seconds,
-    trainer_has_threads_flag,
 )
 from bench.trl_seed_loop import MAX_NEW_TOKENS, SEED_PPO, SEED_QUERIES  # noqa: E402
 
 TRL = "trl-0.11.4"
 """The baseline side's name."""
+BF16 = {"ppo.mixed_precision": "bf16"}
 VARIANTS = {
     "fp32": Variant("fp32", "float32"),
-    "bf16": Variant("bf16", "bfloat16", {"ppo.mixed_precision": "bf16"}),
+    "bf16": Variant("bf16", "bfloat16", BF16),
+    "fp32-overlap": Variant("fp32-overlap", "float32", staleness=1),
+    "bf16-overlap": Variant("bf16-overlap", "bfloat16", BF16, staleness=1),
 }
+DEFAULT_VARIANTS = "fp32,bf16,fp32-overlap"
 PROMPTS_FILE = "seed-queries.jsonl"
 """The seed's four queries, one JSONL row each, in the trainer's --data-root."""
 
@@ -79,12 +83,9 @@ def _flags(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds per side, ABBA (default 4)")
     parser.add_argument("--steps", type=int, help="measured steps per round (default 3)")
     parser.add_argument(
-        "--variants", default="fp32,bf16", help="the project's variants, comma-separated"
-    )
-    parser.add_argument(
-        "--staleness",
-        type=int,
-        help="run.max_staleness of the project's runs (default 1 where the config has it)",
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help=f"the project's variants, comma-separated, of {', '.join(VARIANTS)}",
     )
     parser.add_argument("--seed", type=int, default=0, help="PPOConfig.seed of every side")
     parser.add_argument("--trl-threads", type=int, help="TRL's torch threads (default: all)")
@@ -100,41 +101,10 @@ def _flags(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--variants: choose from {', '.join(VARIANTS)}; got {unknown or 'none'}")
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
-    for name in ("trl_threads", "policy_threads", "trainer_threads", "staleness"):
+    for name in ("trl_threads", "policy_threads", "trainer_threads"):
         if (getattr(args, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
-
-
-def _config_fields(section: str) -> set[str]:
-    """The fields of a run config section (ppo, generation, run) in this version."""
-    from services.trainer.config import TrainConfig
-
-    return {f.name for f in dataclasses.fields(getattr(TrainConfig(), section))}
-
-
-def _staleness(args: argparse.Namespace) -> int | None:
-    """run.max_staleness for the project's runs; None where this version has no such field."""
-    if "max_staleness" in _config_fields("run"):
-        return 1 if args.staleness is None else args.staleness
-    if args.staleness is not None:
-        raise SystemExit("--staleness: this version's run config has no run.max_staleness")
-    return None
-
-
-def _variants(names: list[str]) -> tuple[list[Variant], list[str]]:
-    """The variants to run, and a line for each that this version cannot run as specified."""
-    chosen, skipped = [], []
-    for name in names:
-        keys = [key.split(".", 1) for key in VARIANTS[name].overrides]
-        missing = [".".join(k) for k in keys if k[1] not in _config_fields(k[0])]
-        if missing:
-            skipped.append(f"{name}: not measured: this version's run config has no {missing[0]}")
-        else:
-            chosen.append(VARIANTS[name])
-    if not chosen:
-        raise SystemExit("no variant can run: " + "; ".join(skipped))
-    return chosen, skipped
 
 
 def _threads(args: argparse.Namespace, overlapping: bool) -> tuple[int, Threads, str]:
@@ -163,7 +133,7 @@ def _text(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _overrides(args: argparse.Namespace, staleness: int | None) -> dict[str, str]:
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
     """The seed's settings as run config overrides (every variant's)."""
     overrides = {f"ppo.{k}": _text(v) for k, v in SEED_PPO.items()}
     overrides.update(
@@ -183,8 +153,6 @@ def _overrides(args: argparse.Namespace, staleness: int | None) -> dict[str, str
             "run.save_every": "0",
         }
     )
-    if staleness is not None:
-        overrides["run.max_staleness"] = str(staleness)
     return overrides
 
 
@@ -230,7 +198,12 @@ def _measure(args: argparse.Namespace, setup: dict[str, Any], work: Path) -> dic
             _say(f"starting the {variant.name} services")
             stacks[variant.name] = stack.enter_context(
                 ProjectStack(
-                    variant, setup["model"], work / variant.name, setup["threads"], overrides, data
+                    variant,
+                    setup["model"],
+                    work / variant.name,
+                    setup["threads"][variant.name],
+                    overrides,
+                    data,
                 )
             )
             rows[variant.name] = []
@@ -267,12 +240,13 @@ def _floor(args: argparse.Namespace, setup: dict[str, Any], rows: list[dict]) ->
         SEED_QUERIES,
         max(1, round(tokens)),
     )
-    gflops = matmul_gflops(setup["threads"].trainer, size=256 if args.quick else 2048)
+    threads = setup["threads"][setup["variants"][0].name].trainer
+    gflops = matmul_gflops(threads, size=256 if args.quick else 2048)
     return {
         "flops": flops,
         "response_tokens": round(tokens),
         "matmul_gflops": gflops,
-        "threads": setup["threads"].trainer,
+        "threads": threads,
         "seconds": flops / (gflops * 1e9),
     }
 
@@ -283,23 +257,20 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging("bench", "WARNING")
     started = time.monotonic()
-    staleness = _staleness(args)
-    variants, skipped = _variants(args.variants)
-    trl_threads, threads, why = _threads(args, bool(staleness))
+    variants = [VARIANTS[name] for name in args.variants]
+    trl_threads = _threads(args, overlapping=False)[0]
+    threads = {v.name: _threads(args, overlapping=v.staleness > 0) for v in variants}
     work = Path(tempfile.mkdtemp(prefix="bench-seed-"))
     setup = {
         "model": _model(args.quick, work),
         "variants": variants,
-        "overrides": _overrides(args, staleness),
-        "threads": threads,
+        "overrides": _overrides(args),
+        "threads": {name: chosen for name, (_, chosen, _) in threads.items()},
         "trl_threads": trl_threads,
     }
-    notes = [*skipped, f"threads: {TRL} {trl_threads}; policy {threads.policy}, trainer "
-             f"{threads.trainer} ({why})"]  # fmt: skip
-    if not trainer_has_threads_flag():
-        notes.append("trainer: no --threads in this version; pinned by OMP_NUM_THREADS only")
-    if staleness is None:
-        notes.append("run.max_staleness: not in this version's config (lock-step)")
+    notes = [f"threads: {TRL} {trl_threads}"]
+    for name, (_, chosen, why) in threads.items():
+        notes.append(f"threads: {name}: policy {chosen.policy}, trainer {chosen.trainer} ({why})")
     settings = setup["overrides"].items()
     notes.append("project settings: " + " ".join(f"{k}={v}" for k, v in settings))
     try:

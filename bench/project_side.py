@@ -2,11 +2,9 @@
 processes on localhost with mutual TLS, started as `make run` starts them (tools.launch), and
 PPO runs started through the trainer's API.
 
-One ProjectStack per variant (fp32, bf16), kept up for the whole bench, so that each process's
-peak memory (VmHWM) belongs to one variant. The peaks are read after a stack's first run, which
-is all a `make run` does: the trainer keeps a finished run's loop, model and optimiser included
-(services/trainer/api/runs.py, Run.loop), so each later run adds its own to the trainer's
-resident memory (measured: 5.7 GiB after two fp32 SmolLM2 runs).
+One ProjectStack per variant (fp32, bf16, and each at run.max_staleness 1), kept up for the
+whole bench, so that each process's peak memory (VmHWM) belongs to one variant. The peaks are
+read after a stack's first run, which is all a `make run` does.
 
 Each round is one run of WARMUP_STEPS + K steps; its seconds are the wall time from the warm-up
 step's metrics row to the last step's (the rows' `time`), so the warm-up step, the run's start
@@ -43,11 +41,13 @@ class Variant:
     """One way of running this project's side."""
 
     name: str
-    """fp32 or bf16: the run's name prefix and the column of the report."""
+    """The run's name prefix and the column of the report (fp32, bf16, fp32-overlap, ...)."""
     policy_dtype: str
     """The policy service's --dtype."""
     overrides: dict[str, str] = field(default_factory=dict)
     """Run config overrides of this variant, on top of the bench's common ones."""
+    staleness: int = 0
+    """run.max_staleness of its runs: 0 lock-step; 1 the rollout of step t+1 overlaps update t."""
 
 
 @dataclass(frozen=True)
@@ -56,15 +56,6 @@ class Threads:
 
     policy: int
     trainer: int
-
-
-def trainer_has_threads_flag() -> bool:
-    """Whether this version's trainer service takes --threads (TrainerServiceConfig.threads)."""
-    import dataclasses
-
-    from services.trainer.config import TrainerServiceConfig
-
-    return "threads" in {f.name for f in dataclasses.fields(TrainerServiceConfig)}
 
 
 def round_seconds(rows: list[dict[str, Any]]) -> float:
@@ -94,7 +85,12 @@ class ProjectStack:
         self.work = work
         self.data = data
         self.threads = threads
-        self.overrides = {**overrides, **variant.overrides, "ppo.model_name": str(model)}
+        self.overrides = {
+            **overrides,
+            **variant.overrides,
+            "run.max_staleness": str(variant.staleness),
+            "ppo.model_name": str(model),
+        }
         self.rounds = 0
         self.first_run_peak_mib: dict[str, float] = {}
         """Each process's peak memory (VmHWM, MiB) when the first run had ended."""
@@ -133,8 +129,7 @@ class ProjectStack:
             *("--output-dir", str(self.work / "runs"), "--data-root", str(self.data)),
             *("--model-root", str(self.model)),
         ]
-        if trainer_has_threads_flag():
-            trainer_args += ["--threads", str(self.threads.trainer)]
+        trainer_args += ["--threads", str(self.threads.trainer)]
         env = {"OMP_NUM_THREADS": str(self.threads.trainer)}
         self._add(start_service("trainer", trainer_args, logs, env=env, pki=self._pki))
 
