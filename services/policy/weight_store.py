@@ -24,7 +24,12 @@ from rlhf.weights import dtype_name
 class WeightStore:
     """The versioned weights of `model` (version 0 as loaded) and their receive buffers."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, backing: mmap.mmap | None = None
+    ) -> None:
+        """`backing`: the new_buffer() every served tensor already lives in (the loader's, see
+        services.policy.loading), held as a receive buffer: the first full upload then adopts
+        its own buffer and this one becomes the spare, so two buffers serve at steady state."""
         self.model = model
         self.device = device
         self.version = 0
@@ -38,6 +43,9 @@ class WeightStore:
         self._reserved: set[int] = set()
         self._backing: dict[str, int] = {}
         self._pool_lock = threading.Lock()
+        if backing is not None:
+            self._buffers[id(backing)] = backing
+            self._backing = {name: id(backing) for name in self._state}
 
     def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """name -> (shape, dtype) of every served tensor: what an upload may carry."""
@@ -62,10 +70,7 @@ class WeightStore:
                 if key not in live and key not in self._reserved and len(buffer) >= nbytes:
                     self._reserved.add(key)
                     return buffer
-            page = mmap.PAGESIZE
-            buffer = mmap.mmap(-1, max(page, -(-nbytes // page) * page))
-            if hasattr(mmap, "MADV_HUGEPAGE"):  # fewer, cheaper first-touch faults
-                buffer.madvise(mmap.MADV_HUGEPAGE)
+            buffer = new_buffer(nbytes)
             self._buffers[id(buffer)] = buffer
             self._reserved.add(id(buffer))
             return buffer
@@ -136,6 +141,16 @@ class WeightStore:
         if covered != {id(target) for target in self._targets.values()}:
             return False
         return all(t.is_contiguous() and t.data_ptr() % 64 == 0 for t in tensors.values())
+
+
+def new_buffer(nbytes: int) -> mmap.mmap:
+    """Page-aligned anonymous memory of at least `nbytes` (one page at least) for weights: its
+    own mapping, so freeing it gives the memory back to the system rather than to the heap."""
+    page = mmap.PAGESIZE
+    buffer = mmap.mmap(-1, max(page, -(-nbytes // page) * page))
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # fewer, cheaper first-touch faults
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return buffer
 
 
 def _target(model: torch.nn.Module, name: str) -> torch.Tensor:
