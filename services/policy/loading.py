@@ -7,22 +7,18 @@ that carries nothing but them, so only a request's knobs decide how it is sample
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import mmap
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rlhf.models import resolve_model
 from rlhf.weights import dtype_name
-from services.policy.weight_store import new_buffer
+from services.policy.own_memory import own_memory
 
 log = logging.getLogger("rlhf.policy.engine")
 
@@ -43,7 +39,7 @@ class LoadedModel:
     """The folder or hub name it was loaded from (the model alias resolved)."""
     buffer: mmap.mmap | None = None
     """The buffer every CPU weight in the state dict lives in (None on other devices): the
-    WeightStore's first backing buffer (see _own_memory)."""
+    WeightStore's first backing buffer (see own_memory)."""
 
 
 def load_causal_lm(model: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -68,7 +64,7 @@ def load_causal_lm(model: str, device: torch.device, dtype: torch.dtype) -> Load
     lm.to(device)
     lm.eval()
     lm.requires_grad_(False)
-    buffer = _own_memory(lm)
+    buffer = own_memory(lm)
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -130,115 +126,3 @@ def _context_length(config: object, tokenizer: object) -> int:
     value = getattr(tokenizer, "model_max_length", 0)
     # Tokenizers without a limit report a huge sentinel (int(1e30)); that is no limit at all.
     return value if isinstance(value, int) and 0 < value < 10**9 else 2**31 - 1
-
-
-def _own_memory(model: torch.nn.Module) -> mmap.mmap | None:
-    """Moves the model's CPU weights (its state dict) out of the file mapping safetensors loads
-    into, into one new_buffer() of the process's own; returns that buffer (None: no CPU weights).
-
-    A mapped page is faulted in on first use and again whenever the kernel reclaims it from an
-    idle server, and the first weight update would pay a copy-on-write fault for every 4 KiB:
-    seconds on a VM. One mmapped buffer rather than a clone per tensor: the WeightStore holds it
-    as a receive buffer, so the first full upload's buffer replaces it and it becomes the spare;
-    clones would sit on the malloc heap, which keeps freed memory, one dead model's worth. Each
-    tensor's file pages are dropped once it is copied, so the load peaks near one model's size,
-    not two. Tied weights stay tied (a shared Parameter is one object, copied once).
-    """
-    targets: dict[int, torch.Tensor] = {}
-    for tensor in model.state_dict(keep_vars=True).values():
-        if tensor.device.type == "cpu":
-            targets.setdefault(id(tensor), tensor)
-    if not targets:
-        return None
-    offsets, total = [], 0
-    for tensor in targets.values():
-        offsets.append(total)
-        total += -(-tensor.numel() * tensor.element_size() // WEIGHT_ALIGN) * WEIGHT_ALIGN
-    buffer = new_buffer(total)
-    maps = _file_maps()
-    with torch.no_grad():
-        for tensor, offset in zip(targets.values(), offsets, strict=True):
-            source = tensor.data
-            copy = _view(buffer, offset, source)
-            copy.copy_(source)
-            tensor.data = copy
-            _drop_file_pages(source, maps)
-    # The rest (non-persistent buffers such as rotary tables) is computed, not loaded: it is
-    # the process's own memory already, and it must not live in a buffer an upload reuses.
-    return buffer
-
-
-WEIGHT_ALIGN = 64
-"""Byte alignment of each tensor in the load buffer: what WeightStore._adoptable asks of a
-served tensor (as fast to compute with as torch's own memory)."""
-
-
-def _view(buffer: mmap.mmap, offset: int, like: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor shaped like `like` over `buffer` at `offset`."""
-    if like.numel() == 0:
-        return torch.empty(like.shape, dtype=like.dtype)
-    flat = torch.frombuffer(buffer, dtype=like.dtype, count=like.numel(), offset=offset)
-    return flat.view(like.shape)
-
-
-def _file_maps() -> list[tuple[int, int]]:
-    """(start, end) of this process's mappings of files (Linux; none elsewhere)."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return []
-    maps = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        # address perms offset dev inode path: a mapped file has an inode.
-        if len(fields) == 6 and fields[4] != "0":
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            maps.append((start, end))
-    return maps
-
-
-def _drop_file_pages(source: torch.Tensor, maps: list[tuple[int, int]]) -> None:
-    """Drops this process's pages of `source`'s storage when they are a mapped file's own bytes.
-
-    Safe: the tensor's .data now points at its copy and nothing reads the old storage; and even
-    a read would see no change, as only pages that hold the file's bytes unwritten are dropped
-    (a shared mapping's pages, a private one's never copied-on-write: checked in pagemap), and
-    such a page faults the same bytes back in from the file. Anonymous memory is never touched:
-    MADV_DONTNEED would zero it under whoever still uses it.
-    """
-    storage = source.untyped_storage()
-    first, size = storage.data_ptr(), storage.nbytes()
-    page = mmap.PAGESIZE
-    for start, end in maps:
-        if start <= first and first + size <= end:
-            low = max(start, first // page * page)
-            high = min(end, -(-(first + size) // page) * page)
-            if not _unwritten(low, high):
-                return
-            advice = mmap.MADV_DONTNEED
-            if _libc().madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), advice):
-                err = ctypes.get_errno()
-                log.warning("madvise failed", extra={"errno": err, "error": os.strerror(err)})
-            return
-
-
-def _unwritten(low: int, high: int) -> bool:
-    """Does no page in [low, high) hold anonymous memory (a private file page once written)?"""
-    page = mmap.PAGESIZE
-    try:
-        with open("/proc/self/pagemap", "rb") as pagemap:
-            pagemap.seek(low // page * 8)
-            entries = np.frombuffer(pagemap.read((high - low) // page * 8), dtype=np.uint64)
-    except OSError:
-        return False
-    # Bit 63: in memory, 62: swapped out, 61: a file page (or shared anonymous memory).
-    in_use = (entries >> np.uint64(63)) | ((entries >> np.uint64(62)) & np.uint64(1))
-    file_page = (entries >> np.uint64(61)) & np.uint64(1)
-    return not bool(np.any(in_use & (file_page ^ np.uint64(1))))
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
