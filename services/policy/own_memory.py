@@ -22,13 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.policy.weight_store import new_buffer
+from services.policy.weight_store import WEIGHT_ALIGN, new_buffer
 
 log = logging.getLogger("rlhf.policy.engine")
-
-WEIGHT_ALIGN = 64
-"""Byte alignment of each tensor in the buffer: what WeightStore._adoptable asks of a served
-tensor (as fast to compute with as torch's own memory)."""
 
 COPY_CHUNK = 16 * 2**20
 """Bytes copied before their file pages are dropped: a big tensor (an embedding) then costs
@@ -36,7 +32,7 @@ this much twice at most, not its whole size."""
 
 
 def own_memory(model: torch.nn.Module) -> mmap.mmap | None:
-    """Moves `model`'s CPU state-dict tensors into one new_buffer(), each 64-byte aligned, and
+    """Moves `model`'s CPU state-dict tensors into one new_buffer(), each WEIGHT_ALIGN-aligned, and
     returns it (None when no weight is on the CPU). Tied weights stay tied (a shared Parameter
     is one object, copied once)."""
     targets: dict[int, torch.Tensor] = {}

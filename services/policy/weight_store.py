@@ -20,6 +20,10 @@ import torch
 from rlhf.errors import invalid, precondition
 from rlhf.weights import dtype_name
 
+WEIGHT_ALIGN = 64
+"""Byte alignment a tensor in a buffer needs to be served from it as it is (as fast to compute
+with as torch's own memory)."""
+
 
 class WeightStore:
     """The versioned weights of `model` (version 0 as loaded) and their receive buffers."""
@@ -28,7 +32,7 @@ class WeightStore:
         self, model: torch.nn.Module, device: torch.device, backing: mmap.mmap | None = None
     ) -> None:
         """`backing`: the new_buffer() every served tensor already lives in (the loader's, see
-        services.policy.loading), held as a receive buffer: the first full upload then adopts
+        services.policy.own_memory), held as a receive buffer: the first full upload then adopts
         its own buffer and this one becomes the spare, so two buffers serve at steady state."""
         self.model = model
         self.device = device
@@ -134,13 +138,13 @@ class WeightStore:
     def _adoptable(self, tensors: Mapping[str, torch.Tensor], backing: object | None) -> bool:
         """Can these tensors become the served weights without a copy? Only a full upload (every
         served tensor, under any of its tied names) into one of our receive buffers, on CPU,
-        with every tensor 64-byte aligned (as fast to compute with as torch's own memory)."""
+        with every tensor WEIGHT_ALIGN-byte aligned."""
         if backing is None or id(backing) not in self._buffers or self.device.type != "cpu":
             return False
         covered = {id(self._targets[name]) for name in tensors}
         if covered != {id(target) for target in self._targets.values()}:
             return False
-        return all(t.is_contiguous() and t.data_ptr() % 64 == 0 for t in tensors.values())
+        return all(t.is_contiguous() and t.data_ptr() % WEIGHT_ALIGN == 0 for t in tensors.values())
 
 
 def new_buffer(nbytes: int) -> mmap.mmap:
