@@ -97,7 +97,7 @@ class PolicyEngine:
         self.eos_token_ids = loaded.eos_token_ids
         self.context_length = loaded.context_length
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
-        self.weights = WeightStore(self.model, self.device)
+        self.weights = WeightStore(self.model, self.device, backing=loaded.buffer)
         self.instance_id = uuid.uuid4().hex
         """Made once per engine (so once per service start): a client that sees it change knows
         the weights it pushed are gone and version 0 (as loaded) serves again."""

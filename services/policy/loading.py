@@ -8,6 +8,7 @@ that carries nothing but them, so only a request's knobs decide how it is sample
 from __future__ import annotations
 
 import logging
+import mmap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from rlhf.models import resolve_model
 from rlhf.weights import dtype_name
+from services.policy.own_memory import own_memory
 
 log = logging.getLogger("rlhf.policy.engine")
 
@@ -35,6 +37,9 @@ class LoadedModel:
     """Prompt + new tokens the model takes at most."""
     source: str
     """The folder or hub name it was loaded from (the model alias resolved)."""
+    buffer: mmap.mmap | None = None
+    """The buffer every CPU weight in the state dict lives in (None on other devices): the
+    WeightStore's first backing buffer (see own_memory)."""
 
 
 def load_causal_lm(model: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -59,7 +64,7 @@ def load_causal_lm(model: str, device: torch.device, dtype: torch.dtype) -> Load
     lm.to(device)
     lm.eval()
     lm.requires_grad_(False)
-    _own_memory(lm)
+    buffer = own_memory(lm)
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -76,7 +81,7 @@ def load_causal_lm(model: str, device: torch.device, dtype: torch.dtype) -> Load
         bos_token_id=tokenizer.bos_token_id,
     )
     loaded = LoadedModel(
-        lm, tokenizer, eos_token_ids, _context_length(lm.config, tokenizer), source
+        lm, tokenizer, eos_token_ids, _context_length(lm.config, tokenizer), source, buffer
     )
     log.info(
         "model loaded",
@@ -121,17 +126,3 @@ def _context_length(config: object, tokenizer: object) -> int:
     value = getattr(tokenizer, "model_max_length", 0)
     # Tokenizers without a limit report a huge sentinel (int(1e30)); that is no limit at all.
     return value if isinstance(value, int) and 0 < value < 10**9 else 2**31 - 1
-
-
-def _own_memory(model: torch.nn.Module) -> None:
-    """Moves CPU weights that live in a file mapping (safetensors loads are mmapped) into the
-    process's own memory.
-
-    A mapped page is faulted in on first use and again whenever the kernel reclaims it from an
-    idle server, and the first weight update would pay a copy-on-write fault for every 4 KiB:
-    seconds on a VM. Tied weights stay tied (a shared Parameter is one object).
-    """
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.device.type == "cpu":
-                tensor.data = tensor.data.clone()

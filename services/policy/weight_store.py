@@ -20,11 +20,20 @@ import torch
 from rlhf.errors import invalid, precondition
 from rlhf.weights import dtype_name
 
+WEIGHT_ALIGN = 64
+"""Byte alignment a tensor in a buffer needs to be served from it as it is (as fast to compute
+with as torch's own memory)."""
+
 
 class WeightStore:
     """The versioned weights of `model` (version 0 as loaded) and their receive buffers."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, backing: mmap.mmap | None = None
+    ) -> None:
+        """`backing`: the new_buffer() every served tensor already lives in (the loader's, see
+        services.policy.own_memory), held as a receive buffer: the first full upload then adopts
+        its own buffer and this one becomes the spare, so two buffers serve at steady state."""
         self.model = model
         self.device = device
         self.version = 0
@@ -38,6 +47,9 @@ class WeightStore:
         self._reserved: set[int] = set()
         self._backing: dict[str, int] = {}
         self._pool_lock = threading.Lock()
+        if backing is not None:
+            self._buffers[id(backing)] = backing
+            self._backing = {name: id(backing) for name in self._state}
 
     def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """name -> (shape, dtype) of every served tensor: what an upload may carry."""
@@ -62,10 +74,7 @@ class WeightStore:
                 if key not in live and key not in self._reserved and len(buffer) >= nbytes:
                     self._reserved.add(key)
                     return buffer
-            page = mmap.PAGESIZE
-            buffer = mmap.mmap(-1, max(page, -(-nbytes // page) * page))
-            if hasattr(mmap, "MADV_HUGEPAGE"):  # fewer, cheaper first-touch faults
-                buffer.madvise(mmap.MADV_HUGEPAGE)
+            buffer = new_buffer(nbytes)
             self._buffers[id(buffer)] = buffer
             self._reserved.add(id(buffer))
             return buffer
@@ -129,13 +138,23 @@ class WeightStore:
     def _adoptable(self, tensors: Mapping[str, torch.Tensor], backing: object | None) -> bool:
         """Can these tensors become the served weights without a copy? Only a full upload (every
         served tensor, under any of its tied names) into one of our receive buffers, on CPU,
-        with every tensor 64-byte aligned (as fast to compute with as torch's own memory)."""
+        with every tensor WEIGHT_ALIGN-byte aligned."""
         if backing is None or id(backing) not in self._buffers or self.device.type != "cpu":
             return False
         covered = {id(self._targets[name]) for name in tensors}
         if covered != {id(target) for target in self._targets.values()}:
             return False
-        return all(t.is_contiguous() and t.data_ptr() % 64 == 0 for t in tensors.values())
+        return all(t.is_contiguous() and t.data_ptr() % WEIGHT_ALIGN == 0 for t in tensors.values())
+
+
+def new_buffer(nbytes: int) -> mmap.mmap:
+    """Page-aligned anonymous memory of at least `nbytes` (one page at least) for weights: its
+    own mapping, so freeing it gives the memory back to the system rather than to the heap."""
+    page = mmap.PAGESIZE
+    buffer = mmap.mmap(-1, max(page, -(-nbytes // page) * page))
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # fewer, cheaper first-touch faults
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return buffer
 
 
 def _target(model: torch.nn.Module, name: str) -> torch.Tensor:

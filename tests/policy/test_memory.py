@@ -1,0 +1,109 @@
+"""The policy service's peak memory (issue #14): loading holds the weights about once, not twice,
+and full uploads alternate between two buffers with no dead copy left on the heap.
+
+VmHWM is per process and needs a model big enough to see, so a ~200 MB synthetic causal LM is
+saved as safetensors and measured in a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tools.tiny import make_causal_lm, make_tokenizer
+
+LOAD_PEAK = 1.3
+"""VmHWM the load may add, in model sizes: the weights once, plus the file's pages in flight."""
+UPLOAD_PEAK = 2.3
+"""VmHWM after full uploads, in model sizes: the served buffer and the spare, nothing else."""
+
+CHILD = r"""
+import json, sys
+import torch
+
+from services.policy.loading import load_causal_lm
+from services.policy.weight_store import WeightStore
+
+
+def vm(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+
+# A tiny model's load first: imports, tokenizer and loader overheads stay out of the baseline.
+warmup = load_causal_lm(sys.argv[2], torch.device("cpu"), torch.float32)
+del warmup
+baseline = vm("VmHWM")
+loaded = load_causal_lm(sys.argv[1], torch.device("cpu"), torch.float32)
+result = {"baseline": baseline, "load_hwm": vm("VmHWM")}
+store = WeightStore(loaded.model, torch.device("cpu"), backing=loaded.buffer)
+unique = {}
+for name, tensor in loaded.model.state_dict().items():
+    unique.setdefault(tensor.data_ptr(), (name, tensor))
+total = sum(t.numel() * t.element_size() for _, t in unique.values())
+for version in (1, 2, 3):
+    buffer = store.receive_buffer(total)
+    tensors, offset = {}, 0
+    for name, served in unique.values():
+        view = torch.frombuffer(buffer, dtype=served.dtype, count=served.numel(), offset=offset)
+        tensors[name] = view.view(served.shape).fill_(version)
+        offset += served.numel() * served.element_size()
+    store.apply(tensors, version, backing=buffer)
+    store.release_buffer(buffer)
+    del tensors, view
+result["upload_hwm"] = vm("VmHWM")
+result["buffers_held"] = store.buffers_held
+result["served"] = float(loaded.model.lm_head.weight[0, 0])
+print(json.dumps(result))
+"""
+
+
+def _synthetic_lm(folder: Path) -> int:
+    """Saves a ~200 MB Llama (tied embeddings, many tensors) to `folder`; returns its bytes."""
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_load_and_full_uploads_peak_memory(tmp_path: Path) -> None:
+    weights = _synthetic_lm(tmp_path / "lm")
+    assert weights > 150 * 2**20
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "lm"), str(make_causal_lm(tmp_path / "tiny"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    load = (result["load_hwm"] - result["baseline"]) / weights
+    assert load < LOAD_PEAK, f"the load peaked at {load:.2f}x the weights"
+    assert result["served"] == 3.0  # the last upload serves
+    assert result["buffers_held"] == 2
+    uploads = (result["upload_hwm"] - result["baseline"]) / weights
+    assert uploads < UPLOAD_PEAK, f"three full uploads peaked at {uploads:.2f}x the weights"
