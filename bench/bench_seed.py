@@ -54,14 +54,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench import seed_report  # noqa: E402
 from bench.measure import alternate, peak_memory_mib  # noqa: E402
-from bench.project_side import (  # noqa: E402
-    WARMUP_STEPS,
-    ProjectStack,
-    Threads,
-    Variant,
-    round_seconds,
-)
+from bench.project_side import WARMUP_STEPS, ProjectStack, Variant, round_seconds  # noqa: E402
 from bench.trl_seed_loop import MAX_NEW_TOKENS, SEED_PPO, SEED_QUERIES  # noqa: E402
+from tools.launch import Threads, service_threads  # noqa: E402
 
 TRL = "trl-0.11.4"
 """The baseline side's name."""
@@ -108,13 +103,11 @@ def _flags(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _threads(args: argparse.Namespace, overlapping: bool) -> tuple[int, Threads, str]:
-    """TRL's threads, the stacks' threads, and why. The TRL process runs alone: every core. The
-    policy and trainer processes take every core each in lock-step (they never compute at the
-    same time) and split the cores when the rollout overlaps the update: more OpenMP threads
-    than cores spin-wait on descheduled siblings (see trl_seed_loop.py)."""
+    """TRL's threads, the stack's threads, and why. The TRL process runs alone: every core. The
+    policy and trainer processes follow make run's rule (tools.launch.service_threads): every
+    core each in lock-step, the cores split between them when the rollout overlaps the update."""
     cores = 1 if args.quick else len(os.sched_getaffinity(0))
-    policy = max(1, cores // 2) if overlapping else cores
-    trainer = max(1, cores - policy) if overlapping else cores
+    chosen = service_threads(overlapping, cores)
     if args.quick:
         why = "--quick: one each"
     elif overlapping:
@@ -123,7 +116,7 @@ def _threads(args: argparse.Namespace, overlapping: bool) -> tuple[int, Threads,
         why = f"{cores} cores, all to each: lock-step, they never compute at once"
     return (
         args.trl_threads or cores,
-        Threads(args.policy_threads or policy, args.trainer_threads or trainer),
+        Threads(args.policy_threads or chosen.policy, args.trainer_threads or chosen.trainer),
         why,
     )
 

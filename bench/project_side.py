@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from bench.measure import peak_memory_mib
 
 if TYPE_CHECKING:  # grpc and the launcher load when a stack starts
-    from tools.launch import LocalPki, ServiceProcess
+    from tools.launch import LocalPki, ServiceProcess, Threads
 
 WARMUP_STEPS = 1
 """Steps at the start of each run that are not measured (lazy initialisation, first touches)."""
@@ -48,14 +48,6 @@ class Variant:
     """Run config overrides of this variant, on top of the bench's common ones."""
     staleness: int = 0
     """run.max_staleness of its runs: 0 lock-step; 1 the rollout of step t+1 overlaps update t."""
-
-
-@dataclass(frozen=True)
-class Threads:
-    """Torch threads each process of a stack is pinned to."""
-
-    policy: int
-    trainer: int
 
 
 def round_seconds(rows: list[dict[str, Any]]) -> float:

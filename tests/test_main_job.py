@@ -4,6 +4,7 @@ staleness; no service is started."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,21 @@ def _job_call(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str]) 
 
 
 def test_default_precision_adds_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
     call = _job_call(monkeypatch, tmp_path, [])
-    assert call["policy_args"] == [] and call["overrides"] == []
+    # Only the thread split of configs/default.yaml's staleness 1 on 2 cores: one each.
+    assert call["policy_args"] == ["--threads", "1"] and call["overrides"] == []
+    assert call["trainer_threads"] == 1
+
+
+def test_lock_step_gives_every_core_to_each(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    call = _job_call(monkeypatch, tmp_path, ["--set", "run.max_staleness=0"])
+    assert call["policy_args"] == ["--threads", "4"] and call["trainer_threads"] == 4
+    call = _job_call(monkeypatch, tmp_path, ["--max-staleness", "2"])
+    assert call["policy_args"] == ["--threads", "2"] and call["trainer_threads"] == 2
 
 
 def test_bf16_serves_the_policy_in_bfloat16(

@@ -17,6 +17,7 @@ import yaml
 
 from tests.stage_data import write_pair_data, write_sft_data
 from tools import main_job
+from tools.launch import service_threads
 from tools.stages.pipeline import PPO_DONE, PipelineConfig, run_pipeline
 
 
@@ -61,8 +62,13 @@ def test_make_run_is_one_ppo_job_on_the_default_policy_and_vader(
         (["reward", "serve", "--backend", "vader"], 1.0)
     ]
     assert output_dir == tmp_path
-    # fp32, the default precision, adds no policy argument and no override.
-    assert keywords == {"overrides": ["run.steps=3"], "policy_args": []}
+    # fp32, the default precision, adds no override; staleness 1 splits the cores.
+    threads = service_threads(overlapping=True)
+    assert keywords == {
+        "overrides": ["run.steps=3"],
+        "policy_args": ["--threads", str(threads.policy)],
+        "trainer_threads": threads.trainer,
+    }
 
 
 # --- pipeline ------------------------------------------------------------------------------------

@@ -106,6 +106,29 @@ class ServiceProcess:
         return self.process.returncode
 
 
+@dataclass(frozen=True)
+class Threads:
+    """Torch threads of the policy and the trainer process when both share one machine."""
+
+    policy: int
+    trainer: int
+
+
+def service_threads(overlapping: bool, cores: int | None = None) -> Threads:
+    """The policy's and the trainer's torch threads on `cores` cores (default: this process's).
+
+    Lock-step: every core each (they take turns). Overlapping (run.max_staleness >= 1, the
+    rollout runs under the update): the cores split between them, because more OpenMP threads
+    than cores spin on descheduled siblings. Measured with `make run` at staleness 1 on 2 cores
+    with 2 threads each: steps of 32-98 s against ~10 s lock-step.
+    """
+    cores = cores or len(os.sched_getaffinity(0))
+    if not overlapping:
+        return Threads(cores, cores)
+    policy = max(1, cores // 2)
+    return Threads(policy, max(1, cores - policy))
+
+
 def start_service(
     name: str,
     args: Sequence[str],

@@ -66,12 +66,14 @@ def run_ppo_job(
     run_id: str = "",
     overrides: Sequence[str] = (),
     policy_args: Sequence[str] = (),
+    trainer_threads: int = 0,
 ) -> PPOJobResult:
     """A PPO run across processes: starts a policy service on `model`, the reward services and
     a trainer service, starts the run (PPOConfig.model_name = `model`) through the trainer's
     API, follows it with a progress bar and stops the services. `overrides` are KEY=VALUE
     config fields (e.g. run.steps=2); `policy_args` further `rlhf policy serve` arguments
-    (e.g. --dtype bfloat16)."""
+    (e.g. --dtype bfloat16); `trainer_threads` the trainer's torch threads (0: torch's
+    default)."""
     from rlhf.v1 import trainer_pb2
     from tools.launch import LocalPki, running_services
 
@@ -89,6 +91,7 @@ def run_ppo_job(
             for r in rewards
         ]
         trainer_args = _trainer_args(model, services["policy"].address, endpoints, output_dir)
+        trainer_args += ["--threads", str(trainer_threads)]
         with running_services([("trainer", trainer_args)], logs, pki) as trainer:
             request = trainer_pb2.StartRunRequest(
                 run_id=run_id,
@@ -249,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _staleness(config: Path, overrides: Sequence[str]) -> int:
+    """run.max_staleness of the run this config and these overrides make."""
+    from services.trainer.config import load_train_config
+
+    return load_train_config(config.read_text(), list(overrides)).run.max_staleness
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -259,6 +269,7 @@ def _non_negative(text: str) -> int:
 def _main(args: argparse.Namespace) -> int:
     from rlhf.logs import setup_logging
     from rlhf.models import prepare_default_policy
+    from tools.launch import service_threads
     from tools.report import summarize
 
     setup_logging("main", "WARNING")
@@ -266,14 +277,17 @@ def _main(args: argparse.Namespace) -> int:
     model = str(prepare_default_policy())
     vader = RewardServiceSpec("reward", ["reward", "serve", "--backend", "vader"])
     policy_args, overrides = job_settings(args.precision, args.max_staleness)
-    # --set comes last: a field it names wins over the one a flag set.
+    overrides += args.set  # last: a field --set names wins over the one a flag set
+    threads = service_threads(_staleness(args.config, overrides) > 0)
+    print(f"torch threads: policy {threads.policy}, trainer {threads.trainer}")
     result = run_ppo_job(
         model,
         [vader],
         args.config,
         args.output_dir,
-        overrides=[*overrides, *args.set],
-        policy_args=policy_args,
+        overrides=overrides,
+        policy_args=[*policy_args, "--threads", str(threads.policy)],
+        trainer_threads=threads.trainer,
     )
     if result.metrics:
         print(summarize(result.metrics, result.run_dir / "summary.png", result.seconds))
