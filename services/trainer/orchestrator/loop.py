@@ -218,16 +218,10 @@ class TrainingLoop:
 
         # 5. Weight sync: the next Generate must use the new policy.
         self.progress.enter("syncing", step)
-        timings["timeline/sync_start"], t = time.time(), time.perf_counter()
         if step % run.sync_every == 0 or step == run.steps:
-            self.sync.push_step(f"step {step}: update weights")
+            self._synced(step, timings, t_step, push=True)
         else:
-            self.sync.learner_moved()
-        timings["time/weight_sync"] = time.perf_counter() - t
-        timings["timeline/sync_end"] = time.time()
-        timings["time/step"] = time.perf_counter() - t_step
-        self._mid_step = None
-        self.step = step
+            self._synced(step, timings, t_step, push=False, moved=True)
 
         # 6. Statistics under the classic names, plus each reward source's mean and the drift.
         stats.update(timings)
@@ -261,19 +255,34 @@ class TrainingLoop:
         self.progress.enter("syncing", step)
         self.sync.learner_moved()
         worker.await_generated(step + run.max_staleness, self._resync_after_update)
-        timings["timeline/sync_start"], t = time.time(), time.perf_counter()
-        if (step % run.sync_every == 0 or step == run.steps) and not self.sync.current:
-            self.sync.push_step(f"step {step}: update weights")
-        timings["time/weight_sync"] = time.perf_counter() - t
-        timings["timeline/sync_end"] = time.time()
-        timings["time/step"] = time.perf_counter() - t_step
-        self._mid_step = None
-        self.step = step
+        due = step % run.sync_every == 0 or step == run.steps
+        self._synced(step, timings, t_step, push=due and not self.sync.current)
 
         stats.update(timings)
         stats.update(drift)
         stats["rollout/staleness"] = float(staleness)
         return self._finish(step, stats, sample)
+
+    def _synced(
+        self,
+        step: int,
+        timings: dict[str, float],
+        t_step: float,
+        push: bool,
+        moved: bool = False,
+    ) -> None:
+        """5. The timed weight sync (`push`: this step's weights go out; `moved`: they do not,
+        and the learner is ahead of what the policy serves); then the step counts as finished."""
+        timings["timeline/sync_start"], t = time.time(), time.perf_counter()
+        if push:
+            self.sync.push_step(f"step {step}: update weights")
+        elif moved:
+            self.sync.learner_moved()
+        timings["time/weight_sync"] = time.perf_counter() - t
+        timings["timeline/sync_end"] = time.time()
+        timings["time/step"] = time.perf_counter() - t_step
+        self._mid_step = None
+        self.step = step
 
     def _prepare(
         self, step: int, sample: Sample, timings: dict[str, float]
