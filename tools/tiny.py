@@ -54,27 +54,29 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _config(tok: PreTrainedTokenizerFast, **extra: object) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-        **extra,
-    )
+    """The tiny Llama's config; `extra` adds fields or overrides its sizes."""
+    fields: dict[str, object] = {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "tie_word_embeddings": True,
+    }
+    return LlamaConfig(**{**fields, **extra})
 
 
-def make_causal_lm(folder: Path, seed: int = 0) -> Path:
-    """Saves a tiny random causal LM + tokenizer to `folder`; returns it."""
+def make_causal_lm(folder: Path, seed: int = 0, **sizes: int) -> Path:
+    """Saves a tiny random causal LM + tokenizer to `folder`; returns it. `sizes` override
+    the config's (vocab_size, hidden_size, num_hidden_layers, ...) for a bigger one."""
     torch.manual_seed(seed)
     tok = make_tokenizer()
-    model = LlamaForCausalLM(_config(tok))
+    model = LlamaForCausalLM(_config(tok, **sizes))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from safetensors.torch import load_file
 
-from tools.tiny import make_causal_lm, make_tokenizer
+from tools.tiny import make_causal_lm
 
 LOAD_PEAK = 1.3
 """VmHWM the load may add, in model sizes: the weights once, plus the file's pages in flight."""
@@ -67,25 +66,17 @@ print(json.dumps(result))
 
 def _synthetic_lm(folder: Path) -> int:
     """Saves a ~200 MB Llama (tied embeddings, many tensors) to `folder`; returns its bytes."""
-    torch.manual_seed(0)
-    tok = make_tokenizer()
-    config = LlamaConfig(
+    make_causal_lm(
+        folder,
         vocab_size=32000,
         hidden_size=512,
         intermediate_size=1536,
         num_hidden_layers=12,
         num_attention_heads=8,
         num_key_value_heads=8,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = load_file(folder / "model.safetensors")  # tied weights are stored once
+    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
