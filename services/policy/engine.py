@@ -73,10 +73,15 @@ class EngineInfo:
     limits: EngineLimits = field(default_factory=EngineLimits)
     instance_id: str = ""
     """The engine's PolicyEngine.instance_id."""
+    engine: str = "hf"
+    """Which generation engine serves: PolicyEngine.name."""
 
 
 class PolicyEngine:
     """A causal LM + tokenizer serving batched sampling and versioned weight swaps."""
+
+    name = "hf"
+    """The engine's name in GetInfo and the logs (services.policy.config.ENGINES)."""
 
     def __init__(
         self,
@@ -92,6 +97,8 @@ class PolicyEngine:
         self.dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
         self.limits = limits or EngineLimits()
         loaded = load_causal_lm(model, self.device, self.dtype)
+        self.source = loaded.source
+        """The folder (or hub name) the model was loaded from."""
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
@@ -125,6 +132,7 @@ class PolicyEngine:
             ),
             limits=self.limits,
             instance_id=self.instance_id,
+            engine=self.name,
         )
 
     def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

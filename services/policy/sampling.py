@@ -125,26 +125,45 @@ def completions(
     eos_token_ids: list[int],
     weight_version: int,
 ) -> list[Completion]:
-    """Each row's completion, cut after its first EOS token (FINISH_STOP) or whole
-    (FINISH_LENGTH)."""
-    eos = set(eos_token_ids)
-    out = []
-    for row, ids in enumerate(prompt_ids):
-        tokens = new_tokens[row].tolist()
-        finish = FINISH_LENGTH
-        for t, token in enumerate(tokens):
-            if token in eos:
-                tokens, finish = tokens[: t + 1], FINISH_STOP
-                break
-        out.append(
-            Completion(
-                prompt_text=texts[row],
-                prompt_token_ids=ids,
-                response_token_ids=tokens,
-                response_logprobs=logprobs[row, : len(tokens)].tolist(),
-                response_text=tokenizer.decode(tokens, skip_special_tokens=True),
-                finish_reason=finish,
-                weight_version=weight_version,
-            )
+    """Each row of a padded batch's output as a completion (see make_completion)."""
+    return [
+        make_completion(
+            tokenizer,
+            texts[row],
+            ids,
+            new_tokens[row].tolist(),
+            logprobs[row].tolist(),
+            eos_token_ids,
+            weight_version,
         )
-    return out
+        for row, ids in enumerate(prompt_ids)
+    ]
+
+
+def make_completion(
+    tokenizer: Any,
+    text: str,
+    prompt_ids: list[int],
+    tokens: list[int],
+    logprobs: list[float],
+    eos_token_ids: list[int],
+    weight_version: int,
+) -> Completion:
+    """One prompt's sampled tokens as a completion, cut after the first EOS token (FINISH_STOP)
+    or whole (FINISH_LENGTH), its text decoded by `tokenizer`: every engine ends here, so
+    finish reasons, EOS handling and texts agree between them."""
+    eos = set(eos_token_ids)
+    finish = FINISH_LENGTH
+    for t, token in enumerate(tokens):
+        if token in eos:
+            tokens, finish = tokens[: t + 1], FINISH_STOP
+            break
+    return Completion(
+        prompt_text=text,
+        prompt_token_ids=prompt_ids,
+        response_token_ids=tokens,
+        response_logprobs=logprobs[: len(tokens)],
+        response_text=tokenizer.decode(tokens, skip_special_tokens=True),
+        finish_reason=finish,
+        weight_version=weight_version,
+    )

@@ -231,6 +231,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             max_batch_size=info.limits.max_batch_size,
             max_prompt_chars=info.limits.max_prompt_chars,
             instance_id=info.instance_id,
+            engine=info.engine,
         )
 
 
