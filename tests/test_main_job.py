@@ -37,7 +37,8 @@ def test_default_precision_adds_nothing(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
     call = _job_call(monkeypatch, tmp_path, [])
     # Only the thread split of configs/default.yaml's staleness 1 on 2 cores: one each.
-    assert call["policy_args"] == ["--threads", "1"] and call["overrides"] == []
+    assert call["policy_args"] == ["--engine", "hf", "--threads", "1"]
+    assert call["overrides"] == []
     assert call["trainer_threads"] == 1
 
 
@@ -46,9 +47,9 @@ def test_lock_step_gives_every_core_to_each(
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
     call = _job_call(monkeypatch, tmp_path, ["--set", "run.max_staleness=0"])
-    assert call["policy_args"] == ["--threads", "4"] and call["trainer_threads"] == 4
+    assert call["policy_args"][-2:] == ["--threads", "4"] and call["trainer_threads"] == 4
     call = _job_call(monkeypatch, tmp_path, ["--max-staleness", "2"])
-    assert call["policy_args"] == ["--threads", "2"] and call["trainer_threads"] == 2
+    assert call["policy_args"][-2:] == ["--threads", "2"] and call["trainer_threads"] == 2
 
 
 def test_bf16_serves_the_policy_in_bfloat16(
@@ -60,6 +61,15 @@ def test_bf16_serves_the_policy_in_bfloat16(
     argv = main_job.policy_command(call["model"], call["policy_args"])
     _, config = service_settings(build_parser().parse_args(argv), PolicyServiceConfig, "t")
     assert config.dtype == "bfloat16" and config.model == str(tmp_path / "smol")
+
+
+def test_engine_flag_reaches_the_policy_service(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    call = _job_call(monkeypatch, tmp_path, ["--engine", "vllm"])
+    argv = main_job.policy_command(call["model"], call["policy_args"])
+    _, config = service_settings(build_parser().parse_args(argv), PolicyServiceConfig, "t")
+    assert config.engine == "vllm"
 
 
 def test_staleness_flag_is_an_override_and_set_comes_last(

@@ -134,6 +134,17 @@ def engine_python(engine: str) -> str:
     )
 
 
+def _flag(args: Sequence[str], name: str) -> str | None:
+    """The value of `name` in `args` (`--x v` or `--x=v`; the last one wins), else None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.partition("=")[2]
+    return value
+
+
 def service_threads(overlapping: bool, cores: int | None = None) -> Threads:
     """The policy's and the trainer's torch threads on `cores` cores (default: this process's).
 
@@ -161,8 +172,8 @@ def start_service(
 ) -> ServiceProcess:
     """Runs `rlhf <args> --host 127.0.0.1 --port P` and waits until its health is SERVING.
 
-    `python`: the interpreter to run it with (default this one's); engine_python() says which
-    one a policy engine needs.
+    `python`: the interpreter to run it with; by default this one, or for a policy service the
+    one its engine needs (engine_python: `--engine`, else RLHF_ENGINE in `env` or ours).
 
     With `pki`, the service serves mutual TLS with the certificate of its kind (`args[0]`) and
     that kind's allow-list (LocalPki.serve_flags); without, plaintext (the args say the rest).
@@ -170,6 +181,9 @@ def start_service(
     exits or does not become ready in time.
     """
     port = port or free_port()
+    if python is None and args[0] == "policy":
+        environment = {**os.environ, **(env or {})}
+        python = engine_python(_flag(args, "--engine") or environment.get("RLHF_ENGINE", "hf"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     security = pki.serve_flags(args[0]) if pki else []

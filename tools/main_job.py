@@ -5,7 +5,7 @@ trainer service as three OS processes, starts a PPO run on the shipped prompts t
 trainer's API, follows it with a progress bar, and ends with a summary table (statistics, then
 seconds per phase and how much rollout overlapped training) and a PNG plot of reward and KL
 beside the step timeline. `--precision` and `--max-staleness` choose the run's precision and
-how far its rollout may run ahead of training.
+how far its rollout may run ahead of training; `--engine` the policy service's generation engine.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf.command_errors import CommandError
 from rlhf.defaults import DEFAULT_OUTPUT_DIR
+from services.policy.config import ENGINES
 
 if TYPE_CHECKING:  # grpc, the stubs and the launcher load only when a job runs
     from rlhf.v1.trainer_pb2 import RewardEndpoint, StartRunRequest
@@ -157,9 +158,10 @@ def _follow_run(
     # What the services use, as they say it: the trainer's run.json (its config with every
     # default filled in, written before StartRun answers) and the policy's GetInfo.
     policy = PolicyClient(processes[0].address, client=pki.client())
-    dtype = policy.info().dtype
+    info = policy.info()
     policy.close()
-    print(settings_line(read_record(output_dir / status.run_id).config, dtype), flush=True)
+    print(settings_line(read_record(output_dir / status.run_id).config, info.dtype), flush=True)
+    print(f"generation engine: {info.engine or 'hf'}", flush=True)  # empty: before #15
     code = watch_run(client, status.run_id, from_step=1)
     client.close()
     return code
@@ -238,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         "in bf16 autocast (ppo.mixed_precision=bf16) over fp32 master weights",
     )
     parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="hf",
+        help="the policy service's generation engine: hf (transformers) or vllm (from "
+        ".venv-vllm, which `make install` builds)",
+    )
+    parser.add_argument(
         "--max-staleness",
         type=_non_negative,
         metavar="N",
@@ -286,7 +295,7 @@ def _main(args: argparse.Namespace) -> int:
         args.config,
         args.output_dir,
         overrides=overrides,
-        policy_args=[*policy_args, "--threads", str(threads.policy)],
+        policy_args=[*policy_args, "--engine", args.engine, "--threads", str(threads.policy)],
         trainer_threads=threads.trainer,
     )
     if result.metrics:
