@@ -62,3 +62,5 @@ def test_unknown_engine_and_a_cpu_kv_cache_of_zero_are_refused() -> None:
         PolicyServiceConfig(engine="tgi")
     with pytest.raises(ValueError, match="vllm_kv_cache_gib must be > 0 on the CPU"):
         PolicyServiceConfig(engine="vllm", vllm_kv_cache_gib=0)
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        PolicyServiceConfig(engine="vllm", device="cuda:1")

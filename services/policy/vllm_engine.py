@@ -84,9 +84,11 @@ class VllmPolicyEngine(PolicyEngine):
         from rlhf.models import parse_device
 
         served = parse_device(device) if isinstance(device, str) else device
-        if served.type == "cuda" and served.index is not None:
+        if served.index:
             # vLLM takes no device index: it uses the GPUs CUDA_VISIBLE_DEVICES shows it.
-            os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(served.index))
+            raise ValueError(
+                f"device {served}: the vllm engine takes cuda, see CUDA_VISIBLE_DEVICES"
+            )
         started = time.monotonic()
         self.llm = vllm.LLM(
             model=self.source,
