@@ -66,7 +66,7 @@ def test_make_run_is_one_ppo_job_on_the_default_policy_and_vader(
     threads = service_threads(overlapping=True)
     assert keywords == {
         "overrides": ["run.steps=3"],
-        "policy_args": ["--threads", str(threads.policy)],
+        "policy_args": ["--engine", "hf", "--threads", str(threads.policy)],
         "trainer_threads": threads.trainer,
     }
 
