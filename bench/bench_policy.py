@@ -27,9 +27,8 @@ How it is measured, and why:
 - For (b) the CPU seconds both processes spent are printed too: on a loaded machine the wall
   clock follows CPU cost, so they say what the ratio will be where the cores are contended.
 
-(c) The engine comparison (bench.engines, whose docstring says how): Generate tokens/s at batch
-    8 and 64 and UpdateWeights seconds on the hf and the vllm engine, each service in its own
-    process, one at a time, and the ratio vllm/hf. Its services run every core (--threads).
+(c) The engine comparison: Generate tok/s and UpdateWeights seconds on the hf and the vllm
+    engine, and the ratio vllm/hf (bench.engines says how; its services run every core).
 
     python bench/bench_policy.py                 # SmolLM2-135M-Instruct (the default policy)
     python bench/bench_policy.py --quick         # a tiny random model: a smoke run, seconds
