@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.measure import alternate
-from rlhf.defaults import DTYPE_NAMES
-from services.policy.config import ENGINES
+from rlhf.defaults import DEVICE_HELP, DTYPE_NAMES
+from services.policy.config import ENGINES, PolicyServiceConfig
 
 if TYPE_CHECKING:
     import torch
@@ -61,15 +61,37 @@ PROMPTS = [
 """The prompts of every Generate of bench_policy, repeated to fill a batch."""
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an int >= 1 (a round or a push fewer would leave nothing to compare)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """The engine comparison's own flags (bench_policy's --model, --seed, --threads and --quick
     apply to it too)."""
     add = parser.add_argument
     add("--engines", action="store_true", help="run the engine comparison only (--only engines)")
-    add("--device", default="cpu", help="engines: the services' device (cpu, cuda, cuda:N)")
-    add("--dtype", default="float32", choices=DTYPE_NAMES, help="engines: the services' dtype")
-    add("--engine-rounds", type=int, default=4, help="engines: rounds (each starts both engines)")
-    add("--update-pushes", type=int, default=3, help="engines: measured pushes per start")
+    add(
+        "--device",
+        default=PolicyServiceConfig.device,
+        help=f"engines: the services' device ({DEVICE_HELP})",
+    )
+    add(
+        "--dtype",
+        default=PolicyServiceConfig.dtype,
+        choices=DTYPE_NAMES,
+        help="engines: the services' dtype",
+    )
+    add(
+        "--engine-rounds",
+        type=_at_least_one,
+        default=4,
+        help="engines: rounds (each starts both engines)",
+    )
+    add("--update-pushes", type=_at_least_one, default=3, help="engines: measured pushes per start")
     add("--engine-logs", help="engines: keep the services' logs in this folder")
 
 
