@@ -1,4 +1,5 @@
-"""Policy service cost: Generate vs in-process generation, UpdateWeights vs a raw byte stream.
+"""Policy service cost: Generate vs in-process generation, UpdateWeights vs a raw byte stream;
+and the service's two engines, hf and vllm, side by side.
 
 (a) Generation tokens/s through the policy service against the same PolicyEngine.generate()
     in this process: same prompts (batch 8), same seed, same max_new_tokens, so both sides
@@ -26,9 +27,13 @@ How it is measured, and why:
 - For (b) the CPU seconds both processes spent are printed too: on a loaded machine the wall
   clock follows CPU cost, so they say what the ratio will be where the cores are contended.
 
+(c) The engine comparison: Generate tok/s and UpdateWeights seconds on the hf and the vllm
+    engine, and the ratio vllm/hf (bench.engines says how; its services run every core).
+
     python bench/bench_policy.py                 # SmolLM2-135M-Instruct (the default policy)
     python bench/bench_policy.py --quick         # a tiny random model: a smoke run, seconds
     python bench/bench_policy.py --model PATH    # any causal LM folder or hub name
+    python bench/bench_policy.py --engines       # (c) only; --device cuda on a GPU machine
 """
 
 from __future__ import annotations
@@ -50,12 +55,11 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from bench.engines import PROMPTS, add_engine_flags, compare_engines, sent_tensors  # noqa: E402
 from bench.measure import alternate, speed_ratio, stop  # noqa: E402
 from rlhf.defaults import DEFAULT_POLICY_MODEL, LOOPBACK  # noqa: E402
 
 if TYPE_CHECKING:
-    import torch
-
     from rlhf.clients import PolicyClient
     from services.policy.engine import PolicyEngine
 
@@ -63,12 +67,6 @@ GEN_TARGET = 0.95
 UPDATE_TARGET = 0.8
 MiB = 1024 * 1024
 RAW_METHOD = "/bench.RawStream/Upload"
-PROMPTS = [
-    "Write a short poem about a robot.", "Explain KL divergence in simple terms.",
-    "What are the stages of RLHF?", "Tell me about your favourite movie.",
-    "Name three friendly animals.", "How do I bake bread?", "Why is the sky blue?",
-    "Give me a fun fact about space.",
-]  # fmt: skip
 
 
 # --- the server process ------------------------------------------------------------------------
@@ -131,35 +129,58 @@ def parse_flags(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--threads",
         type=int,
-        default=1,
-        help="torch CPU threads in each process (0: torch's default, one per core)",
+        help="torch CPU threads in each process (0: torch's default, one per core; "
+        "default: 1 for (a) and (b), every core for the engine comparison)",
     )
-    add("--only", choices=["generate", "update"], help="measure one of the two parts only")
+    add("--only", choices=["generate", "update", "engines"], help="measure one part only")
     add("--strict", action="store_true", help="exit 1 if a target is missed")
     add("--server-log", help="keep the server process's log (INFO) in this file")
     add("--serve", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    add_engine_flags(parser)
+    args = parser.parse_args(argv)
+    args.only = "engines" if args.engines else args.only
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_flags(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)  # before anything computes; see the docstring
     if args.serve:
+        set_threads(args)
         return serve(args.model)
-
     tmp = tempfile.TemporaryDirectory(prefix="bench-policy-")
     model = args.model
     if args.quick:
-        from tools.tiny import make_causal_lm
+        from tools.tiny import VLLM_SIZES, make_causal_lm
 
-        model = str(make_causal_lm(Path(tmp.name) / "tiny-lm"))
+        # One tiny LM for every part: one vLLM can serve (its CPU attention's head sizes).
+        model = str(make_causal_lm(Path(tmp.name) / "tiny-lm", **VLLM_SIZES))
         args.max_new_tokens = min(args.max_new_tokens, 16)
-    server_log = Path(args.server_log or Path(tmp.name) / "server.log")
-    command = [sys.executable, __file__, "--serve", "--model", model]
-    command += ["--threads", str(args.threads)]
+    try:
+        code = 0
+        if args.only != "engines":
+            code = service_vs_in_process(args, model, Path(tmp.name))
+        if args.only in (None, "engines"):  # after (a) and (b): their server process is gone
+            code = compare_engines(args, model, Path(tmp.name)) or code
+        return code
+    finally:
+        tmp.cleanup()
+
+
+def set_threads(args: argparse.Namespace) -> int:
+    """Sets (a) and (b)'s torch threads in this process (see the docstring); returns them."""
+    threads = 1 if args.threads is None else args.threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # before anything computes
+    return threads
+
+
+def service_vs_in_process(args: argparse.Namespace, model: str, tmp: Path) -> int:
+    """(a) and (b): this process against the --serve process (see the module docstring)."""
+    threads = set_threads(args)
+    server_log = Path(args.server_log or tmp / "server.log")
+    command = [sys.executable, __file__, "--serve", "--model", model, "--threads", str(threads)]
     with server_log.open("w") as log_file:
         server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True)
     try:
@@ -169,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         stop(server)
-        tmp.cleanup()
 
 
 @dataclass
@@ -322,7 +342,7 @@ def measure_update(
     """MB/s of UpdateWeights (full state dict) against a raw stream of as many bytes."""
     import torch
 
-    weights = _sent_tensors(engine)
+    weights = sent_tensors(engine.model)
     total = sum(t.numel() * t.element_size() for t in weights.values())
     payload = b"".join(bytes(t.contiguous().view(torch.uint8).numpy()) for t in weights.values())
     raw_stub = client.channel.stream_unary(RAW_METHOD)
@@ -358,17 +378,6 @@ def measure_update(
     cpu = {"update": [], "raw": []}
     seconds = alternate({"update": update, "raw": raw}, args.update_rounds)
     return _update_row(len(weights), total, seconds, cpu)
-
-
-def _sent_tensors(engine: PolicyEngine) -> dict[str, torch.Tensor]:
-    """The model's state dict as a trainer sends it: tied tensors (lm_head = embeddings) once."""
-    weights = {}
-    seen: set[int] = set()
-    for name, tensor in engine.model.state_dict().items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            weights[name] = tensor
-    return weights
 
 
 def _update_row(

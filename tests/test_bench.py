@@ -3,7 +3,8 @@
 Speed is not judged here (timed tests on a shared machine prove nothing; `make bench` prints
 the ratios). What is checked is that every benchmark still starts its services, compares the
 same work on both sides (the same sampled tokens; the same scores, which bench_reward checks
-itself) and prints its table, so a change to a service or a client cannot quietly break them.
+itself; as many tokens on the policy service's hf and vllm engines) and prints its table, so a
+change to a service or a client cannot quietly break them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def test_every_benchmark_runs_and_prints_its_table() -> None:
         assert f"{name}" in summary and "FAILED" not in summary, summary
     assert "the same on both sides: yes" in out  # Generate sampled the in-process tokens
     assert "UpdateWeights MB/s" in out
+    # bench_policy's engine comparison: min = max new tokens, so each engine made exactly these.
+    counts = "batch 8: hf [512], vllm [512]; batch 64: hf [4096], vllm [4096]"
+    assert f"tokens per call ({counts}): the same on both engines: yes" in out, out[-3000:]
+    assert "UpdateWeights s, client (until served)" in out
     assert "episodes/s (median of rounds)" in out  # bench_seed's table, TRL 0.11.4 beside us
     rows = [line for line in out.splitlines() if line.startswith(("seed-length", "short"))]
     assert len(rows) == 8, out  # 2 text sizes x 2 call sizes x 2 client modes
