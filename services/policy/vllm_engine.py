@@ -164,6 +164,8 @@ class VllmPolicyEngine(PolicyEngine):
         loads that whole version into vLLM's model."""
         count = super().apply_weights(tensors, version, backing)
         started = time.monotonic()
+        # vLLM logs "RotaryEmbedding: Failed to load weights" on every reload: its cos/sin
+        # cache is a buffer no checkpoint carries, and it puts the one it had back. Harmless.
         try:
             self.llm.collective_rpc(
                 "reload_weights",
