@@ -19,8 +19,8 @@ from tests.servers import NO_AUTH_FLAG
 from tools.launch import ServiceProcess, engine_python, start_service
 
 READY_TIMEOUT_S = 240.0
-"""A vLLM policy service starts in ~20-45 s here (tiny LM, SmolLM2); a loaded machine may
-take several times that, a hung one never."""
+"""A vLLM policy service starts in ~20-25 s here (tiny LM or SmolLM2, measured); the limit gives a
+loaded machine ten times that before the test fails with the service's log."""
 
 
 def start_vllm_policy(name: str, model: str, log_dir: Path) -> ServiceProcess:
@@ -42,15 +42,10 @@ def start_vllm_policy(name: str, model: str, log_dir: Path) -> ServiceProcess:
     )
 
 
-def trainer_model(
-    folder: str, weights: dict[str, torch.Tensor] | None = None
-) -> PolicyWithValueHead:
-    """The trainer's PPO model (float32, on the CPU, eval mode as in PPOTrainer.prepare) on
-    FOLDER's LM, with WEIGHTS loaded into the LM when given."""
-    model = PolicyWithValueHead.from_pretrained(folder, dtype="float32")
-    if weights is not None:
-        model.lm.load_state_dict(weights)
-    return model.eval()
+def trainer_model(folder: str) -> PolicyWithValueHead:
+    """The trainer's PPO model on FOLDER's LM: float32, on the CPU, in eval mode (as
+    PPOTrainer.prepare runs it)."""
+    return PolicyWithValueHead.from_pretrained(folder, dtype="float32").eval()
 
 
 @torch.no_grad()

@@ -42,10 +42,15 @@ def base_weights(hf_engine: PolicyEngine) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="package")
-def other_engine(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
-    """A second tiny LM (same shapes, other values), in-process: a "new version" and its output."""
-    folder = make_causal_lm(tmp_path_factory.mktemp("vllm-lm-2"), seed=1, **VLLM_SIZES)
-    return PolicyEngine(str(folder), limits=LIMITS)
+def other_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny LM (same shapes, other values): a "new version"."""
+    return make_causal_lm(tmp_path_factory.mktemp("vllm-lm-2"), seed=1, **VLLM_SIZES)
+
+
+@pytest.fixture(scope="package")
+def other_engine(other_lm: Path) -> PolicyEngine:
+    """The transformers engine on other_lm, in-process: the new version's output."""
+    return PolicyEngine(str(other_lm), limits=LIMITS)
 
 
 @pytest.fixture(scope="package")

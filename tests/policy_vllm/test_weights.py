@@ -15,16 +15,17 @@ from rlhf.clients import PolicyClient
 from rlhf.v1 import policy_pb2
 from services.policy.engine import PolicyEngine
 from services.policy.server import params_from_proto
+from services.trainer.learner.value_head import PolicyWithValueHead
 from tests.policy.common import GREEDY, PROMPTS, Code, params, served_version, tokens
 from tests.policy.test_weights import _assert_old_weights_serve, _chunks
-from tests.policy_vllm.common import logprob_gap, trainer_logprobs, trainer_model
+from tests.policy_vllm.common import logprob_gap, trainer_logprobs
 from tests.policy_vllm.test_logprobs import PROMPTS_8, TINY_TOLERANCE
 
 pytestmark = pytest.mark.slow
 
 LORA_TARGETS = ("self_attn.q_proj.weight", "self_attn.v_proj.weight")
-"""What a LoRA step with peft's default Llama targets changes, and all the trainer then pushes
-(policy_state_dict_for_serving(trained_only=True))."""
+"""What a LoRA step with peft's default Llama targets (q_proj, v_proj) changes, and all the
+trainer then pushes (policy_state_dict_for_serving(trained_only=True))."""
 
 
 def test_update_changes_outputs_to_the_hf_engines(
@@ -49,40 +50,37 @@ def test_update_changes_outputs_to_the_hf_engines(
     assert tokens(after) == [c.response_token_ids for c in expected]
 
 
-def test_lora_style_partial_update_is_served_merged(
-    client: PolicyClient,
-    vllm_lm: Path,
-    other_engine: PolicyEngine,
-    other_weights: dict[str, torch.Tensor],
+def test_lora_step_push_is_served_merged(
+    client: PolicyClient, other_lm: Path, other_weights: dict[str, torch.Tensor]
 ) -> None:
-    """Only q_proj and v_proj arrive; vLLM's model must serve them with every other tensor of
-    the served version (its own reload fills a fused qkv layer only from all three)."""
+    """A LoRA step's push carries only the merged q_proj and v_proj; vLLM's model must serve
+    them with every other tensor of the served version (its own reload fills a fused qkv layer
+    only from all three): the trainer's LoRA policy recomputes the sampled log-probs."""
     version = served_version(client)
     client.update_weights(other_weights, version + 1)
+    policy = PolicyWithValueHead.from_pretrained(str(other_lm), use_lora=True, seed=5).eval()
     g = torch.Generator().manual_seed(5)
-    partial = {
-        name: tensor + 0.1 * torch.randn(tensor.shape, generator=g)
-        for name, tensor in other_weights.items()
-        if name.endswith(LORA_TARGETS)
-    }
-    assert len(partial) == 2 * other_engine.model.config.num_hidden_layers
+    with torch.no_grad():  # a trained step: lora_B leaves zero (zero is the base model)
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=g))
+    partial = policy.policy_state_dict_for_serving(trained_only=True)
+    assert sorted(partial) == sorted(k for k in other_weights if k.endswith(LORA_TARGETS))
     reply = client.update_weights(partial, version + 2)
     assert reply.version == version + 2 and reply.tensors_updated == len(partial)
     sampled = client.generate(PROMPTS_8, params(max_new_tokens=32, seed=3))
     assert sampled.weight_version == version + 2
-    pad = other_engine.tokenizer.pad_token_id
-    merged = trainer_model(str(vllm_lm), {**other_weights, **partial})
+    pad = client.info().tokenizer.pad_token_id
     worst, mean = logprob_gap(
-        sampled.completions, trainer_logprobs(merged, sampled.completions, 1.0, pad)
+        sampled.completions, trainer_logprobs(policy, sampled.completions, 1.0, pad)
     )
-    report = f"after the partial push: |vLLM - merged| max {worst:.3g}, mean {mean:.3g}"
+    report = f"after a LoRA step's push: |vLLM - trainer| max {worst:.3g}, mean {mean:.3g}"
     print(report)
     assert worst < TINY_TOLERANCE, report
-    # ...and the push mattered: the version before it gives other log-probs.
-    unmerged = trainer_model(str(vllm_lm), other_weights)
-    stale, _ = logprob_gap(
-        sampled.completions, trainer_logprobs(unmerged, sampled.completions, 1.0, pad)
-    )
+    # ...and the push mattered: the version before it (the adapters off) gives other log-probs.
+    with policy.reference():
+        before = trainer_logprobs(policy, sampled.completions, 1.0, pad)
+    stale, _ = logprob_gap(sampled.completions, before)
     assert stale > 100 * TINY_TOLERANCE, stale
 
 
