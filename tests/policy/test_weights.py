@@ -17,7 +17,16 @@ from rlhf.weight_receiver import decode_chunk
 from rlhf.weights import encode_weight_frames, encode_weights
 from services.policy.engine import PolicyEngine
 from services.policy.server import params_from_proto
-from tests.policy.common import GREEDY, PROMPTS, Code, params, served_version, tokens
+from tests.policy.common import (
+    GREEDY,
+    PROMPTS,
+    Code,
+    assert_old_weights_serve,
+    params,
+    served_version,
+    tokens,
+    upload_chunks,
+)
 
 
 def test_update_weights_changes_outputs_and_version(
@@ -64,22 +73,12 @@ def test_full_and_partial_updates(
     client.update_weights(other_weights, version + 5)
 
 
-def _chunks(weights: dict[str, torch.Tensor], version: int) -> list[policy_pb2.WeightChunk]:
-    return list(encode_weights(weights, version, chunk_bytes=16 * 1024))
-
-
-def _assert_old_weights_serve(client: PolicyClient, version: int, before: list[list[int]]) -> None:
-    reply = client.generate(PROMPTS, GREEDY)
-    assert reply.weight_version == version == client.info().weight_version
-    assert tokens(reply) == before
-
-
 def test_broken_streams_leave_the_old_weights(
     client: PolicyClient, other_weights: dict[str, torch.Tensor]
 ) -> None:
     version = served_version(client)
     before = tokens(client.generate(PROMPTS, GREEDY))
-    chunks = _chunks(other_weights, version + 1)
+    chunks = upload_chunks(other_weights, version + 1)
     assert len(chunks) > 4
 
     def raising() -> Iterator[policy_pb2.WeightChunk]:
@@ -89,13 +88,13 @@ def test_broken_streams_leave_the_old_weights(
     with pytest.raises(grpc.RpcError) as err:
         client.stub.UpdateWeights(raising(), timeout=30)
     assert err.value.code() in (Code.CANCELLED, Code.UNKNOWN)
-    _assert_old_weights_serve(client, version, before)
+    assert_old_weights_serve(client, version, before)
 
     with pytest.raises(grpc.RpcError) as err:
         client.stub.UpdateWeights(iter(chunks[:-2]), timeout=30)
     assert err.value.code() == Code.INVALID_ARGUMENT
     assert "stream ended after" in err.value.details() and "not applied" in err.value.details()
-    _assert_old_weights_serve(client, version, before)
+    assert_old_weights_serve(client, version, before)
 
 
 def _corrupt_chunk(chunks: list[policy_pb2.WeightChunk]) -> list[policy_pb2.WeightChunk]:
@@ -163,14 +162,14 @@ def test_bad_uploads_are_rejected(
     version = served_version(client)
     before = tokens(client.generate(PROMPTS, GREEDY))
     weights = change(other_weights) if callable(change) else other_weights
-    chunks = _chunks(weights, version + delta)
+    chunks = upload_chunks(weights, version + delta)
     if callable(mutate):
         chunks = mutate(chunks)
     with pytest.raises(grpc.RpcError) as err:
         client.stub.UpdateWeights(iter(chunks), timeout=30)
     assert err.value.code() == code
     assert message in err.value.details()
-    _assert_old_weights_serve(client, version, before)
+    assert_old_weights_serve(client, version, before)
 
 
 def test_malformed_chunk_is_refused(client: PolicyClient) -> None:
@@ -181,12 +180,12 @@ def test_malformed_chunk_is_refused(client: PolicyClient) -> None:
         raw(iter([b"\x1a\xff\xff\x03abc"]), timeout=10)  # data field longer than the message
     assert err.value.code() == Code.INVALID_ARGUMENT
     assert "malformed WeightChunk" in err.value.details()
-    _assert_old_weights_serve(client, version, before)
+    assert_old_weights_serve(client, version, before)
 
 
 # --- the codec's fast paths ---------------------------------------------------------------------
 @pytest.mark.parametrize("chunk_bytes", [64, 1000, 4096, 1 << 20])
-def test_frames_are_the_serialized_chunks(chunk_bytes: int) -> None:
+def test_frames_are_the_serializedupload_chunks(chunk_bytes: int) -> None:
     g = torch.Generator().manual_seed(0)
     tensors = {
         "a": torch.randn(1000, generator=g),

@@ -16,8 +16,16 @@ from rlhf.v1 import policy_pb2
 from services.policy.engine import PolicyEngine
 from services.policy.server import params_from_proto
 from services.trainer.learner.value_head import PolicyWithValueHead
-from tests.policy.common import GREEDY, PROMPTS, Code, params, served_version, tokens
-from tests.policy.test_weights import _assert_old_weights_serve, _chunks
+from tests.policy.common import (
+    GREEDY,
+    PROMPTS,
+    Code,
+    assert_old_weights_serve,
+    params,
+    served_version,
+    tokens,
+    upload_chunks,
+)
 from tests.policy_vllm.common import logprob_gap, trainer_logprobs
 from tests.policy_vllm.test_logprobs import PROMPTS_8, TINY_TOLERANCE
 
@@ -93,7 +101,7 @@ def test_cut_streams_keep_the_old_weights(
     version = served_version(client) + 1
     client.update_weights(base_weights, version)
     before = tokens(client.generate(PROMPTS, GREEDY))
-    chunks = _chunks(other_weights, version + 1)
+    chunks = upload_chunks(other_weights, version + 1)
     assert len(chunks) > 4
 
     def cut() -> Iterator[policy_pb2.WeightChunk]:
@@ -103,10 +111,10 @@ def test_cut_streams_keep_the_old_weights(
     with pytest.raises(grpc.RpcError) as err:
         client.stub.UpdateWeights(cut(), timeout=30)
     assert err.value.code() in (Code.CANCELLED, Code.UNKNOWN)
-    _assert_old_weights_serve(client, version, before)
+    assert_old_weights_serve(client, version, before)
 
     with pytest.raises(grpc.RpcError) as err:
         client.stub.UpdateWeights(iter(chunks[:-2]), timeout=30)
     assert err.value.code() == Code.INVALID_ARGUMENT
     assert "not applied" in err.value.details()
-    _assert_old_weights_serve(client, version, before)
+    assert_old_weights_serve(client, version, before)
