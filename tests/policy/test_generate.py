@@ -17,7 +17,7 @@ from rlhf.server import GrpcService, build_server
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.policy.engine import PolicyEngine
 from services.policy.server import PolicyServicer, servicers
-from tests.policy.common import PROMPTS, Code, params, tokens
+from tests.policy.common import PROMPTS, Code, assert_refused_and_serving, params, tokens
 from tests.servers import open_config
 
 
@@ -191,11 +191,7 @@ def test_bad_requests_are_refused(
     code: grpc.StatusCode,
     message: str,
 ) -> None:
-    with pytest.raises(grpc.RpcError) as err:
-        client.generate(prompts, request_params)
-    assert err.value.code() == code
-    assert message in err.value.details()
-    assert len(client.generate(["hi"], params(max_new_tokens=2)).completions) == 1
+    assert_refused_and_serving(client, prompts, request_params, code, message)
 
 
 def test_chat_template_missing(client: PolicyClient, engine: PolicyEngine) -> None:

@@ -80,3 +80,18 @@ def logprob_gap(
         ]
     )
     return float(diffs.max()), float(diffs.mean())
+
+
+def assert_logprobs_close(
+    label: str,
+    completions: Sequence[policy_pb2.Completion],
+    recomputed: Sequence[torch.Tensor],
+    tolerance: float,
+) -> None:
+    """|service's log-prob - recomputed| below `tolerance` on every token; the max and mean are
+    printed (`pytest -s` shows them) and named in the failure."""
+    worst, mean = logprob_gap(completions, recomputed)
+    tokens = sum(len(c.response_token_ids) for c in completions)
+    report = f"{label}: |vLLM - trainer| over {tokens} tokens: max {worst:.3g}, mean {mean:.3g}"
+    print(report)
+    assert worst < tolerance, report

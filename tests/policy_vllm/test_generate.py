@@ -13,7 +13,7 @@ from rlhf.clients import PolicyClient
 from rlhf.v1 import policy_pb2
 from services.policy.engine import PolicyEngine
 from services.policy.server import params_from_proto
-from tests.policy.common import LIMITS, PROMPTS, params, tokens
+from tests.policy.common import LIMITS, PROMPTS, assert_refused_and_serving, params, tokens
 from tests.policy.test_generate import BAD_REQUESTS
 
 pytestmark = pytest.mark.slow
@@ -31,11 +31,7 @@ def test_bad_requests_get_the_hf_engines_answers(
     code: grpc.StatusCode,
     message: str,
 ) -> None:
-    with pytest.raises(grpc.RpcError) as err:
-        client.generate(prompts, request_params)
-    assert err.value.code() == code
-    assert message in err.value.details()
-    assert len(client.generate(["hi"], params(max_new_tokens=2)).completions) == 1
+    assert_refused_and_serving(client, prompts, request_params, code, message)
 
 
 def test_get_info(client: PolicyClient, hf_engine: PolicyEngine, vllm_lm: Path) -> None:

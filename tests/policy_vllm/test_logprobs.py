@@ -11,7 +11,7 @@ import torch
 
 from rlhf.clients import PolicyClient
 from tests.policy.common import params
-from tests.policy_vllm.common import logprob_gap, trainer_logprobs, trainer_model
+from tests.policy_vllm.common import assert_logprobs_close, trainer_logprobs, trainer_model
 
 pytestmark = pytest.mark.slow
 
@@ -56,10 +56,4 @@ def test_logprobs_agree_with_the_trainers(
         knobs["temperature"],
         client.info().tokenizer.pad_token_id,
     )
-    worst, mean = logprob_gap(completions, recomputed)
-    tokens = sum(len(c.response_token_ids) for c in completions)
-    report = (
-        f"tiny LM {knobs}: |vLLM - trainer| over {tokens} tokens: max {worst:.3g}, mean {mean:.3g}"
-    )
-    print(report)
-    assert worst < TINY_TOLERANCE, report
+    assert_logprobs_close(f"tiny LM {knobs}", completions, recomputed, TINY_TOLERANCE)

@@ -13,7 +13,13 @@ from rlhf.clients import PolicyClient
 from rlhf.defaults import DEFAULT_POLICY_MODEL
 from services.trainer.learner.value_head import PolicyWithValueHead
 from tests.policy.common import params
-from tests.policy_vllm.common import logprob_gap, start_vllm_policy, trainer_logprobs, trainer_model
+from tests.policy_vllm.common import (
+    assert_logprobs_close,
+    logprob_gap,
+    start_vllm_policy,
+    trainer_logprobs,
+    trainer_model,
+)
 from tests.policy_vllm.test_logprobs import CASES
 
 pytestmark = pytest.mark.slow
@@ -68,13 +74,7 @@ def test_smollm2_logprobs_agree_with_the_trainers(
     assert all(len(c.response_logprobs) == len(c.response_token_ids) > 0 for c in completions)
     pad = info.tokenizer.pad_token_id
     recomputed = trainer_logprobs(smollm2, completions, knobs["temperature"], pad)
-    worst, mean = logprob_gap(completions, recomputed)
-    tokens = sum(len(c.response_token_ids) for c in completions)
-    report = (
-        f"SmolLM2 {knobs}: |vLLM - trainer| over {tokens} tokens: max {worst:.3g}, mean {mean:.3g}"
-    )
-    print(report)
-    assert worst < SMOLLM2_TOLERANCE, report
+    assert_logprobs_close(f"SmolLM2 {knobs}", completions, recomputed, SMOLLM2_TOLERANCE)
 
 
 def test_a_new_version_never_reuses_the_old_versions_cached_prompt(
