@@ -11,8 +11,8 @@ VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
 STUBS := rlhf/v1/policy_pb2.py rlhf/v1/reward_pb2.py rlhf/v1/trainer_pb2.py rlhf/v1/common_pb2.py
 PROTOS := $(wildcard protos/rlhf/v1/*.proto)
 
-.PHONY: install protos run smoke test test-fast test-compose images engine-start engine-stop lint \
-	bench models clean clean-docker help chaos
+.PHONY: install protos run smoke test test-fast test-compose images image-vllm engine-start \
+	engine-stop lint bench models clean clean-docker help chaos
 
 help:
 	@echo "make run      PPO on the offline defaults: policy, reward, trainer as three services"
@@ -23,6 +23,7 @@ help:
 	@echo "make test-compose  build the image offline, run the compose stack's integration test"
 	@echo "make chaos    kill and freeze the services during a run (SEED=N CHAOS_ARGS=...)"
 	@echo "make images   build rlhf-services:0.1.0 (base image by debootstrap when offline)"
+	@echo "make image-vllm  build rlhf-services-vllm:0.1.0, the policy's vLLM engine in it"
 	@echo "make bench    service-vs-in-process benchmarks (bench/)"
 	@echo "make models   convert the embedded SmolLM2 GGUF into the model cache"
 	@echo "make protos   regenerate the gRPC stubs from protos/"
@@ -107,8 +108,13 @@ test-compose: install
 	bash deploy/docker/test-compose.sh
 
 # Builds the image on the engine at $$DOCKER_HOST; `make engine-start` gives a private one here.
+# ENGINE=vllm (= `make image-vllm`): the vLLM image, rlhf-services-vllm:0.1.0.
+ENGINE ?= hf
 images: install
-	bash deploy/docker/build-images.sh
+	ENGINE=$(ENGINE) bash deploy/docker/build-images.sh
+
+image-vllm:
+	$(MAKE) images ENGINE=vllm
 
 engine-start:
 	bash deploy/docker/engine.sh install
@@ -123,7 +129,8 @@ bench: install
 clean:
 	rm -rf rlhf/v1 .pytest_cache .ruff_cache
 
-# The private engine's images and build cache (.cache/docker), and the wheelhouse.
+# The private engine's images and build cache (.cache/docker), and the wheelhouses.
 clean-docker: engine-stop
 	rm -rf .cache/docker
 	rm -f deploy/docker/wheelhouse/*.whl deploy/docker/wheelhouse/.stamp
+	rm -f deploy/docker/wheelhouse-vllm/*.whl deploy/docker/wheelhouse-vllm/.stamp

@@ -11,7 +11,12 @@ from pathlib import Path
 
 from tools.k8s import manifests as m
 
-OVERLAYS = ["cpu", "gpu", "reward-swap"]
+OVERLAYS = ["cpu", "gpu", "gpu-vllm", "reward-swap", "vllm"]
+# The overlays that put the policy on vLLM (components/vllm), each over the overlay it extends.
+VLLM_OVERLAYS = {"vllm": "cpu", "gpu-vllm": "gpu"}
+GPU_OVERLAYS = ("gpu", "gpu-vllm")
+IMAGE = "rlhf-services:0.1.0"
+VLLM_IMAGE = "rlhf-services-vllm:0.1.0"
 SWAP_JOB = m.OVERLAYS_DIR / "reward-swap" / "swap-reward-job.yaml"
 # Whose certificate each workload presents (Secret rlhf-tls-NAME).
 IDENTITY = {"policy": "policy", "reward": "reward", "reward-b": "reward-b", "trainer": "trainer",

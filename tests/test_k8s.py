@@ -16,9 +16,13 @@ import yaml
 
 from tests.cli_flags import env_flags, settings
 from tests.k8s_helpers import (
+    GPU_OVERLAYS,
+    IMAGE,
     OVERLAYS,
     SWAP_JOB,
     VERSIONS,
+    VLLM_IMAGE,
+    VLLM_OVERLAYS,
     Rendered,
     all_workloads,
     render_overlays,
@@ -63,13 +67,14 @@ def test_strict_catches_a_misspelt_field(rendered: dict, tmp_path: Path) -> None
 
 def test_run_config_is_the_default_config(rendered: dict) -> None:
     default = (ROOT / "configs" / "default.yaml").read_text()
-    for overlay in ("cpu", "reward-swap"):
+    for overlay in ("cpu", "reward-swap", "vllm"):
         config = next(o for o in rendered[overlay][1] if o["kind"] == "ConfigMap")
         assert config["data"]["run.yaml"] == default
-    gpu = next(o for o in rendered["gpu"][1] if o["kind"] == "ConfigMap")
     expected = yaml.safe_load(default)
     expected["ppo"]["device"] = "cuda"
-    assert yaml.safe_load(gpu["data"]["run.yaml"]) == expected
+    for overlay in GPU_OVERLAYS:
+        gpu = next(o for o in rendered[overlay][1] if o["kind"] == "ConfigMap")
+        assert yaml.safe_load(gpu["data"]["run.yaml"]) == expected, overlay
 
 
 # --- structure ----------------------------------------------------------------------------------
@@ -108,7 +113,9 @@ def test_every_container_has_resources_and_security(rendered: dict) -> None:
 def test_images_and_args(rendered: dict) -> None:
     for overlay, obj, spec in all_workloads(rendered):
         for c in m.containers(spec):
-            assert c["image"] == "rlhf-services:0.1.0", (overlay, m.key(obj))
+            # The vLLM image for the policy where it runs on vLLM, the one image elsewhere.
+            on_vllm = overlay in VLLM_OVERLAYS and m.key(obj) == "Deployment/policy"
+            assert c["image"] == (VLLM_IMAGE if on_vllm else IMAGE), (overlay, m.key(obj))
             assert "command" not in c, "the image's entrypoint is rlhf: pass args"
     for overlay in OVERLAYS:
         for name, kind in SERVICES.items():
@@ -149,8 +156,9 @@ def test_services_are_grpc_cluster_ips(rendered: dict) -> None:
                     assert not m.selects({"matchLabels": service["spec"]["selector"]}, labels)
 
 
-def test_gpu_overlay_places_each_service_on_its_gpu(rendered: dict) -> None:
-    objects = rendered["gpu"][1]
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_gpu_overlay_places_each_service_on_its_gpu(rendered: dict, overlay: str) -> None:
+    objects = rendered[overlay][1]
     selectors = {}
     for name, kind in SERVICES.items():
         spec = m.pod_spec(m.find(objects, kind, name))
@@ -166,10 +174,10 @@ def test_gpu_overlay_places_each_service_on_its_gpu(rendered: dict) -> None:
     assert selectors["reward"] != selectors["policy"]
     assert selectors["reward"] != selectors["trainer"]
     assert selectors["reward"] == {"rlhf.dev/pool": "reward-gpu"}
-    for overlay in ("cpu", "reward-swap"):
-        for _, spec in m.workloads(rendered[overlay][1]):
-            assert all(m.gpus(c) == 0 for c in m.containers(spec))
-            assert "nodeSelector" not in spec
+    for cpu_only in set(OVERLAYS) - set(GPU_OVERLAYS):
+        for _, spec in m.workloads(rendered[cpu_only][1]):
+            assert all(m.gpus(c) == 0 for c in m.containers(spec)), cpu_only
+            assert "nodeSelector" not in spec, cpu_only
 
 
 def test_reward_swap_runs_two_rewards(rendered: dict) -> None:
@@ -325,7 +333,7 @@ def test_pod_rows() -> None:
 
 
 def test_bad_overlay_is_named() -> None:
-    with pytest.raises(ValueError, match="cpu, gpu, reward-swap"):
+    with pytest.raises(ValueError, match=", ".join(sorted(OVERLAYS))):
         m.overlay_dir("tpu")
 
 

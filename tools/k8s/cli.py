@@ -22,7 +22,7 @@ def _add_overlay(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlay",
         required=True,
-        help="deploy/k8s/overlays/NAME: cpu, gpu or reward-swap",
+        help="deploy/k8s/overlays/NAME: cpu, gpu, reward-swap, vllm or gpu-vllm",
     )
 
 
