@@ -179,11 +179,15 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize(
+each_bad_request = pytest.mark.parametrize(
     ("prompts", "request_params", "code", "message"),
     [case[1:] for case in BAD_REQUESTS],
     ids=[case[0] for case in BAD_REQUESTS],
 )
+"""BAD_REQUESTS as a test's parameters (both engines' tests take them)."""
+
+
+@each_bad_request
 def test_bad_requests_are_refused(
     client: PolicyClient,
     prompts: list[str],

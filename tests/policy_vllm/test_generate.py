@@ -14,16 +14,12 @@ from rlhf.v1 import policy_pb2
 from services.policy.engine import PolicyEngine
 from services.policy.server import params_from_proto
 from tests.policy.common import LIMITS, PROMPTS, assert_refused_and_serving, params, tokens
-from tests.policy.test_generate import BAD_REQUESTS
+from tests.policy.test_generate import each_bad_request
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize(
-    ("prompts", "request_params", "code", "message"),
-    [case[1:] for case in BAD_REQUESTS],
-    ids=[case[0] for case in BAD_REQUESTS],
-)
+@each_bad_request
 def test_bad_requests_get_the_hf_engines_answers(
     client: PolicyClient,
     prompts: list[str],
