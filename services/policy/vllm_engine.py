@@ -84,7 +84,7 @@ class VllmPolicyEngine(PolicyEngine):
         from rlhf.models import parse_device
 
         served = parse_device(device) if isinstance(device, str) else device
-        if served.index:
+        if served.index is not None:
             # vLLM takes no device index: it uses the GPUs CUDA_VISIBLE_DEVICES shows it.
             raise ValueError(
                 f"device {served}: the vllm engine takes cuda, see CUDA_VISIBLE_DEVICES"
