@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.measure import alternate
+from rlhf.config.flags import int_at_least
 from rlhf.defaults import DEVICE_HELP, DTYPE_NAMES
 from services.policy.config import ENGINES, PolicyServiceConfig
 
@@ -61,14 +62,6 @@ PROMPTS = [
 """The prompts of every Generate of bench_policy, repeated to fill a batch."""
 
 
-def _at_least_one(text: str) -> int:
-    """argparse type: an int >= 1 (a round or a push fewer would leave nothing to compare)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """The engine comparison's own flags (bench_policy's --model, --seed, --threads and --quick
     apply to it too)."""
@@ -87,11 +80,16 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--engine-rounds",
-        type=_at_least_one,
+        type=int_at_least(1),
         default=4,
         help="engines: rounds (each starts both engines)",
     )
-    add("--update-pushes", type=_at_least_one, default=3, help="engines: measured pushes per start")
+    add(
+        "--update-pushes",
+        type=int_at_least(1),
+        default=3,
+        help="engines: measured pushes per start",
+    )
     add("--engine-logs", help="engines: keep the services' logs in this folder")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf.command_errors import CommandError
+from rlhf.config.flags import int_at_least
 from rlhf.defaults import DEFAULT_OUTPUT_DIR
 from services.policy.config import ENGINES
 
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--max-staleness",
-        type=_non_negative,
+        type=int_at_least(0),
         metavar="N",
         help="run.max_staleness: the rollout of step t+1 may run during step t's update, on "
         "weights at most N versions old (0: lock-step; default: the config's)",
@@ -266,13 +267,6 @@ def _staleness(config: Path, overrides: Sequence[str]) -> int:
     from services.trainer.config import load_train_config
 
     return load_train_config(config.read_text(), list(overrides)).run.max_staleness
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is below 0")
-    return value
 
 
 def _main(args: argparse.Namespace) -> int:

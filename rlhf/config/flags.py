@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 from rlhf.config.fields import coerce_value, field_docs, field_types, split_optional
@@ -44,6 +44,19 @@ def add_env_argument(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) 
     help_text = kwargs.get("help", "")
     kwargs["help"] = f"{help_text} [env {name}]".strip()
     parser.add_argument(flag, **kwargs)
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse `type=`: an int no smaller than `minimum` (a usage error below it)."""
+
+    def convert(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    convert.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return convert
 
 
 def _converter(annotation: Any, where: str) -> Any:
