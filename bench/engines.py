@@ -159,11 +159,11 @@ def measure_engine(
 ) -> EngineRun:
     """Starts the policy service on `engine`, measures Generate and UpdateWeights, stops it."""
     from rlhf.clients import PolicyClient
-    from tools.launch import engine_python, start_service
+    from tools.launch import start_service
 
     args = ["policy", "serve", "--model", model, "--engine", engine, "--no-auth", *flags]
     started = time.monotonic()
-    service = start_service(f"policy-{engine}", args, logs, python=engine_python(engine))
+    service = start_service(f"policy-{engine}", args, logs)  # run by engine_python(engine)
     run = EngineRun(start_s=time.monotonic() - started)
     client = PolicyClient(service.address)
     try:

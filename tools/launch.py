@@ -168,12 +168,12 @@ def start_service(
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 600.0,
     pki: LocalPki | None = None,
-    python: str | None = None,
 ) -> ServiceProcess:
     """Runs `rlhf <args> --host 127.0.0.1 --port P` and waits until its health is SERVING.
 
-    `python`: the interpreter to run it with; by default this one, or for a policy service the
-    one its engine needs (engine_python: `--engine`, else RLHF_ENGINE in `env` or ours).
+    With this Python, or for a policy service the one its engine needs (engine_python of its
+    `--engine`, else of RLHF_ENGINE in `env` or ours); raises engine_python's error where that
+    engine is not installed.
 
     With `pki`, the service serves mutual TLS with the certificate of its kind (`args[0]`) and
     that kind's allow-list (LocalPki.serve_flags); without, plaintext (the args say the rest).
@@ -181,14 +181,15 @@ def start_service(
     exits or does not become ready in time.
     """
     port = port or free_port()
-    if python is None and args[0] == "policy":
+    python = sys.executable
+    if args[0] == "policy":
         environment = {**os.environ, **(env or {})}
         python = engine_python(_flag(args, "--engine") or environment.get("RLHF_ENGINE", "hf"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     security = pki.serve_flags(args[0]) if pki else []
     command = [
-        *(python or sys.executable, "-m", "rlhf.cli", *args, *security),
+        *(python, "-m", "rlhf.cli", *args, *security),
         *("--host", LOOPBACK, "--port", str(port)),
     ]
     with open(log_path, "wb") as log_file:

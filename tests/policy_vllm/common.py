@@ -16,7 +16,7 @@ from services.trainer.learner.ppo import logprobs_from_logits
 from services.trainer.learner.value_head import PolicyWithValueHead
 from tests.policy.common import LIMITS
 from tests.servers import NO_AUTH_FLAG
-from tools.launch import ServiceProcess, engine_python, start_service
+from tools.launch import ServiceProcess, start_service
 
 READY_TIMEOUT_S = 240.0
 """A vLLM policy service starts in ~20-25 s here (tiny LM or SmolLM2, measured); the limit gives a
@@ -38,7 +38,6 @@ def start_vllm_policy(name: str, model: str, log_dir: Path) -> ServiceProcess:
         [*args, "--threads", "1", *limits],
         log_dir,
         ready_timeout_s=READY_TIMEOUT_S,
-        python=engine_python("vllm"),
     )
 
 
