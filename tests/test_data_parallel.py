@@ -10,17 +10,20 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhf.channels import check_health, open_channel
 from services.trainer.orchestrator.learner_group import shard_root
 from services.trainer.orchestrator.metrics import read_metrics, row_stats
 from tests.servers import NO_AUTH_FLAG
-from tools.launch import ServiceProcess, start_service
+from tools.launch import ServiceProcess, free_port, start_service
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +112,8 @@ def services(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             service.stop()
 
 
-def train(tiny_lm: Path, out: Path, run_id: str, steps: int, *extra: str) -> list[str]:
+def train(tiny_lm: Path, out: Path | None, run_id: str, steps: int, *extra: str) -> list[str]:
+    """`rlhf train` of a short run (out None: in a trainer service's --output-dir)."""
     sets = [
         f"ppo.model_name={tiny_lm}",
         "batch_size=4",
@@ -120,7 +124,7 @@ def train(tiny_lm: Path, out: Path, run_id: str, steps: int, *extra: str) -> lis
         "max_new_tokens=6",
         f"run.steps={steps}",
         "run.save_every=2",
-        f"run.output_dir={out}",
+        *([f"run.output_dir={out}"] if out else []),
     ]
     flags = [arg for item in sets for arg in ("--set", item)]
     return ["-m", "rlhf.cli", "train", "--run-id", run_id, *flags, *extra]
@@ -155,3 +159,65 @@ def test_a_run_on_two_ranks_matches_one_and_resumes(
     assert_same_stats(metrics(out, "two"), metrics(out, "cut"))
     cut, two = policy_weights(out, "cut", 4), policy_weights(out, "two", 4)
     assert all(torch.equal(cut[k], two[k]) for k in two)
+
+
+# --- the trainer service on two ranks -----------------------------------------------------------
+def wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with open_channel(address) as channel:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the trainer ranks exited before serving"
+            try:
+                if check_health(channel) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise AssertionError(f"no trainer serving at {address} after {timeout_s} s")
+
+
+def test_the_trainer_service_on_two_ranks_runs_runs(
+    tiny_lm: Path, tmp_path: Path, services: list[str]
+) -> None:
+    """Rank 0 serves the control API; runs one after another reach both ranks; a batch that does
+    not split over the ranks is refused at StartRun, before anything loads."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    policy, reward = (flag.split("=", 1)[1] for flag in services)
+    serve = torchrun(
+        *("-m", "rlhf.cli", "trainer", "serve", "--host", "127.0.0.1", "--port", str(port)),
+        *(NO_AUTH_FLAG, "--output-dir", str(tmp_path / "runs"), "--policy", policy),
+        *("--reward", reward, "--model-root", str(tiny_lm.parent)),
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    log = (tmp_path / "trainer.log").open("w")
+    proc = subprocess.Popen(serve, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(address, proc)
+        for run_id in ("first", "second"):
+            command = train(tiny_lm, None, run_id, 2, "--trainer", address)
+            run([sys.executable, *command], tmp_path / f"{run_id}.log")
+            assert len(metrics(tmp_path / "runs", run_id)) == 2
+        refused = subprocess.run(
+            [
+                sys.executable,
+                *train(tiny_lm, None, "odd", 1, "--trainer", address),
+                "--set",
+                "batch_size=3",
+                "--set",
+                "mini_batch_size=1",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert refused.returncode == 1
+        assert "batch_size (3) must be a multiple of the data-parallel world size (2)" in (
+            refused.stderr
+        ), refused.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
