@@ -4,10 +4,11 @@
     torchrun --nproc-per-node 2 tests/dp_steps.py MODEL OUT --strategy fsdp ...
 
 Runs STEPS steps of PPOTrainer on the rollouts of tests/test_ppo_step.py's `rollouts(seed)` (8
-per step); rank 0 writes every step's stats (stats.json) and the final trainable weights
-(weights.safetensors), gathered whole. --resume-at N: after step N the trainer state is saved
-(each rank its own: FSDP's are shards), a new model and trainer are built and load it, and the
-steps go on: the result must equal the straight run's.
+per step); rank 0 writes every step's stats (stats.json), the final trainable weights
+(weights.safetensors) and the servable weights (servable.safetensors), gathered whole.
+--resume-at N: after step N the trainer state is saved (each rank its own: FSDP's are shards),
+a new model and trainer are built and load it, and the steps go on: the result must equal the
+straight run's.
 """
 
 from __future__ import annotations
@@ -68,11 +69,15 @@ def main() -> int:
             trainer = build(config, dp)
             trainer.load_state_dict(state)
     weights = {k: parallel.full(v).detach().clone() for k, v in trainer.model.named_parameters()}
+    servable = trainer.servable_state_dict()  # what a push sends (LoRA merged), gathered whole
     if dp is None or dp.leader:
         args.out.mkdir(parents=True, exist_ok=True)
         stats = [{k: v for k, v in s.items() if not k.startswith("time/")} for s in history]
         (args.out / "stats.json").write_text(json.dumps(stats))
         save_file({k: v.contiguous() for k, v in weights.items()}, args.out / "weights.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in servable.items()}, args.out / "servable.safetensors"
+        )
     parallel.shut_down()
     return 0
 

@@ -70,17 +70,24 @@ def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 # --- the learner alone: fixed rollouts, 3 steps ------------------------------------------------
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_equal_one_process(tiny_lm: Path, tmp_path: Path, strategy: str) -> None:
+LORA = ("--set", "use_lora=true", "--set", "lora_r=4", "--set", "lora_alpha=8")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "knobs"), [("ddp", ()), ("fsdp", ()), ("fsdp", LORA)], ids=["ddp", "fsdp", "lora"]
+)
+def test_two_ranks_equal_one_process(
+    tiny_lm: Path, tmp_path: Path, strategy: str, knobs: tuple[str, ...]
+) -> None:
     script = str(ROOT / "tests" / "dp_steps.py")
-    run([sys.executable, script, str(tiny_lm), str(tmp_path / "one")], tmp_path / "one.log")
+    alone = tmp_path / "one"
+    run([sys.executable, script, str(tiny_lm), str(alone), *knobs], tmp_path / "one.log")
     many = tmp_path / strategy
-    run(torchrun(script, str(tiny_lm), str(many), "--strategy", strategy), tmp_path / "2.log")
-    one = json.loads((tmp_path / "one" / "stats.json").read_text())
+    run(torchrun(script, str(tiny_lm), str(many), "--strategy", strategy, *knobs), tmp_path / "2")
+    one = json.loads((alone / "stats.json").read_text())
     assert_same_stats(one, json.loads((many / "stats.json").read_text()))
-    assert_same_params(
-        load_file(tmp_path / "one" / "weights.safetensors"), load_file(many / "weights.safetensors")
-    )
+    for name in ("weights.safetensors", "servable.safetensors"):
+        assert_same_params(load_file(alone / name), load_file(many / name))
     # The training moved the weights: equal because both trained, not because neither did.
     assert one[0]["ppo/loss/total"] != one[-1]["ppo/loss/total"]
 
