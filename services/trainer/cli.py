@@ -10,12 +10,17 @@ Import-light (no torch here): the heavy imports happen inside `run`.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from rlhf.command_errors import CommandError
 from rlhf.config import add_dataclass_arguments, add_server_arguments, from_args, service_settings
 from rlhf.config.security import ClientConfig
+from rlhf.config.server import ServerConfig
 from rlhf.defaults import TRAINER_PORT
 from services.trainer.config import TrainerServiceConfig
+
+if TYPE_CHECKING:
+    from services.trainer.learner.parallel import DataParallel
 
 
 # --- rlhf trainer serve ------------------------------------------------------------------------
@@ -47,7 +52,51 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise CommandError(str(err)) from None
     set_outbound(outbound)
+    dp = join_ranks(config)
+    if dp is not None and not dp.leader:
+        follow_rank_0(dp, server)
+        return 0
     servicer = TrainerServicer(config)
-    # Nothing to load at start: models are loaded per run.
-    run_service("trainer", server, servicers(servicer), load=lambda: None)
+    try:
+        # Nothing to load at start: models are loaded per run.
+        run_service("trainer", server, servicers(servicer), load=lambda: None)
+    finally:
+        if dp is not None:
+            from services.trainer.orchestrator.learner_group import Followers
+
+            Followers(dp).shutdown()
     return 0
+
+
+def join_ranks(config: TrainerServiceConfig) -> DataParallel | None:
+    """Under torchrun (WORLD_SIZE > 1): this process's place among the learner's ranks."""
+    from services.trainer.learner import parallel
+
+    if parallel.world_from_env() <= 1:
+        return None
+    try:
+        return parallel.init_from_env(config.data_parallel, config.dist_backend)
+    except (RuntimeError, ValueError) as err:
+        raise CommandError(f"cannot join the trainer's ranks: {err}") from None
+
+
+def follow_rank_0(dp: DataParallel, server: ServerConfig) -> None:
+    """A rank > 0: do rank 0's learner commands until it shuts down. The first rank of each
+    node (LOCAL_RANK 0) serves gRPC health only on --host/--port, so the same probe works on
+    every node's pod; the node's other ranks would find that port taken, and serve nothing."""
+    import logging
+    import os
+
+    from rlhf.server import build_server
+    from services.trainer.orchestrator.learner_group import follow
+
+    first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"
+    health = build_server(f"trainer-rank-{dp.rank}", [], server) if first_on_node else None
+    logging.getLogger("rlhf.trainer.ranks").info(
+        "following rank 0", extra={"rank": dp.rank, "world": dp.world, "health": first_on_node}
+    )
+    try:
+        follow(dp)
+    finally:
+        if health is not None:
+            health.stop(grace_s=0)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from rlhf.call_limits import CallLimits
 from rlhf.config import apply_mapping, apply_overrides, check, load_yaml_mapping
-from rlhf.config.checks import at_least, at_most
+from rlhf.config.checks import at_least, at_most, choice_problems
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS
 from rlhf.logs import quote
 from services.trainer.learner.config import PPOConfig
@@ -48,6 +48,10 @@ would be taken for a hung one."""
 MAX_HEALTH_FAILURES = 100
 """Largest run.peer_health_failures (about seven minutes of silence at the default interval and
 timeout)."""
+DATA_PARALLEL = ("ddp", "fsdp")
+"""TrainerServiceConfig.data_parallel's choices (learner/parallel.py)."""
+DIST_BACKENDS = ("auto", "gloo", "nccl")
+"""TrainerServiceConfig.dist_backend's choices."""
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """A run id is a folder name: no separators, no leading dot, so never `..` or a path."""
 RUN_ID_RULE = "use 1-64 letters, digits, '.', '_', '-', starting with a letter or digit"
@@ -229,6 +233,15 @@ class TrainerServiceConfig:
     """CPU threads for torch in this process (0: torch's default, one per core), set before any
     torch work. On a CPU shared with the policy service, give each process its own share (the
     policy service has the same flag) so that their OpenMP threads do not fight for cores."""
+    data_parallel: str = "ddp"
+    """Under torchrun (WORLD_SIZE > 1): how the ranks share the learner. "ddp": each rank holds
+    the whole model and its gradients are all-reduced; "fsdp": FSDP2 shards parameters,
+    gradients and optimiser state over the ranks (models that do not fit one device), and
+    checkpoints are sharded (resumable on the same number of ranks). Rank 0 serves the control
+    API; the other ranks serve only gRPC health."""
+    dist_backend: str = "auto"
+    """torch.distributed backend under torchrun: gloo (CPU), nccl (GPUs), or auto (nccl when
+    CUDA is available, else gloo)."""
     resume_interrupted: bool = False
     """On start, resume by itself the most recent run this trainer finds INTERRUPTED under
     output_dir (it was active when the trainer stopped); the others stay INTERRUPTED."""
@@ -248,6 +261,8 @@ class TrainerServiceConfig:
             if any(not entry.strip() for entry in getattr(self, name)):
                 found.append(f"{name}: an entry is empty; name folders")
         found += at_least(self, 0, "threads")
+        found += choice_problems("data_parallel", self.data_parallel, DATA_PARALLEL)
+        found += choice_problems("dist_backend", self.dist_backend, DIST_BACKENDS)
         if not 0 <= self.resume_wait_s <= 86_400:
             found.append(f"resume_wait_s must be in [0, 86400] seconds, got {self.resume_wait_s}")
         for entry in self.allowed_endpoints:

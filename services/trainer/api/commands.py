@@ -19,6 +19,7 @@ from rlhf.config import add_dataclass_arguments, add_env_argument, from_args
 from rlhf.config.security import ClientConfig
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS, TRAINER_ADDRESS
 from services.trainer.api.watching import RECONNECT_S, resume_hint, state_name, watch_run
+from services.trainer.config import DATA_PARALLEL, DIST_BACKENDS
 
 if TYPE_CHECKING:  # annotations only: the modules themselves are imported where they run
     from services.trainer.api.client import TrainerClient
@@ -94,6 +95,18 @@ class Train:
         parser.add_argument(
             "--detach", action="store_true", help="start on the trainer, don't watch"
         )
+        parser.add_argument(
+            "--data-parallel",
+            choices=DATA_PARALLEL,
+            default="ddp",
+            help="under torchrun, in this process: ddp (replicas) or fsdp (shards) of the learner",
+        )
+        parser.add_argument(
+            "--dist-backend",
+            choices=DIST_BACKENDS,
+            default="auto",
+            help="under torchrun: gloo, nccl or auto (nccl when CUDA is available)",
+        )
         add_dataclass_arguments(parser, ClientConfig)
 
     @staticmethod
@@ -132,8 +145,27 @@ def _require_serving(what: str, address: str, flags: str, client: ClientConfig) 
 
 
 def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
-
+    """The run in this process; under torchrun, rank 0 runs it and the other ranks follow."""
     from rlhf.logs import setup_logging
+    from services.trainer.learner import parallel
+
+    setup_logging("trainer")
+    dp = parallel.init_from_env(args.data_parallel, args.dist_backend)
+    if dp is not None and not dp.leader:
+        from services.trainer.orchestrator.learner_group import follow
+
+        follow(dp)
+        return 0
+    try:
+        return _run_here(args, overrides)
+    finally:
+        if dp is not None:
+            from services.trainer.orchestrator.learner_group import Followers
+
+            Followers(dp).shutdown()
+
+
+def _run_here(args: argparse.Namespace, overrides: list[str]) -> int:
     from services.trainer.config import load_train_config
     from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
     from services.trainer.orchestrator.peers import PeerError
@@ -141,7 +173,6 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
     from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward, connect_rewards
 
-    setup_logging("trainer")
     text = _read_config(args.config)  # a missing file is one line, not a traceback
     try:
         config = load_train_config(text or None, overrides)

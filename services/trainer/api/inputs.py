@@ -24,6 +24,7 @@ from services.trainer.config import (
     TrainConfig,
     TrainerServiceConfig,
 )
+from services.trainer.learner import parallel
 from services.trainer.orchestrator.checkpoint import latest_checkpoint
 from services.trainer.orchestrator.data import BUILTIN
 from services.trainer.orchestrator.rewards import EndpointSpec
@@ -168,7 +169,12 @@ class InputRules:
 
 
 def apply_rules(rules: InputRules, config: TrainConfig) -> None:
-    """Checks and resolves a run's names in place: run id, folders, model, endpoints."""
+    """Checks and resolves a run's names in place: run id, folders, model, endpoints; and that
+    its batch splits evenly over this trainer's data-parallel ranks."""
+    dp = parallel.current()
+    problems = dp.batch_problems(config.ppo.batch_size, config.ppo.mini_batch_size) if dp else []
+    if problems:
+        raise invalid(f"bad run config: ppo.{'; ppo.'.join(problems)}")
     run = config.run
     config.ppo.model_name = rules.model(config.ppo.model_name)
     run.output_dir = rules.output_dir(run.output_dir)

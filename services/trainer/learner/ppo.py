@@ -208,7 +208,7 @@ def ppo_loss(
     cliprange: float,
     cliprange_value: float,
     vf_coef: float,
-    logits: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
     ratio_threshold: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate policy loss and clipped value loss.
@@ -220,7 +220,8 @@ def ppo_loss(
 
     Returns (pg_loss, vf_coef * vf_loss, stats); stats["loss/value"] is the unscaled L^VF (as
     TRL). If the mean ratio exceeds `ratio_threshold`, both losses are zeroed and
-    stats["policy/skipped"] is 1: the caller must not step on this mini-batch.
+    stats["policy/skipped"] is 1: the caller must not step on this mini-batch. `entropy`: the
+    policy's per-token entropy H(pi(. | s_t)), for stats["policy/entropy"].
     """
     vf_loss, vf_clipfrac = clipped_value_loss(vpreds, values, returns, mask, cliprange_value)
     pg_loss, pg_clipfrac, ratio = clipped_policy_loss(
@@ -253,6 +254,6 @@ def ppo_loss(
             "val/mean": masked_mean(values, mask),
             "val/var": masked_var(values, mask, unbiased),
         }
-        if logits is not None:
-            stats["policy/entropy"] = masked_mean(entropy_from_logits(logits.float()), mask)
+        if entropy is not None:
+            stats["policy/entropy"] = masked_mean(entropy, mask)
     return pg_loss, vf_coef * vf_loss, stats

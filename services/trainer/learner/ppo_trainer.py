@@ -38,12 +38,27 @@ from services.trainer.learner.batch import (
     scores_tensor,
 )
 from services.trainer.learner.config import PPOConfig
-from services.trainer.learner.forward import autocast, policy_forward, reference_forward
+from services.trainer.learner.forward import (
+    autocast,
+    policy_forward,
+    reference_forward,
+    response_width,
+)
 from services.trainer.learner.kl_control import make_kl_controller
 from services.trainer.learner.optim import load_optimizer_state, make_optimizer
+from services.trainer.learner.parallel import (
+    DataParallel,
+    full,
+    gather_rows,
+    like,
+    local,
+    with_own_rows,
+    wrap,
+)
 from services.trainer.learner.ppo import (
     compute_advantages,
     compute_rewards,
+    entropy_from_logits,
     kl_penalty,
     logprobs_from_logits,
     ppo_loss,
@@ -61,6 +76,8 @@ class PPOTrainer:
     ref_model: a frozen causal LM (e.g. `model.create_reference()`) or PolicyWithValueHead;
     None: LoRA models use their base weights (`model.reference()`), others get
     `model.create_reference()` now.
+    parallel: this rank's data-parallel group (learner/parallel.py says how a step is split);
+    None: one process does it all.
     """
 
     def __init__(
@@ -69,15 +86,25 @@ class PPOTrainer:
         model: PolicyWithValueHead,
         tokenizer: Any = None,
         ref_model: nn.Module | None = None,
+        parallel: DataParallel | None = None,
     ) -> None:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if ref_model is None and not model.is_peft:
-            ref_model = model.create_reference()
+            ref_model = model.create_reference()  # whole, before FSDP shards the model
         self.ref_model = ref_model
+        self.parallel = parallel
+        self.train_model: nn.Module = model
+        """What the PPO epochs call: the model, or its DDP wrapper (FSDP shards it in place)."""
+        if parallel is not None:
+            problems = parallel.batch_problems(config.batch_size, config.mini_batch_size)
+            if problems:
+                raise ValueError("; ".join(problems))
+            self.train_model = wrap(model, parallel)
         set_seed(config.seed)
-        self.generator = torch.Generator().manual_seed(config.seed)  # mini-batch shuffling
+        # Mini-batch shuffling; seeded alike on every rank, so all ranks draw the same order.
+        self.generator = torch.Generator().manual_seed(config.seed)
         self.params = [p for p in model.parameters() if p.requires_grad]
         # AdamW without weight decay is TRL's Adam; fused where the device has the kernel.
         self.optimizer = make_optimizer(self.params, config.learning_rate)
@@ -120,12 +147,14 @@ class PPOTrainer:
         return batch
 
     def _old_policy_numbers(self, batch: PPOBatch) -> None:
-        """Fills batch.logprobs, ref_logprobs, values (and full_kl) in eval mode."""
+        """Fills batch.logprobs, ref_logprobs, values (and full_kl) in eval mode; with data
+        parallelism, this rank's share of the rows, then every rank's, gathered."""
         self.model.eval()
         bsz, step = batch.input_ids.shape[0], self.config.mini_batch_size
+        rows = self.parallel.share(bsz) if self.parallel else slice(0, bsz)
         # In chunks of mini_batch_size, as TRL's batched_forward_pass, to bound memory.
-        for start in range(0, bsz, step):
-            idx = torch.arange(start, min(start + step, bsz), device=self.device)
+        for start in range(rows.start, rows.stop, step):
+            idx = torch.arange(start, min(start + step, rows.stop), device=self.device)
             with self._autocast():
                 logits, values = policy_forward(self.model, batch, idx)
                 ref_logits = reference_forward(self.model, self.ref_model, batch, idx)
@@ -136,12 +165,19 @@ class PPOTrainer:
             batch.ref_logprobs[idx, cols] = logprobs_from_logits(ref_logits, labels)
             batch.values[idx, cols] = values
             if batch.full_kl is not None:
-                full = kl_penalty(
+                exact = kl_penalty(
                     "full",
                     logprobs_from_logits(logits, None),
                     logprobs_from_logits(ref_logits, None),
                 )
-                batch.full_kl[idx, cols] = full
+                batch.full_kl[idx, cols] = exact
+        if self.parallel is not None:
+            width = batch.mask.shape[1]
+            batch.logprobs = gather_rows(batch.logprobs[rows], self.parallel, width)
+            batch.ref_logprobs = gather_rows(batch.ref_logprobs[rows], self.parallel, width)
+            batch.values = gather_rows(batch.values[rows], self.parallel, width)
+            if batch.full_kl is not None:
+                batch.full_kl = gather_rows(batch.full_kl[rows], self.parallel, width)
 
     # --- phase 2: rewards, advantages, PPO epochs, KL control --------------------------------
     def targets(self, batch: PPOBatch, scores: Scores | None = None) -> PPOTargets:
@@ -262,7 +298,10 @@ class PPOTrainer:
                     cfg.ratio_threshold,
                 )
                 continue
-            ((pg_loss + vf_loss) / cfg.gradient_accumulation_steps).backward()
+            # x world: DDP and FSDP average the ranks' gradients, and each rank's loss already
+            # covers the whole mini-batch (learner/parallel.py).
+            world = self.parallel.world if self.parallel else 1
+            ((pg_loss + vf_loss) * world / cfg.gradient_accumulation_steps).backward()
             accumulated = True
         if accumulated:  # a window of only skipped mini-batches does not step at all
             if cfg.max_grad_norm is not None:
@@ -287,26 +326,61 @@ class PPOTrainer:
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self, include_model: bool = True) -> dict[str, Any]:
         """Everything a bit-identical resume needs: optimizer, KL controller, RNGs, step count,
-        and (include_model) the model's trainable weights."""
+        and (include_model) the model's trainable weights. Under FSDP the weights and optimiser
+        moments are this rank's shards (a checkpoint per rank, resumable on the same world)."""
         state: dict[str, Any] = {
             "current_step": self.current_step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": _map_tensors(self.optimizer.state_dict(), local),
             "kl_ctl": self.kl_ctl.state_dict(),
             "rng": rng_state(),
             "generator": self.generator.get_state(),
         }
         if include_model:
-            state["model"] = self.model.trainable_state_dict()
+            state["model"] = _map_tensors(self.model.trainable_state_dict(), local)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "model" in state:
-            self.model.load_trainable_state_dict(state["model"])
-        load_optimizer_state(self.optimizer, state["optimizer"])
+            params = dict(self.model.named_parameters())
+            self.model.load_trainable_state_dict(
+                {k: like(v, params[k]) if k in params else v for k, v in state["model"].items()}
+            )
+        load_optimizer_state(self.optimizer, self._as_params_shards(state["optimizer"]))
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
         self.current_step = int(state["current_step"])
+
+    def _as_params_shards(self, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+        """Saved optimiser moments in their parameters' form (FSDP: DTensor shards)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        slots = {
+            index: {
+                key: like(value, params[index]) if key != "step" else value
+                for key, value in entry.items()
+            }
+            for index, entry in optimizer_state["state"].items()
+        }
+        return {**optimizer_state, "state": slots}
+
+    def servable_state_dict(self, trained_only: bool = False) -> dict[str, torch.Tensor]:
+        """The policy's weights as the policy service loads them (PolicyWithValueHead's
+        policy_state_dict_for_serving), whole: under FSDP every rank calls this together."""
+        weights = self.model.policy_state_dict_for_serving(trained_only=trained_only)
+        return {name: full(tensor) for name, tensor in weights.items()}
+
+    def whole_policy(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(the servable LM's weights, the value head's), whole, for a checkpoint's policy
+        folder: under FSDP every rank calls this together."""
+        head = {k: full(v).detach() for k, v in self.model.v_head.state_dict().items()}
+        weights = self.servable_state_dict()
+        # Tied weights (input and output embeddings) gathered apart are two tensors: make them
+        # one again, so that save_pretrained writes the tie as transformers expects.
+        first: dict[int, str] = {}
+        for name, tensor in self.model.lm.state_dict(keep_vars=True).items():
+            if name in weights:
+                weights[name] = weights[first.setdefault(id(tensor), name)]
+        return weights, head
 
     # --- internals ---------------------------------------------------------------------------
     @property
@@ -323,12 +397,23 @@ class PPOTrainer:
     def _minibatch_loss(
         self, batch: PPOBatch, targets: PPOTargets, idx: torch.Tensor, ratio_guard: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The PPO losses and stats of mini-batch `idx`. With data parallelism this rank runs
+        its share of the rows and the others' outputs are gathered in (learner/parallel.py)."""
         cfg = self.config
+        dp = self.parallel
+        rows = idx[dp.share(len(idx))] if dp else idx
         with self._autocast():
-            logits, vpreds = policy_forward(self.model, batch, idx)
+            logits, vpreds = policy_forward(self.train_model, batch, rows)
         # Only the columns up to these rows' longest response: the rest is masked padding.
-        cols = slice(0, logits.shape[1])
-        logprobs = logprobs_from_logits(logits, batch.response_ids[idx, cols])
+        logprobs = logprobs_from_logits(logits, batch.response_ids[rows, : logits.shape[1]])
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.float())
+        if dp is not None:
+            width = response_width(batch, idx)
+            logprobs = with_own_rows(gather_rows(logprobs, dp, width), logprobs, dp)
+            vpreds = with_own_rows(gather_rows(vpreds, dp, width), vpreds, dp)
+            entropy = gather_rows(entropy, dp, width)
+        cols = slice(0, logprobs.shape[1])
         return ppo_loss(
             old_logprobs=batch.logprobs[idx, cols],
             values=targets.values[idx, cols],
@@ -340,6 +425,17 @@ class PPOTrainer:
             cliprange=cfg.cliprange,
             cliprange_value=cfg.cliprange_value,
             vf_coef=cfg.vf_coef,
-            logits=logits,
+            entropy=entropy,
             ratio_threshold=cfg.ratio_threshold if ratio_guard else None,
         )
+
+
+def _map_tensors(value: Any, change: Any) -> Any:
+    """`value` (nested dicts and lists) with `change` applied to every tensor in it."""
+    if isinstance(value, torch.Tensor):
+        return change(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, change) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_tensors(v, change) for v in value]
+    return value

@@ -39,7 +39,9 @@ class ValueHead(nn.Module):
         # Outside any autocast: the values GAE and the value loss regress on stay float32.
         with torch.autocast(hidden_states.device.type, enabled=False):
             hidden = self.dropout(hidden_states.to(self.summary.weight.dtype))
-            return self.summary(hidden).squeeze(-1)
+            # A copy, not squeeze's view: FSDP2 warns about view outputs (an in-place op on one
+            # would skip its backward hook); the copy is one float per token.
+            return self.summary(hidden).squeeze(-1).clone()
 
 
 class PolicyWithValueHead(nn.Module):
@@ -224,21 +226,28 @@ class PolicyWithValueHead(nn.Module):
                     out[f"{name}.weight"] = weight if adapters else _detached(weight, clone)
         return out
 
-    def save_pretrained(self, folder: str | Path, save_tokenizer: bool = True) -> None:
+    def save_pretrained(
+        self,
+        folder: str | Path,
+        save_tokenizer: bool = True,
+        whole: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
         """A transformers folder of the policy (LoRA merged) + value_head.safetensors (+ the
-        tokenizer): loadable by AutoModelForCausalLM, the policy service and from_pretrained."""
+        tokenizer): loadable by AutoModelForCausalLM, the policy service and from_pretrained.
+        `whole`: the (LM, value head) weights to write instead of this model's own, for a model
+        sharded over ranks (PPOTrainer.whole_policy)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if self.is_peft:
+        if whole is not None:
+            self.lm.save_pretrained(folder, state_dict=whole[0])
+        elif self.is_peft:
             merged = copy.deepcopy(self.lm).merge_and_unload()
             merged.save_pretrained(folder)
             del merged
         else:
             self.lm.save_pretrained(folder)
-        head = {
-            f"v_head.{k}": v.detach().contiguous().cpu()
-            for k, v in self.v_head.state_dict().items()
-        }
+        head_state = whole[1] if whole is not None else self.v_head.state_dict()
+        head = {f"v_head.{k}": v.detach().contiguous().cpu() for k, v in head_state.items()}
         save_file(head, str(folder / VALUE_HEAD_FILE))
         if save_tokenizer and self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)

@@ -27,21 +27,24 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from rlhf.defaults import DEFAULT_OUTPUT_DIR
 from rlhf.logs import ContextLogger
 from services.trainer.config import TrainConfig
+from services.trainer.learner import parallel
 from services.trainer.learner.batch import PPOBatch
 from services.trainer.orchestrator.checkpoint import latest_checkpoint, save_checkpoint
 from services.trainer.orchestrator.data import PromptSampler, load_prompts
 from services.trainer.orchestrator.drift import logprob_drift
+from services.trainer.orchestrator.learner_group import Followers
 from services.trainer.orchestrator.metrics import MetricsLog
 from services.trainer.orchestrator.model_check import check_served_model, trainer_model_facts
 from services.trainer.orchestrator.peers import (
     FatalError,
+    PolicyFacts,
     PolicyTransport,
     Rollout,
     TransientError,
@@ -77,9 +80,6 @@ class TrainingLoop:
     ) -> None:
         """`progress`: where to report phases and retries (the control API passes its run's, so
         retries while loading show too); default: a tracker of the loop's own."""
-        from services.trainer.learner.ppo_trainer import PPOTrainer
-        from services.trainer.learner.value_head import PolicyWithValueHead
-
         self.config = config
         self.policy = policy
         self.rewards = rewards
@@ -102,16 +102,31 @@ class TrainingLoop:
         # The model check comes before loading the model: a wrong policy is refused at once.
         facts = self._retrying("reading the policy service's facts", self.policy.facts)
         check_served_model(trainer_model_facts(ppo.model_name), facts.model, policy.address)
+        # Under torchrun the other ranks build their replica (DDP) or shard (FSDP) alongside.
+        self.followers = Followers(parallel.current())
+        self.followers.start(config)
+        try:
+            self._build(config, resume, facts)
+        except BaseException:
+            self.followers.end()
+            raise
+
+    def _build(self, config: TrainConfig, resume: bool, facts: PolicyFacts) -> None:
+        """The learner, prompts, metrics and weight sync; the resume's state; the first push."""
+        from services.trainer.learner.ppo_trainer import PPOTrainer
+        from services.trainer.learner.value_head import PolicyWithValueHead
+
+        ppo, run, policy, rewards = config.ppo, config.run, self.policy, self.rewards
         self.model = PolicyWithValueHead.from_config(ppo)
         self.tokenizer = self.model.tokenizer
         # The reference: the base with LoRA adapters off, or a frozen copy (PPOTrainer decides).
-        self.trainer = PPOTrainer(ppo, self.model, self.tokenizer)
+        self.trainer = PPOTrainer(ppo, self.model, self.tokenizer, parallel=parallel.current())
         self.sampler = PromptSampler(load_prompts(run.prompts), seed=ppo.seed)
         self.metrics = MetricsLog(self.folder, ppo.log_with)
         self.sync = WeightSync(
             policy,
             self.folder,
-            lambda full: self.model.policy_state_dict_for_serving(trained_only=not full),
+            self._servable,
             self._retrying,
             self.log,
         )
@@ -172,6 +187,7 @@ class TrainingLoop:
             finally:
                 self.prefetch.stop()
                 self.metrics.close()
+                self.followers.end()
         return reason
 
     def run_step(self) -> StepResult:
@@ -293,6 +309,8 @@ class TrainingLoop:
         responses = [torch.tensor(r, dtype=torch.long) for r in sample.rollout.response_ids]
         self.progress.enter("updating", step)
         timings["timeline/train_start"], t = time.time(), time.perf_counter()
+        rollout = sample.rollout
+        self.followers.prepare(rollout.query_ids, rollout.response_ids, list(sample.scores))
         batch = self.trainer.prepare(
             queries, responses, torch.tensor(sample.scores, dtype=torch.float32)
         )
@@ -303,6 +321,7 @@ class TrainingLoop:
     def _update(self, batch: PPOBatch, timings: dict[str, float]) -> dict[str, float]:
         """4. ppo_epochs over shuffled mini-batches, then the KL controller."""
         t = time.perf_counter()
+        self.followers.update()
         stats = self.trainer.update(batch)
         timings["time/update"] = time.perf_counter() - t
         timings["timeline/train_end"] = time.time()
@@ -347,6 +366,11 @@ class TrainingLoop:
         self.sync.resync(what, seen)
 
     # --- weights, retries, checkpoints -------------------------------------------------------
+    def _servable(self, full: bool) -> dict[str, torch.Tensor]:
+        """The weights a push sends: all of them, or (False) those training changes."""
+        self.followers.weights(trained_only=not full)
+        return self.trainer.servable_state_dict(trained_only=not full)
+
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         """Calls `call`, retrying a TransientError with backoff (the one retry layer)."""
         run = self.config.run
@@ -376,23 +400,13 @@ class TrainingLoop:
         sampler = pending[-1].sampler_after if pending else self.sampler.state_dict()
 
         def write(folder: Path) -> None:
-            self.model.save_pretrained(folder / "policy")
-            write_state(  # safetensors + JSON: resuming loads no pickle (trainer_state.py)
-                folder,
-                {
-                    "step": self.step,
-                    "weight_version": self.weight_version,
-                    # model's trainable weights, optimizer, KL controller, RNG states
-                    "trainer": self.trainer.state_dict(include_model=True),
-                    "sampler": sampler,  # after the prompts of the pending samples
-                    "rewards": [str(s.spec) for s in self.rewards.sources],
-                    "config": asdict(self.config),
-                    "pending": [p.to_state(self.weight_version) for p in pending],
-                    # Clock readings, for the pending samples' time/overlap only: a checkpoint
-                    # without them (lock-step, a run's last) holds none, and compares equal.
-                    "trained": [list(interval) for interval in self._trained] if pending else [],
-                },
-            )
+            self.followers.save(self.step)  # FSDP: every rank writes its shard
+            try:
+                whole = self.trainer.whole_policy() if self.followers.sharded else None
+                self.model.save_pretrained(folder / "policy", whole=whole)
+                self._write_state(folder, sampler, pending)
+            finally:
+                self.followers.saved()
 
         self.progress.enter("checkpointing", self.step)
         path = save_checkpoint(self.checkpoints, self.step, write, self.config.run.keep_checkpoints)
@@ -400,6 +414,32 @@ class TrainingLoop:
         for listener in list(self.checkpointed):
             listener(path)
         return path
+
+    def _write_state(self, folder: Path, sampler: dict[str, int], pending: list[Sample]) -> None:
+        """All state to resume, beside the policy folder (trainer_state.py's format)."""
+        write_state(  # safetensors + JSON: resuming loads no pickle (trainer_state.py)
+            folder,
+            {
+                "step": self.step,
+                "weight_version": self.weight_version,
+                # model's trainable weights, optimizer, KL controller, RNG states
+                "trainer": self.trainer.state_dict(include_model=True),
+                "sampler": sampler,  # after the prompts of the pending samples
+                "rewards": [str(s.spec) for s in self.rewards.sources],
+                "config": asdict(self.config),
+                "pending": [p.to_state(self.weight_version) for p in pending],
+                # Clock readings, for the pending samples' time/overlap only: a checkpoint
+                # without them (lock-step, a run's last) holds none, and compares equal.
+                "trained": [list(interval) for interval in self._trained] if pending else [],
+                # FSDP: the trainer state is rank 0's shard (the others' in shards/rank-R).
+                "data_parallel": self._parallel_layout(),
+            },
+        )
+
+    def _parallel_layout(self) -> dict[str, Any] | None:
+        """How the learner state of a checkpoint is split: None (whole), or FSDP's ranks."""
+        dp = self.followers.dp
+        return {"strategy": "fsdp", "world": dp.world} if dp and self.followers.sharded else None
 
     def _pending(self) -> list[Sample]:
         """The samples made for steps after this one: the worker's, once finished."""
@@ -412,10 +452,6 @@ class TrainingLoop:
         if folder is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoints}")
         state = read_state(folder)
-        self.trainer.load_state_dict(state["trainer"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.step = state["step"]
-        self.weight_version = int(state.get("weight_version", 0))
         pending = state.get("pending", [])
         if len(pending) > self.config.run.max_staleness:
             raise ValueError(
@@ -423,9 +459,26 @@ class TrainingLoop:
                 f"steps: resume it with run.max_staleness >= {len(pending)} (it has "
                 f"{self.config.run.max_staleness})"
             )
+        saved, now = state.get("data_parallel"), self._parallel_layout()
+        if saved != now:
+            raise ValueError(
+                f"checkpoint {folder} holds {_layout_text(saved)}; this trainer runs "
+                f"{_layout_text(now)}: resume it the way it was written"
+            )
+        self.trainer.load_state_dict(state["trainer"])
+        self.followers.load(state["step"], state["trainer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        self.weight_version = int(state.get("weight_version", 0))
         # Their versions are relative to the checkpoint's until the resume's first push.
         self.prefetch.restored = [Sample.from_state(p, self.weight_version) for p in pending]
         self._trained.extend((float(a), float(b)) for a, b in state.get("trained", []))
         self.rewards.scored_through(self.step + len(pending))
         self.metrics.truncate_after(self.step)
         self.log.info("resumed", extra={"step": self.step, "path": str(folder)})
+
+
+def _layout_text(layout: dict[str, Any] | None) -> str:
+    if layout is None:
+        return "whole learner state (one process or DDP, any number of ranks)"
+    return f"FSDP shards of {layout['world']} ranks"

@@ -71,10 +71,20 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {k: _decode(v, tensors) for k, v in value.items()}
 
 
+def encode_state(state: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """`state` as (JSON data, its tensors by key): the file form, also sent between ranks."""
+    tensors: dict[str, torch.Tensor] = {}
+    return _encode(state, tensors), tensors
+
+
+def decode_state(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """What encode_state took apart."""
+    return _decode(data, tensors)
+
+
 def write_state(folder: Path, state: dict[str, Any]) -> None:
     """Writes `state` (nested dicts, lists, tuples, tensors, plain values) into `folder`."""
-    tensors: dict[str, torch.Tensor] = {}
-    data = _encode(state, tensors)
+    data, tensors = encode_state(state)
     save_file(tensors, str(folder / STATE_TENSORS))
     (folder / STATE_JSON).write_text(json.dumps(data))
 

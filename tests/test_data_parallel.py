@@ -1,0 +1,230 @@
+"""The data-parallel trainer (torch.distributed, 2 ranks on gloo, the tiny model): DDP and FSDP
+give the single process's statistics and parameters for the same global batch and seed; an FSDP
+resume from per-rank shards is exact; and `torchrun ... rlhf train` runs a whole PPO run against
+real policy and reward services, rank 0 alone talking to them, with the single process's
+metrics, and resumes from its checkpoint as if never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.channels import check_health, open_channel
+from services.trainer.orchestrator.learner_group import shard_root
+from services.trainer.orchestrator.metrics import read_metrics, row_stats
+from tests.servers import NO_AUTH_FLAG
+from tools.launch import ServiceProcess, free_port, start_service
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+STAT_RTOL, STAT_ATOL = 1e-4, 1e-6
+"""Statistics of N ranks against one process: the same math on rows padded to other widths
+(each rank pads only its own rows) rounds differently in float32, nothing more."""
+PARAM_ATOL = 1e-5
+"""Parameters after a few Adam steps at lr 1e-3: the same rounding, carried through."""
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args]
+
+
+def run(command: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    log.write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, f"{command} failed:\n{done.stderr[-3000:]}"
+
+
+def close(a: float, b: float) -> bool:
+    return abs(a - b) <= STAT_ATOL + STAT_RTOL * abs(a)
+
+
+def assert_same_stats(one: list[dict[str, float]], many: list[dict[str, float]]) -> None:
+    assert len(one) == len(many)
+    for step, (a, b) in enumerate(zip(one, many, strict=True), 1):
+        # Versions count the pushes the shared policy service took, run after run.
+        keys = [
+            k for k in a if not k.startswith(("time/", "timeline/")) and "weight_version" not in k
+        ]
+        assert keys and set(keys) <= set(b), f"step {step}: stats differ in names"
+        off = {k: (a[k], b[k]) for k in keys if not close(a[k], b[k])}
+        assert not off, f"step {step}: {off}"
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= PARAM_ATOL, worst
+
+
+# --- the learner alone: fixed rollouts, 3 steps ------------------------------------------------
+LORA = ("--set", "use_lora=true", "--set", "lora_r=4", "--set", "lora_alpha=8")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "knobs"), [("ddp", ()), ("fsdp", ()), ("fsdp", LORA)], ids=["ddp", "fsdp", "lora"]
+)
+def test_two_ranks_equal_one_process(
+    tiny_lm: Path, tmp_path: Path, strategy: str, knobs: tuple[str, ...]
+) -> None:
+    script = str(ROOT / "tests" / "dp_steps.py")
+    alone = tmp_path / "one"
+    run([sys.executable, script, str(tiny_lm), str(alone), *knobs], tmp_path / "one.log")
+    many = tmp_path / strategy
+    run(torchrun(script, str(tiny_lm), str(many), "--strategy", strategy, *knobs), tmp_path / "2")
+    one = json.loads((alone / "stats.json").read_text())
+    assert_same_stats(one, json.loads((many / "stats.json").read_text()))
+    for name in ("weights.safetensors", "servable.safetensors"):
+        assert_same_params(load_file(alone / name), load_file(many / name))
+    # The training moved the weights: equal because both trained, not because neither did.
+    assert one[0]["ppo/loss/total"] != one[-1]["ppo/loss/total"]
+
+
+def test_an_fsdp_resume_from_shards_is_exact(tiny_lm: Path, tmp_path: Path) -> None:
+    script = str(ROOT / "tests" / "dp_steps.py")
+    flags = ("--strategy", "fsdp")
+    run(torchrun(script, str(tiny_lm), str(tmp_path / "straight"), *flags), tmp_path / "a.log")
+    resumed = tmp_path / "resumed"
+    run(torchrun(script, str(tiny_lm), str(resumed), *flags, "--resume-at", "2"), tmp_path / "b")
+    straight = load_file(tmp_path / "straight" / "weights.safetensors")
+    again = load_file(resumed / "weights.safetensors")
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+
+
+# --- a whole run: `torchrun ... rlhf train` against the services --------------------------------
+@pytest.fixture(scope="module")
+def services(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    logs = tmp_path_factory.mktemp("dp-services")
+    policy = start_service(
+        "policy", ["policy", "serve", "--model", str(tiny_lm), NO_AUTH_FLAG], logs
+    )
+    started: list[ServiceProcess] = [policy]
+    try:
+        started.append(start_service("reward", ["reward", "serve"], logs))
+        yield [f"--policy={policy.address}", f"--reward={started[1].address}"]
+    finally:
+        for service in started:
+            service.stop()
+
+
+def train(tiny_lm: Path, out: Path | None, run_id: str, steps: int, *extra: str) -> list[str]:
+    """`rlhf train` of a short run (out None: in a trainer service's --output-dir)."""
+    sets = [
+        f"ppo.model_name={tiny_lm}",
+        "batch_size=4",
+        "mini_batch_size=2",
+        "ppo_epochs=2",
+        "learning_rate=1e-3",
+        "log_with=jsonl",
+        "max_new_tokens=6",
+        f"run.steps={steps}",
+        "run.save_every=2",
+        *([f"run.output_dir={out}"] if out else []),
+    ]
+    flags = [arg for item in sets for arg in ("--set", item)]
+    return ["-m", "rlhf.cli", "train", "--run-id", run_id, *flags, *extra]
+
+
+def metrics(out: Path, run_id: str) -> list[dict[str, float]]:
+    return [row_stats(row) for row in read_metrics(out / run_id / "metrics.jsonl")]
+
+
+def policy_weights(out: Path, run_id: str, step: int) -> dict[str, torch.Tensor]:
+    folder = out / run_id / "checkpoints" / f"step-{step:06d}" / "policy"
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_run_on_two_ranks_matches_one_and_resumes(
+    tiny_lm: Path, tmp_path: Path, services: list[str], strategy: str
+) -> None:
+    out = tmp_path / "runs"
+    run([sys.executable, *train(tiny_lm, out, "one", 4, *services)], tmp_path / "one.log")
+    dp = ("--data-parallel", strategy)
+    run(torchrun(*train(tiny_lm, out, "two", 4, *services, *dp)), tmp_path / "two.log")
+    assert_same_stats(metrics(out, "one"), metrics(out, "two"))
+    assert_same_params(policy_weights(out, "one", 4), policy_weights(out, "two", 4))
+
+    # Two steps, stopped; resumed for two more: the same run as the uninterrupted one.
+    run(torchrun(*train(tiny_lm, out, "cut", 2, *services, *dp)), tmp_path / "cut.log")
+    if strategy == "fsdp":  # rank 1 wrote its shard of the checkpoint beside rank 0's
+        assert (shard_root(out / "cut", 1) / "step-000002" / "trainer_state.json").is_file()
+    resume = train(tiny_lm, out, "cut", 4, *services, *dp, "--resume")
+    run(torchrun(*resume), tmp_path / "resume.log")
+    assert_same_stats(metrics(out, "two"), metrics(out, "cut"))
+    cut, two = policy_weights(out, "cut", 4), policy_weights(out, "two", 4)
+    assert all(torch.equal(cut[k], two[k]) for k in two)
+
+
+# --- the trainer service on two ranks -----------------------------------------------------------
+def wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with open_channel(address) as channel:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the trainer ranks exited before serving"
+            try:
+                if check_health(channel) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise AssertionError(f"no trainer serving at {address} after {timeout_s} s")
+
+
+def test_the_trainer_service_on_two_ranks_runs_runs(
+    tiny_lm: Path, tmp_path: Path, services: list[str]
+) -> None:
+    """Rank 0 serves the control API; runs one after another reach both ranks; a batch that does
+    not split over the ranks is refused at StartRun, before anything loads."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    policy, reward = (flag.split("=", 1)[1] for flag in services)
+    serve = torchrun(
+        *("-m", "rlhf.cli", "trainer", "serve", "--host", "127.0.0.1", "--port", str(port)),
+        *(NO_AUTH_FLAG, "--output-dir", str(tmp_path / "runs"), "--policy", policy),
+        *("--reward", reward, "--model-root", str(tiny_lm.parent)),
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    log = (tmp_path / "trainer.log").open("w")
+    proc = subprocess.Popen(serve, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(address, proc)
+        for run_id in ("first", "second"):
+            command = train(tiny_lm, None, run_id, 2, "--trainer", address)
+            run([sys.executable, *command], tmp_path / f"{run_id}.log")
+            assert len(metrics(tmp_path / "runs", run_id)) == 2
+        refused = subprocess.run(
+            [
+                sys.executable,
+                *train(tiny_lm, None, "odd", 1, "--trainer", address),
+                "--set",
+                "batch_size=3",
+                "--set",
+                "mini_batch_size=1",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert refused.returncode == 1
+        assert "batch_size (3) must be a multiple of the data-parallel world size (2)" in (
+            refused.stderr
+        ), refused.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
