@@ -139,7 +139,11 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     from services.trainer.orchestrator.peers import PeerError
     from services.trainer.orchestrator.resume import apply_plan
     from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
-    from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward, connect_rewards
+    from services.trainer.orchestrator.transports import (
+        GrpcPolicy,
+        connect_reward,
+        connect_rewards,
+    )
 
     setup_logging("trainer")
     text = _read_config(args.config)  # a missing file is one line, not a traceback
@@ -157,7 +161,7 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     every = config.run.rewards + [r for s in (plan.swaps if plan else []) for r in s.rewards]
     client = from_args(ClientConfig, args)
     _require_serving("policy", config.run.policy, "--policy / run.policy", client)
-    for address in dict.fromkeys(EndpointSpec.parse(r).address for r in every):
+    for address in dict.fromkeys(a for r in every for a in EndpointSpec.parse(r).addresses):
         _require_serving("reward", address, "--reward / run.rewards", client)
     limits = config.run.call_limits()
     try:  # a peer that fails the run is one line naming it, not a traceback
@@ -166,7 +170,7 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
                 [EndpointSpec.parse(r) for r in config.run.rewards], client, limits
             )
         else:
-            mixer = RewardMixer(lambda address: GrpcReward(address, client, limits))
+            mixer = RewardMixer(lambda address: connect_reward(address, client, limits))
             try:
                 apply_plan(mixer, plan)
             except RewardError as err:

@@ -83,11 +83,11 @@ class Transports:
 
     @classmethod
     def grpc(cls) -> Transports:
-        from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
+        from services.trainer.orchestrator.transports import GrpcPolicy, connect_reward
 
         return cls(
             policy=lambda address, limits: GrpcPolicy(address, limits=limits),
-            reward=lambda address, limits: GrpcReward(address, limits=limits),
+            reward=lambda address, limits: connect_reward(address, limits=limits),
         )
 
 
