@@ -71,8 +71,9 @@ class Train:
             "--reward",
             action="append",
             default=[],
-            metavar="HOST:PORT[=WEIGHT]",
-            help=f"a reward endpoint, repeat for a weighted sum (default: run.rewards, else the "
+            metavar="[NAME@]ADDRESSES[=WEIGHT]",
+            help=f"a reward source (HOST:PORT, replicas HOST:PORT+HOST:PORT, or "
+            f"dns:///HOST:PORT), repeat for a weighted sum (default: run.rewards, else the "
             f"trainer's --reward; in this process {REWARD_ADDRESS})",
         )
         parser.add_argument(
@@ -356,7 +357,10 @@ class SwapReward:
             "step on. Each endpoint is probed first; on any failure nothing changes."
         )
         parser.add_argument(
-            "endpoints", nargs="+", metavar="HOST:PORT[=WEIGHT]", help="the new reward endpoints"
+            "endpoints",
+            nargs="+",
+            metavar="[NAME@]ADDRESSES[=WEIGHT]",
+            help="the new reward sources",
         )
         _add_trainer_address(parser)
         _add_run_id(parser)
