@@ -36,6 +36,7 @@ from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, Rew
 from services.trainer.orchestrator.transports import GrpcReward, connect_reward
 from tests.fuzz_requests import start_request
 from tests.servers import open_config
+from tools.launch import start_service
 
 
 def _batch(count: int) -> tuple[list[str], list[str]]:
@@ -105,14 +106,13 @@ def test_the_allow_list_checks_every_address_of_a_source(tmp_path: Path) -> None
 
 
 class FakeReplica:
-    """A replica scoring each sample with its index (its prompt) plus `offset`; records the
-    size of each Score call. `fail`: None, a PeerError class to raise, or "count" (one score
-    too few). `gate`: an event Score waits on first."""
+    """A replica scoring each sample with its index (its prompt; 0 for the mixer's probe);
+    records the size of each Score call. `fail`: None, a PeerError class to raise, or "count"
+    (one score too few). `gate`: an event Score waits on first."""
 
-    def __init__(self, address: str, name: str = "rm", offset: float = 0.0) -> None:
+    def __init__(self, address: str, name: str = "rm") -> None:
         self.address = address
         self.service_name = name
-        self.offset = offset
         self.fail: type[Exception] | str | None = None
         self.calls: list[int] = []
         self.gate: threading.Event | None = None
@@ -129,7 +129,7 @@ class FakeReplica:
             time.sleep(0.05)  # and its answer was taken in before this one's
         if isinstance(self.fail, type):
             raise self.fail(f"{self.address} is down", self.address)
-        scores = [float(p) + self.offset for p in prompts]
+        scores = [float(p) if p.isdigit() else 0.0 for p in prompts]
         self.returned.set()
         return scores[:-1] if self.fail == "count" else scores
 
@@ -387,3 +387,37 @@ def test_a_replicated_source_is_one_entry_and_one_statistic(tiny_lm: Path, tmp_p
             if run.thread is not None:
                 run.thread.join(60)
         service.stop(grace_s=0)
+
+
+def test_two_reward_processes_score_as_one_and_survive_one_killed(tmp_path: Path) -> None:
+    """A real `rlhf reward serve` pair behind one spec: the same scores, in the same order, as
+    one of them alone; SIGKILL one and the next batch is scored by the other."""
+    args = ["reward", "serve", "--backend", "length", "--name", "len", "--target-length", "20"]
+    pair = [start_service(f"reward-{k}", args, tmp_path / "logs") for k in "ab"]
+    mixer = RewardMixer(lambda a: connect_reward(a))
+    alone = GrpcReward(pair[0].address)
+    try:
+        [spec], _ = mixer.set_endpoints([EndpointSpec.parse("+".join(s.address for s in pair))])
+        assert spec.name == "len"
+        prompts = [f"prompt {i}" for i in range(7)]
+        responses = [" ".join(["word"] * i) for i in range(7)]  # a different score each
+        expected = alone.score(prompts, responses)
+        assert len(set(expected)) == 7
+        assert mixer.score(prompts, responses)[0] == expected
+        pair[1].process.kill()
+        pair[1].process.wait()
+        assert mixer.score(prompts, responses)[0] == expected
+    finally:
+        alone.close()
+        mixer.close()
+        for service in pair:
+            service.stop(5)
+
+
+def test_derived_names_parse_back_however_long_the_addresses() -> None:
+    hosts = "+".join(f"reward-{i}.reward.rlhf.svc.cluster.local:50052" for i in range(3))
+    specs = [EndpointSpec.parse(hosts), EndpointSpec.parse(f"dns:///{hosts.split('+')[0]}")]
+    mixer = RewardMixer(lambda a: FakeReplica(a, name="same name"))
+    for source in mixer.probe(specs):  # the same service name: told apart by address
+        assert source.name.startswith("same_name@reward-0.reward")
+        assert EndpointSpec.parse(str(source.spec)) == source.spec

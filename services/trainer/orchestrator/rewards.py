@@ -28,6 +28,7 @@ MAX_ADDRESS_CHARS = 255
 REPLICA_SEPARATOR = "+"
 """Between the replicas of one source: "," already separates the sources of a flag."""
 _NAME = re.compile(r"[A-Za-z0-9._:@+-]{0,64}")
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9._:@+-]")
 _HOST_REFUSED = re.compile(r"[\s/,=+@]")
 
 
@@ -120,7 +121,7 @@ class EndpointSpec:
 
     @property
     def label(self) -> str:
-        """The address as a metric-key-safe label (no scheme): for default names."""
+        """The address without its scheme: what a default name is made of."""
         return self.address.removeprefix(DNS_SCHEME)
 
     @classmethod
@@ -141,6 +142,12 @@ class EndpointSpec:
     def __str__(self) -> str:
         prefix = f"{self.name}@" if self.name else ""
         return f"{prefix}{self.address}={self.weight:g}"
+
+
+def _as_name(text: str) -> str:
+    """`text` as a valid source name (its text form must parse back on a resume): characters a
+    name cannot hold become "_", and it is cut to 64."""
+    return _NOT_IN_NAME.sub("_", text)[:64]
 
 
 @dataclass
@@ -246,7 +253,7 @@ class RewardMixer:
                         spec.address,
                     )
                 if not spec.name:
-                    spec.name = service_name or spec.label
+                    spec.name = _as_name(service_name or spec.label)
         except Exception:
             self._close_unused(sources, [])
             raise
@@ -254,7 +261,7 @@ class RewardMixer:
         names = [s.spec.name for s in sources]
         for source in sources:
             if names.count(source.spec.name) > 1:
-                source.spec.name = f"{source.spec.name}@{source.spec.label}"
+                source.spec.name = _as_name(f"{source.spec.name}@{source.spec.label}")
         return sources
 
     def replace(self, sources: list[RewardSource]) -> int | None:
