@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from bench.local_transports import LocalPolicy, LocalReward
+from rlhf.certs import make_certs
 from rlhf.config.security import ClientConfig, TlsConfig
 from rlhf.errors import RpcError
 from rlhf.protocol import REWARD_SERVICE
@@ -421,3 +422,35 @@ def test_derived_names_parse_back_however_long_the_addresses() -> None:
     for source in mixer.probe(specs):  # the same service name: told apart by address
         assert source.name.startswith("same_name@reward-0.reward")
         assert EndpointSpec.parse(str(source.spec)) == source.spec
+
+
+def test_a_dns_source_checks_tls_against_its_host_not_the_address_reached(
+    tmp_path: Path,
+) -> None:
+    """The reward service's certificate names "localhost" but not 127.0.0.1: through
+    dns:///localhost:P the balanced channel (which connects to 127.0.0.1) is accepted; the
+    same server by its IP is refused, so the name checked was HOST's."""
+    make_certs(tmp_path, ["reward"], ["admin"], ["localhost"])
+    pem = {n: (str(tmp_path / f"{n}.pem"), str(tmp_path / f"{n}.key")) for n in ("reward", "admin")}
+    ca = str(tmp_path / "ca.pem")
+    tls = TlsConfig(tls_cert=pem["reward"][0], tls_key=pem["reward"][1], tls_ca=ca)
+    service = GrpcService("tls-reward", ServerConfig(host="127.0.0.1", port=0, grace_s=0, tls=tls))
+    service.add(
+        reward_pb2_grpc.add_RewardServiceServicer_to_server, IndexedRewardService(), REWARD_SERVICE
+    )
+    service.start()
+    service.set_serving()
+    client = ClientConfig(
+        tls=TlsConfig(tls_cert=pem["admin"][0], tls_key=pem["admin"][1], tls_ca=ca)
+    )
+    by_name = connect_reward(f"dns:///localhost:{service.port}", client)
+    by_ip = connect_reward(f"127.0.0.1:{service.port}", client)
+    try:
+        assert by_name.name() == "indexed"
+        assert by_name.score(*_batch(3)) == [0.0, 1.0, 2.0]
+        with pytest.raises(TransientError):  # the handshake fails: no 127.0.0.1 in the cert
+            by_ip.name()
+    finally:
+        by_name.close()
+        by_ip.close()
+        service.stop(grace_s=0)
