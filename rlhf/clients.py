@@ -9,7 +9,7 @@ transient or fatal errors for the loop's one retry layer).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,11 +25,16 @@ from rlhf.weights import CHUNK_BYTES, encode_weight_frames
 
 class PolicyClient:
     def __init__(
-        self, address: str, limits: CallLimits | None = None, client: ClientConfig | None = None
+        self,
+        address: str,
+        limits: CallLimits | None = None,
+        client: ClientConfig | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        """`options`: further channel options (rlhf.channels.open_channel)."""
         self.address = address
         self.limits = limits or CallLimits()
-        self.channel = open_channel(address, client)
+        self.channel = open_channel(address, client, options)
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
         # UpdateWeights fed with encode_weight_frames' ready-serialized chunks (same wire bytes
         # as stub.UpdateWeights with WeightChunk messages, two copies fewer per payload byte).
@@ -76,11 +81,16 @@ class PolicyClient:
 
 class RewardClient:
     def __init__(
-        self, address: str, limits: CallLimits | None = None, client: ClientConfig | None = None
+        self,
+        address: str,
+        limits: CallLimits | None = None,
+        client: ClientConfig | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        """`options`: further channel options (rlhf.channels.open_channel)."""
         self.address = address
         self.limits = limits or CallLimits()
-        self.channel = open_channel(address, client)
+        self.channel = open_channel(address, client, options)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
         self.max_samples_per_call = 0
         """Samples per Score call, from info(); 0 until info() has been called: one call."""

@@ -22,6 +22,9 @@ DEFAULT_PORTS = {"policy": POLICY_PORT, "reward": REWARD_PORT, "trainer": TRAINE
 POLICY_ADDRESS = f"{LOOPBACK}:{POLICY_PORT}"
 REWARD_ADDRESS = f"{LOOPBACK}:{REWARD_PORT}"
 TRAINER_ADDRESS = f"{LOOPBACK}:{TRAINER_PORT}"
+DNS_SCHEME = "dns:///"
+"""Prefix of an address gRPC resolves itself, dns:///HOST:PORT: every address HOST resolves to
+(a Kubernetes headless Service, a compose service with several containers) is a replica."""
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """Floating-point dtypes a model may be loaded, trained, served or sent in."""

@@ -105,8 +105,10 @@ class RunConfig:
     """host:port of the PolicyService. Empty: the trainer service's --policy (for `rlhf train`
     without a trainer service: rlhf.defaults.POLICY_ADDRESS)."""
     rewards: list[str] = field(default_factory=list)
-    """Reward endpoints, each "HOST:PORT[=WEIGHT]" or "NAME@HOST:PORT[=WEIGHT]". Empty: the
-    trainer service's --reward (without a trainer service: rlhf.defaults.REWARD_ADDRESS)."""
+    """Reward sources, each "[NAME@]ADDRESSES[=WEIGHT]"; ADDRESSES is HOST:PORT, replicas
+    HOST:PORT+HOST:PORT[+...] or dns:///HOST:PORT (every address HOST resolves to, balanced by
+    gRPC). Empty: the trainer service's --reward (without a trainer service:
+    rlhf.defaults.REWARD_ADDRESS)."""
     output_dir: str = ""
     """Root of run folders: <output_dir>/<run_id>/{metrics.jsonl, tensorboard/, checkpoints/}.
     Empty: the trainer service's --output-dir, the only one a trainer service accepts (without
@@ -215,7 +217,8 @@ class TrainerServiceConfig:
     policy: str = POLICY_ADDRESS
     """Default PolicyService host:port (always allowed)."""
     reward: list[str] = field(default_factory=lambda: [REWARD_ADDRESS])
-    """Default reward endpoints, comma-separated HOST:PORT[=WEIGHT] (always allowed)."""
+    """Default reward sources, comma-separated [NAME@]ADDRESSES[=WEIGHT] (run.rewards' forms;
+    every address they name is always allowed)."""
     output_dir: str = DEFAULT_OUTPUT_DIR
     """Root of run folders: everything a run writes goes under it; a StartRun cannot name
     another."""

@@ -72,8 +72,9 @@ class Train:
             "--reward",
             action="append",
             default=[],
-            metavar="HOST:PORT[=WEIGHT]",
-            help=f"a reward endpoint, repeat for a weighted sum (default: run.rewards, else the "
+            metavar="[NAME@]ADDRESSES[=WEIGHT]",
+            help=f"a reward source (HOST:PORT, replicas HOST:PORT+HOST:PORT, or "
+            f"dns:///HOST:PORT), repeat for a weighted sum (default: run.rewards, else the "
             f"trainer's --reward; in this process {REWARD_ADDRESS})",
         )
         parser.add_argument(
@@ -171,7 +172,11 @@ def _run_here(args: argparse.Namespace, overrides: list[str]) -> int:
     from services.trainer.orchestrator.peers import PeerError
     from services.trainer.orchestrator.resume import apply_plan
     from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
-    from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward, connect_rewards
+    from services.trainer.orchestrator.transports import (
+        GrpcPolicy,
+        connect_reward,
+        connect_rewards,
+    )
 
     text = _read_config(args.config)  # a missing file is one line, not a traceback
     try:
@@ -188,7 +193,7 @@ def _run_here(args: argparse.Namespace, overrides: list[str]) -> int:
     every = config.run.rewards + [r for s in (plan.swaps if plan else []) for r in s.rewards]
     client = from_args(ClientConfig, args)
     _require_serving("policy", config.run.policy, "--policy / run.policy", client)
-    for address in dict.fromkeys(EndpointSpec.parse(r).address for r in every):
+    for address in dict.fromkeys(a for r in every for a in EndpointSpec.parse(r).addresses):
         _require_serving("reward", address, "--reward / run.rewards", client)
     limits = config.run.call_limits()
     try:  # a peer that fails the run is one line naming it, not a traceback
@@ -197,7 +202,7 @@ def _run_here(args: argparse.Namespace, overrides: list[str]) -> int:
                 [EndpointSpec.parse(r) for r in config.run.rewards], client, limits
             )
         else:
-            mixer = RewardMixer(lambda address: GrpcReward(address, client, limits))
+            mixer = RewardMixer(lambda address: connect_reward(address, client, limits))
             try:
                 apply_plan(mixer, plan)
             except RewardError as err:
@@ -383,7 +388,10 @@ class SwapReward:
             "step on. Each endpoint is probed first; on any failure nothing changes."
         )
         parser.add_argument(
-            "endpoints", nargs="+", metavar="HOST:PORT[=WEIGHT]", help="the new reward endpoints"
+            "endpoints",
+            nargs="+",
+            metavar="[NAME@]ADDRESSES[=WEIGHT]",
+            help="the new reward sources",
         )
         _add_trainer_address(parser)
         _add_run_id(parser)

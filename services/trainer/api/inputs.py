@@ -100,7 +100,8 @@ class InputRules:
         self.output_root = _real(settings.output_dir)
         self.data_roots = [_real(p) for p in settings.data_root]
         self.model_roots = [_real(p) for p in settings.model_root]
-        own = [settings.policy] + [EndpointSpec.parse(r).address for r in settings.reward]
+        rewards = [a for r in settings.reward for a in EndpointSpec.parse(r).addresses]
+        own = [settings.policy, *rewards]
         self._endpoints = {_split_address(a) for a in own + settings.allowed_endpoints}
 
     # --- addresses ---------------------------------------------------------------------------
@@ -117,8 +118,9 @@ class InputRules:
     def rewards(self, specs: list[EndpointSpec], what: str) -> list[EndpointSpec]:
         if len(specs) > MAX_REWARD_ENDPOINTS:
             raise invalid(f"{what}: {len(specs)} endpoints, at most {MAX_REWARD_ENDPOINTS}")
-        for spec in specs:
-            self.address(spec.address, what)
+        for spec in specs:  # every replica of a source; a dns:/// source: its HOST:PORT
+            for address in spec.addresses:
+                self.address(address, what)
         return specs
 
     # --- folders -----------------------------------------------------------------------------

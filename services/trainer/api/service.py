@@ -75,19 +75,20 @@ def _from_proto(endpoint: trainer_pb2.RewardEndpoint) -> EndpointSpec:
 
 @dataclass
 class Transports:
-    """How a run reaches its policy and reward services, each made from a host:port."""
+    """How a run reaches its policy and reward services, each made from its address (a reward
+    source's: its ADDRESSES, transports.connect_reward)."""
 
     policy: Callable[[str, CallLimits], PolicyTransport]
     reward: Callable[[str, CallLimits], RewardTransport]
-    """Each made from a host:port and the run's CallLimits (its deadlines and health watch)."""
+    """Each made from its address and the run's CallLimits (its deadlines and health watch)."""
 
     @classmethod
     def grpc(cls) -> Transports:
-        from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
+        from services.trainer.orchestrator.transports import GrpcPolicy, connect_reward
 
         return cls(
             policy=lambda address, limits: GrpcPolicy(address, limits=limits),
-            reward=lambda address, limits: GrpcReward(address, limits=limits),
+            reward=lambda address, limits: connect_reward(address, limits=limits),
         )
 
 

@@ -15,33 +15,88 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from rlhf.defaults import DNS_SCHEME
 from rlhf.logs import quote
 from services.trainer.orchestrator.peers import FatalError, PeerError, RewardTransport
 
 MAX_WEIGHT = 1e6
 """Largest |weight| of a reward endpoint: the weighted sum stays far from float overflow."""
-_NAME = re.compile(r"[A-Za-z0-9._:@-]{0,64}")
+MAX_REPLICAS = 16
+"""Most addresses one reward source may list (HOST:PORT+HOST:PORT+...)."""
+MAX_ADDRESS_CHARS = 255
+"""Longest HOST:PORT of one replica."""
+REPLICA_SEPARATOR = "+"
+"""Between the replicas of one source: "," already separates the sources of a flag."""
+_NAME = re.compile(r"[A-Za-z0-9._:@+-]{0,64}")
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9._:@+-]")
+_HOST_REFUSED = re.compile(r"[\s/,=+@]")
 
 
 class RewardError(FatalError):
     """A reward source gave an unusable answer, failed its probe, or none is set."""
 
 
+def _host_port(address: str, text: str) -> str:
+    """`address` if it is HOST:PORT, else ValueError quoting `text` (the whole ADDRESSES)."""
+    host, _, port = address.rpartition(":")
+    if address.startswith("dns:") or "://" in address:
+        raise ValueError(
+            f"reward endpoint address {quote(text)}: {DNS_SCHEME}HOST:PORT names a whole source "
+            f"alone; it cannot be one of a {REPLICA_SEPARATOR} list"
+        )
+    bare_v6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+    if not host or len(address) > MAX_ADDRESS_CHARS or _HOST_REFUSED.search(host) or bare_v6:
+        raise ValueError(
+            f"reward endpoint address {quote(text)}: {quote(address)} is not HOST:PORT"
+        )
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f"reward endpoint address {quote(text)}: port {quote(port)} of {quote(address)} is "
+            "not a number from 0 to 65535"
+        )
+    return address
+
+
+def reward_addresses(text: str) -> list[str]:
+    """The HOST:PORT addresses an ADDRESSES text names: HOST:PORT (one service),
+    HOST:PORT+HOST:PORT[+...] (replicas of one source), dns:///HOST:PORT (its HOST:PORT: every
+    address HOST resolves to is a replica). Refuses (ValueError) anything else."""
+    if text.startswith(DNS_SCHEME) and REPLICA_SEPARATOR not in text:
+        return [_host_port(text[len(DNS_SCHEME) :], text)]
+    parts = text.split(REPLICA_SEPARATOR)
+    if any(not part for part in parts):
+        raise ValueError(
+            f"reward endpoint address {quote(text)}: an empty replica address (expected "
+            f"HOST:PORT, HOST:PORT{REPLICA_SEPARATOR}HOST:PORT... or {DNS_SCHEME}HOST:PORT)"
+        )
+    if len(parts) > MAX_REPLICAS:
+        raise ValueError(
+            f"reward endpoint address {quote(text)}: {len(parts)} replicas, at most {MAX_REPLICAS}"
+        )
+    addresses = [_host_port(part, text) for part in parts]
+    twice = sorted({a for a in addresses if addresses.count(a) > 1})
+    if twice:
+        raise ValueError(f"reward endpoint address {quote(text)}: {quote(twice[0])} listed twice")
+    return addresses
+
+
 @dataclass
 class EndpointSpec:
-    """One reward endpoint as a user names it: HOST:PORT[=WEIGHT], optionally with a name."""
+    """One reward source as a user names it: [NAME@]ADDRESSES[=WEIGHT], where ADDRESSES is
+    HOST:PORT, HOST:PORT+HOST:PORT[+...] (replicas) or dns:///HOST:PORT (gRPC's round_robin
+    over every address of HOST). Its text form (str) parses back to it: run.json and
+    checkpoints store it."""
 
     address: str
+    """The ADDRESSES text, as given."""
     weight: float = 1.0
     name: str = ""
 
     def __post_init__(self) -> None:
-        """Refuses (ValueError) an address that is not HOST:PORT, a weight that is not finite
-        or above MAX_WEIGHT in size, and a name that is not a short plain label (it becomes a
-        metric key, env/reward/<name>)."""
-        host, _, port = self.address.rpartition(":")
-        if not host or len(self.address) > 255 or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"reward endpoint address {quote(self.address)}: expected HOST:PORT")
+        """Refuses (ValueError) ADDRESSES of none of the three forms, a weight that is not
+        finite or above MAX_WEIGHT in size, and a name that is not a short plain label (it
+        becomes a metric key, env/reward/<name>)."""
+        reward_addresses(self.address)
         if not math.isfinite(self.weight) or abs(self.weight) > MAX_WEIGHT:
             raise ValueError(
                 f"reward endpoint {quote(self.address)}: weight must be finite and at most "
@@ -50,16 +105,32 @@ class EndpointSpec:
         if not _NAME.fullmatch(self.name):
             raise ValueError(
                 f"reward endpoint name {quote(self.name)}: use at most 64 letters, digits or "
-                "._:@- characters"
+                "._:@+- characters"
             )
+
+    @property
+    def addresses(self) -> list[str]:
+        """The HOST:PORT of each replica it lists; a dns:/// source: its one HOST:PORT (what
+        an allow-list checks)."""
+        return reward_addresses(self.address)
+
+    @property
+    def balanced(self) -> bool:
+        """A dns:///HOST:PORT source: one channel that gRPC balances over HOST's addresses."""
+        return self.address.startswith(DNS_SCHEME)
+
+    @property
+    def label(self) -> str:
+        """The address without its scheme: what a default name is made of."""
+        return self.address.removeprefix(DNS_SCHEME)
 
     @classmethod
     def parse(cls, text: str) -> EndpointSpec:
-        """ "host:port", "host:port=0.2" or "name@host:port=0.2"."""
+        """ "host:port", "host:port=0.2", "name@a:1+b:2=0.2" or "name@dns:///host:port"."""
         name, _, rest = text.rpartition("@")
         address, _, weight = rest.partition("=")
         if ":" not in address:
-            raise ValueError(f"reward endpoint {quote(text)}: expected HOST:PORT[=WEIGHT]")
+            raise ValueError(f"reward endpoint {quote(text)}: expected ADDRESSES[=WEIGHT]")
         try:
             value = float(weight) if weight else 1.0
         except ValueError:
@@ -71,6 +142,12 @@ class EndpointSpec:
     def __str__(self) -> str:
         prefix = f"{self.name}@" if self.name else ""
         return f"{prefix}{self.address}={self.weight:g}"
+
+
+def _as_name(text: str) -> str:
+    """`text` as a valid source name (its text form must parse back on a resume): characters a
+    name cannot hold become "_", and it is cut to 64."""
+    return _NOT_IN_NAME.sub("_", text)[:64]
 
 
 @dataclass
@@ -176,7 +253,7 @@ class RewardMixer:
                         spec.address,
                     )
                 if not spec.name:
-                    spec.name = service_name or spec.address
+                    spec.name = _as_name(service_name or spec.label)
         except Exception:
             self._close_unused(sources, [])
             raise
@@ -184,7 +261,7 @@ class RewardMixer:
         names = [s.spec.name for s in sources]
         for source in sources:
             if names.count(source.spec.name) > 1:
-                source.spec.name = f"{source.spec.name}@{source.spec.address}"
+                source.spec.name = _as_name(f"{source.spec.name}@{source.spec.label}")
         return sources
 
     def replace(self, sources: list[RewardSource]) -> int | None:

@@ -22,8 +22,10 @@ import grpc
 import torch
 
 from rlhf.call_limits import CallLimits
+from rlhf.channels import balanced_options
 from rlhf.clients import PolicyClient, RewardClient
 from rlhf.config.security import ClientConfig
+from rlhf.tls import address_host
 from rlhf.v1 import policy_pb2
 from services.trainer.config import GenerationConfig
 from services.trainer.orchestrator.peers import (
@@ -31,11 +33,13 @@ from services.trainer.orchestrator.peers import (
     PeerError,
     PolicyFacts,
     Pushed,
+    RewardTransport,
     Rollout,
     TransientError,
     VersionConflict,
     policy_facts,
 )
+from services.trainer.orchestrator.reward_replicas import connect_source
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -162,14 +166,21 @@ class GrpcPolicy:
 
 
 class GrpcReward:
-    """One reward service."""
+    """One reward service, or (`balanced`) one channel over every replica of a dns:/// name."""
 
     def __init__(
-        self, address: str, client: ClientConfig | None = None, limits: CallLimits | None = None
+        self,
+        address: str,
+        client: ClientConfig | None = None,
+        limits: CallLimits | None = None,
+        balanced: bool = False,
     ) -> None:
+        """`balanced`: `address` is dns:///HOST:PORT; gRPC's round_robin spreads the calls
+        over HOST's addresses and TLS checks each replica's certificate against HOST."""
         self.address = address
+        options = balanced_options(address_host(address)) if balanced else []
         with _connecting(address):
-            self.client = RewardClient(address, limits, _client_config(client))
+            self.client = RewardClient(address, limits, _client_config(client), options)
 
     def name(self) -> str:
         with _calling(self.address, "GetInfo"):
@@ -183,11 +194,25 @@ class GrpcReward:
         self.client.close()
 
 
+def connect_reward(
+    address: str, client: ClientConfig | None = None, limits: CallLimits | None = None
+) -> RewardTransport:
+    """The gRPC transport of one reward source from its ADDRESSES (EndpointSpec.address): a
+    GrpcReward for HOST:PORT, else its replicas (reward_replicas.connect_source). Bad
+    ADDRESSES fail like settings that cannot reach it (FatalError)."""
+    with _connecting(address):
+        return connect_source(
+            address,
+            lambda one: GrpcReward(one, client, limits),
+            lambda target: GrpcReward(target, client, limits, balanced=True),
+        )
+
+
 def connect_rewards(
     specs: list[EndpointSpec], client: ClientConfig | None = None, limits: CallLimits | None = None
 ) -> RewardMixer:
-    """A mixer over gRPC reward endpoints, each probed first."""
-    mixer = RewardMixer(lambda address: GrpcReward(address, client, limits))
+    """A mixer over gRPC reward sources, each probed first."""
+    mixer = RewardMixer(lambda address: connect_reward(address, client, limits))
     mixer.set_endpoints(specs)
     return mixer
 
