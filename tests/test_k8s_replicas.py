@@ -80,6 +80,11 @@ def test_trainer_ranks_are_an_indexed_statefulset_under_torchrun(
     governing = m.find(objects, "Service", spec["serviceName"])
     assert flags["master-addr"] == f"{trainer['metadata']['name']}-0.{spec['serviceName']}"
     assert flags["master-port"] == str(RENDEZVOUS_PORT)
+    # SIGTERM: torchrun gives the rank its drain (the step, its checkpoint) before SIGKILL,
+    # and the pod's grace period gives torchrun that long.
+    drain = int(m.env_value(c, "RLHF_GRACE_S"))
+    grace = m.pod_spec(trainer)["terminationGracePeriodSeconds"]
+    assert drain < int(flags["shutdown-timeout"]) < grace, (drain, flags, grace)
     named = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert named["rendezvous"] == RENDEZVOUS_PORT
     # Ranks resolve each other before they are ready (they cannot be ready before they meet).
