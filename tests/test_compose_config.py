@@ -258,12 +258,17 @@ def test_vllm_engine_on_the_gpu() -> None:
     assert resolved(BASE, GPU)["services"]["policy"]["image"] == f"{IMAGE}-cuda"
     env = {**VLLM_ENV, "RLHF_POLICY_IMAGE": f"{VLLM_IMAGE}-cuda", "RLHF_VLLM_KV_CACHE_GIB": "0",
            "RLHF_VLLM_GPU_MEMORY_UTILIZATION": "0.8"}  # fmt: skip
-    policy = resolved(BASE, GPU, env=env)["services"]["policy"]
-    assert policy["image"] == f"{VLLM_IMAGE}-cuda"
-    environment = policy["environment"]
-    assert environment["RLHF_DEVICE"] == "cuda" and environment["RLHF_ENGINE"] == "vllm"
-    (_, engine) = settings(policy["command"], _set_values(environment))
-    assert (engine.vllm_kv_cache_gib, engine.vllm_gpu_memory_utilization) == (0, 0.8)
+    services = resolved(BASE, GPU, env=env)["services"]
+    for replica in GPU_REPLICAS["policy"]:  # every replica on vLLM, each on its GPU
+        policy = services[replica]
+        assert policy["image"] == f"{VLLM_IMAGE}-cuda", replica
+        environment = policy["environment"]
+        assert environment["RLHF_DEVICE"] == "cuda" and environment["RLHF_ENGINE"] == "vllm"
+        (_, engine) = settings(policy["command"], _set_values(environment))
+        assert (engine.vllm_kv_cache_gib, engine.vllm_gpu_memory_utilization) == (0, 0.8)
+    # On the CPU both replicas of the one policy service run it too.
+    base = resolved(BASE, env=VLLM_ENV)["services"]["policy"]
+    assert base["deploy"]["replicas"] == 2 and base["environment"]["RLHF_ENGINE"] == "vllm"
 
 
 # --- agreement: compose, the image and the Kubernetes manifests ---------------------------------
