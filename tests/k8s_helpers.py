@@ -73,3 +73,39 @@ def all_workloads(rendered: Rendered) -> Iterator[tuple[str, dict, dict]]:
             yield overlay, obj, spec
     for obj, spec in m.workloads(m.load(SWAP_JOB.read_text())):
         yield "swap-reward-job", obj, spec
+
+
+def admits(
+    objects: list[dict],
+    target: dict,
+    source_labels: dict[str, str],
+    port: int,
+    target_labels: dict[str, str] | None = None,
+) -> bool:
+    """Whether the NetworkPolicies let a pod with source_labels reach target's pods (labelled
+    target_labels: by default its template's) on TCP port, named ports and port ranges
+    (endPort) resolved as a cluster does."""
+    labels = m.pod_labels(target) if target_labels is None else target_labels
+    policies = [
+        p
+        for p in objects
+        if p["kind"] == "NetworkPolicy" and m.selects(p["spec"]["podSelector"], labels)
+    ]
+    if not policies:
+        return True
+    named = {
+        p["name"]: p["containerPort"] for c in m.pod_spec(target)["containers"] for p in c["ports"]
+    }
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ranges = []
+            for p in rule.get("ports", []):
+                low = named.get(p["port"], p["port"])
+                ranges.append((low, p.get("endPort", low)))
+            peers = rule.get("from", [])
+            if (not ranges or any(low <= port <= high for low, high in ranges)) and (
+                not peers
+                or any(m.selects(peer.get("podSelector", {}), source_labels) for peer in peers)
+            ):
+                return True
+    return False

@@ -146,15 +146,51 @@ def test_trainer_is_reachable_from_the_host_loopback_only(base: dict) -> None:
         assert "ports" not in base["services"][name], name
 
 
-def test_gpu_override_gives_each_service_its_own_gpu(gpu: dict) -> None:
+GPU_REPLICAS = {"policy": ("policy", "policy-2"), "reward": ("reward", "reward-2")}
+
+
+def test_policy_and_reward_run_replicas_reached_by_service_name(base: dict) -> None:
+    services = base["services"]
+    trainer = services["trainer"]["environment"]
+    for name, variable in (("policy", "RLHF_POLICY"), ("reward", "RLHF_REWARD")):
+        service = services[name]
+        assert service["deploy"]["replicas"] == 2, name
+        # A fixed container name or host port would stop a second replica from starting.
+        assert "container_name" not in service and "ports" not in service, name
+        # dns:///NAME:PORT: every container of the service (Docker's DNS answers with all).
+        assert trainer[variable] == f"dns:///{name}:{service['environment']['RLHF_PORT']}"
+    # Single services keep one container.
+    for name in ("reward-b", "trainer"):
+        assert services[name].get("deploy", {}).get("replicas", 1) == 1, name
+    scaled = resolved(BASE, env={"RLHF_POLICY_REPLICAS": "3", "RLHF_REWARD_REPLICAS": "1"})
+    assert scaled["services"]["policy"]["deploy"]["replicas"] == 3
+    assert scaled["services"]["reward"]["deploy"]["replicas"] == 1
+    # Another reward source for the trainer's default stays one variable.
+    other = resolved(BASE, env={"RLHF_TRAINER_REWARD": "reward-b:50052"})
+    assert other["services"]["trainer"]["environment"]["RLHF_REWARD"] == "reward-b:50052"
+
+
+def test_gpu_override_gives_each_replica_its_own_gpu(gpu: dict) -> None:
     devices = {}
-    for name in ("policy", "reward", "trainer"):
-        reserved = gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+    for name in ("policy", "policy-2", "reward", "reward-2", "trainer"):
+        service = gpu["services"][name]
+        reserved = service["deploy"]["resources"]["reservations"]["devices"]
         assert len(reserved) == 1 and reserved[0]["capabilities"] == ["gpu"], name
         assert reserved[0]["driver"] == "nvidia", name
         devices[name] = tuple(reserved[0]["device_ids"])
-    assert len(set(devices.values())) == 3, devices  # the reward model's GPU is its own
-    assert gpu["services"]["policy"]["environment"]["RLHF_DEVICE"] == "cuda"
+        # One container per GPU reservation: compose would give every replica the same GPU.
+        assert service["deploy"].get("replicas", 1) == 1, name
+    assert len(set(devices.values())) == 5, devices  # every replica's GPU is its own
+    for first, second in GPU_REPLICAS.values():
+        assert gpu["services"][first]["environment"]["RLHF_DEVICE"] == "cuda"
+        # The second replica is the first on another GPU, reached by the first's name too
+        # (the trainer's dns:///NAME:PORT), with the first's certificate.
+        a, b = gpu["services"][first], gpu["services"][second]
+        same = (set(a) | set(b)) - {"deploy", "networks"}
+        assert {k: a.get(k) for k in same} == {k: b.get(k) for k in same}, second
+        assert b["networks"]["default"]["aliases"] == [first], second
+        trainer_waits = gpu["services"]["trainer"]["depends_on"][second]["condition"]
+        assert trainer_waits == "service_healthy", second
     reward = gpu["services"]["reward"]["environment"]
     assert reward["RLHF_DEVICE"] == "cuda" and reward["RLHF_BACKEND"] == "hf-classifier"
     # The trainer's device is the run config's ppo.device: the gpu run config says cuda.
@@ -222,12 +258,17 @@ def test_vllm_engine_on_the_gpu() -> None:
     assert resolved(BASE, GPU)["services"]["policy"]["image"] == f"{IMAGE}-cuda"
     env = {**VLLM_ENV, "RLHF_POLICY_IMAGE": f"{VLLM_IMAGE}-cuda", "RLHF_VLLM_KV_CACHE_GIB": "0",
            "RLHF_VLLM_GPU_MEMORY_UTILIZATION": "0.8"}  # fmt: skip
-    policy = resolved(BASE, GPU, env=env)["services"]["policy"]
-    assert policy["image"] == f"{VLLM_IMAGE}-cuda"
-    environment = policy["environment"]
-    assert environment["RLHF_DEVICE"] == "cuda" and environment["RLHF_ENGINE"] == "vllm"
-    (_, engine) = settings(policy["command"], _set_values(environment))
-    assert (engine.vllm_kv_cache_gib, engine.vllm_gpu_memory_utilization) == (0, 0.8)
+    services = resolved(BASE, GPU, env=env)["services"]
+    for replica in GPU_REPLICAS["policy"]:  # every replica on vLLM, each on its GPU
+        policy = services[replica]
+        assert policy["image"] == f"{VLLM_IMAGE}-cuda", replica
+        environment = policy["environment"]
+        assert environment["RLHF_DEVICE"] == "cuda" and environment["RLHF_ENGINE"] == "vllm"
+        (_, engine) = settings(policy["command"], _set_values(environment))
+        assert (engine.vllm_kv_cache_gib, engine.vllm_gpu_memory_utilization) == (0, 0.8)
+    # On the CPU both replicas of the one policy service run it too.
+    base = resolved(BASE, env=VLLM_ENV)["services"]["policy"]
+    assert base["deploy"]["replicas"] == 2 and base["environment"]["RLHF_ENGINE"] == "vllm"
 
 
 # --- agreement: compose, the image and the Kubernetes manifests ---------------------------------
@@ -263,9 +304,10 @@ def test_image_compose_and_k8s_agree(base: dict) -> None:
         container = pod["containers"][0]
         service = base["services"][name]
         where = (name, kind)
-        # One image, the same tag, the same command (the image's entrypoint is rlhf).
+        # One image, the same tag, the same command (the image's entrypoint is rlhf; the
+        # Kubernetes trainer runs it under torchrun, one rank per pod).
         assert service["image"] == container["image"] == IMAGE, where
-        assert service["command"] == container["args"], where
+        assert service["command"] == m.torchrun_split(container)[1], where
         # The same non-root user as the image's USER.
         assert pod["securityContext"]["runAsUser"] == 10001, where
         # The same port, and the same wiring (addresses, paths, backend, device) wherever both
@@ -273,7 +315,8 @@ def test_image_compose_and_k8s_agree(base: dict) -> None:
         k8s_env = {e["name"]: e.get("value") for e in container.get("env", [])}
         compose_env = {**image_env, **service["environment"]}
         assert k8s_env["RLHF_PORT"] == compose_env["RLHF_PORT"], where
-        assert [p["containerPort"] for p in container["ports"]] == [int(compose_env["RLHF_PORT"])]
+        grpc_ports = [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"]
+        assert grpc_ports == [int(compose_env["RLHF_PORT"])], where
         shared = set(k8s_env) & set(compose_env) & WIRING
         assert {"RLHF_PORT", "RLHF_CACHE", "HF_HOME", "RLHF_HOST", *TLS_ENV} <= shared, where
         assert k8s_env.get("RLHF_ALLOW_IDENTITY") == compose_env.get("RLHF_ALLOW_IDENTITY")
@@ -286,9 +329,10 @@ def test_image_compose_and_k8s_agree(base: dict) -> None:
         assert "/certs" in k8s_mounts and "/certs" in compose_mounts, where
         if name == "trainer":
             assert "/runs" in k8s_mounts and "/runs" in compose_mounts
-    # Both point the trainer at the services under the same names.
+    # Both point the trainer at every replica of the services under the same names.
     trainer = base["services"]["trainer"]["environment"]
-    assert trainer["RLHF_POLICY"] == "policy:50051" and trainer["RLHF_REWARD"] == "reward:50052"
+    assert trainer["RLHF_POLICY"] == "dns:///policy:50051"
+    assert trainer["RLHF_REWARD"] == "dns:///reward:50052"
 
 
 def test_containers_run_hardened_as_in_kubernetes(base: dict) -> None:
@@ -389,6 +433,12 @@ def test_certs_script_gives_each_volume_its_own_certificate(tmp_path: Path) -> N
         assert (out / folder / "ca.crt").read_bytes() == (ca / "ca.pem").read_bytes()
         assert stat.S_IMODE((out / folder / "tls.key").stat().st_mode) == 0o400, folder
     assert not list(out.rglob("ca.key")), "the CA key must stay in the ca volume"
+    # The replicas of policy and reward share their service's certificate: the trainer dials
+    # dns:///policy:50051 and checks every replica against the name, not its container's IP.
+    for name in ("policy", "reward"):
+        cert = x509.load_pem_x509_certificate((out / name / "tls.crt").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert name in san.get_values_for_type(x509.DNSName), name
 
     # Run again (every `up`): the same certificates; with ROTATE=1 new ones from the same CA.
     before = (out / "policy" / "tls.crt").read_bytes()

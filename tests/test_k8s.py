@@ -24,6 +24,7 @@ from tests.k8s_helpers import (
     VLLM_IMAGE,
     VLLM_OVERLAYS,
     Rendered,
+    admits,
     all_workloads,
     render_overlays,
     validate,
@@ -116,11 +117,14 @@ def test_images_and_args(rendered: dict) -> None:
             # The vLLM image for the policy where it runs on vLLM, the one image elsewhere.
             on_vllm = overlay in VLLM_OVERLAYS and m.key(obj) == "Deployment/policy"
             assert c["image"] == (VLLM_IMAGE if on_vllm else IMAGE), (overlay, m.key(obj))
-            assert "command" not in c, "the image's entrypoint is rlhf: pass args"
+            # The image's entrypoint is rlhf: containers pass args, or run it under torchrun.
+            if "command" in c:
+                assert m.key(obj) == "StatefulSet/trainer", (overlay, m.key(obj))
+                assert c["command"] == ["torchrun"], (overlay, m.key(obj))
     for overlay in OVERLAYS:
         for name, kind in SERVICES.items():
             c = m.pod_spec(m.find(rendered[overlay][1], kind, name))["containers"][0]
-            assert c["args"] == [name, "serve"]
+            assert m.torchrun_split(c)[1] == [name, "serve"]
 
 
 def test_trainer_keeps_checkpoints_on_a_claim_and_mounts_the_run_config(rendered: dict) -> None:
@@ -138,22 +142,32 @@ def test_trainer_keeps_checkpoints_on_a_claim_and_mounts_the_run_config(rendered
         assert mounts[config_volume["name"]] == "/etc/rlhf"
 
 
+def _labels_of_pod_0(workload: dict) -> dict[str, str]:
+    """The labels of a workload's first pod (a StatefulSet's carry its controller's too)."""
+    if workload["kind"] == "StatefulSet":
+        return m.stateful_pod_labels(workload, 0)
+    return m.pod_labels(workload)
+
+
 def test_services_are_grpc_cluster_ips(rendered: dict) -> None:
     for overlay in OVERLAYS:
         objects = rendered[overlay][1]
         for name, kind in SERVICES.items():
             service = m.find(objects, "Service", name)
             assert service["spec"]["type"] == "ClusterIP"
+            # policy and reward: headless (every replica's address); trainer: one virtual IP.
+            headless = service["spec"].get("clusterIP") == "None"
+            assert headless == (kind == "Deployment"), (overlay, name)
             (port,) = service["spec"]["ports"]
             assert port["name"] == "grpc" and port["appProtocol"] == "grpc"
             assert port["port"] == m.DEFAULT_PORTS[name]
             workload = m.find(objects, kind, name)
-            assert m.selects({"matchLabels": service["spec"]["selector"]}, m.pod_labels(workload))
+            selector = {"matchLabels": service["spec"]["selector"]}
+            assert m.selects(selector, _labels_of_pod_0(workload))
             # A Service selects its own workload's pods only (reward-b's pods are rlhf-reward too).
             for other in m.workloads(objects):
                 if other[0] is not workload and other[0]["kind"] != "Job":
-                    labels = m.pod_labels(other[0])
-                    assert not m.selects({"matchLabels": service["spec"]["selector"]}, labels)
+                    assert not m.selects(selector, _labels_of_pod_0(other[0]))
 
 
 @pytest.mark.parametrize("overlay", GPU_OVERLAYS)
@@ -201,7 +215,7 @@ def test_env_args_and_ports_match_the_command_lines(rendered: dict) -> None:
     for overlay, obj, spec in all_workloads(rendered):
         for c in m.containers(spec):
             where = (overlay, m.key(obj), c["name"])
-            args = c["args"]
+            args = m.torchrun_split(c)[1]
             options = env_flags(args)  # the args are a valid command line (SystemExit if not)
             for name in m.env_names(c):
                 if not name.startswith("RLHF_") or name in m.NON_FLAG_ENV:
@@ -216,47 +230,24 @@ def test_env_args_and_ports_match_the_command_lines(rendered: dict) -> None:
                 port = m.DEFAULT_PORTS[service]
                 assert options["RLHF_PORT"].default == port, (service, "default port changed")
                 assert m.env_value(c, "RLHF_PORT") == str(port), where
-                assert [p["containerPort"] for p in c["ports"]] == [port], where
+                # The trainer's pods also take the ranks' rendezvous (test_k8s_replicas.py).
+                ports = [p["containerPort"] for p in c["ports"] if p["name"] != "rendezvous"]
+                assert ports == [port], where
     assert checked > 30
 
 
 def test_trainer_points_at_the_cluster_services(rendered: dict) -> None:
     for overlay in OVERLAYS:
         c = m.pod_spec(m.find(rendered[overlay][1], "StatefulSet", "trainer"))["containers"][0]
-        assert m.env_value(c, "RLHF_POLICY") == "policy:50051"
-        assert m.env_value(c, "RLHF_REWARD") == "reward:50052"
+        # Every replica behind the headless Services (test_k8s_replicas.py).
+        assert m.env_value(c, "RLHF_POLICY") == "dns:///policy:50051"
+        assert m.env_value(c, "RLHF_REWARD") == "dns:///reward:50052"
 
 
 # --- network policies ---------------------------------------------------------------------------
 
 
-def _admits(objects: list[dict], target: dict, source_labels: dict[str, str], port: int) -> bool:
-    """Whether the NetworkPolicies let a pod with source_labels reach target's pods on port."""
-    policies = [
-        p
-        for p in objects
-        if p["kind"] == "NetworkPolicy"
-        and m.selects(p["spec"]["podSelector"], m.pod_labels(target))
-    ]
-    if not policies:
-        return True
-    named = {
-        p["name"]: p["containerPort"] for c in m.pod_spec(target)["containers"] for p in c["ports"]
-    }
-    for policy in policies:
-        for rule in policy["spec"].get("ingress", []):
-            ports = [named.get(p["port"], p["port"]) for p in rule.get("ports", [])]
-            peers = rule.get("from", [])
-            if (not ports or port in ports) and (
-                not peers
-                or any(m.selects(peer.get("podSelector", {}), source_labels) for peer in peers)
-            ):
-                return True
-    return False
-
-
 def test_network_policies(rendered: dict) -> None:
-    trainer_pod = {"app.kubernetes.io/name": "rlhf-trainer"}
     client_pod = {"rlhf.dev/trainer-client": "true"}
     stranger = {"app.kubernetes.io/name": "something-else"}
     for overlay in OVERLAYS:
@@ -267,23 +258,26 @@ def test_network_policies(rendered: dict) -> None:
         ]
         if overlay == "reward-swap":
             backends.append(m.find(objects, "Deployment", "reward-b"))
+        trainer = m.find(objects, "StatefulSet", "trainer")
+        # Rank 0 (pod trainer-0) calls policy and reward and serves the control API; rank 1
+        # does neither.
+        rank_0, rank_1 = (m.stateful_pod_labels(trainer, i) for i in (0, 1))
         for target in backends:
             port = m.pod_spec(target)["containers"][0]["ports"][0]["containerPort"]
-            assert _admits(objects, target, trainer_pod, port), m.key(target)
-            assert not _admits(objects, target, client_pod, port), m.key(target)
-            assert not _admits(objects, target, stranger, port), m.key(target)
-            assert not _admits(objects, target, trainer_pod, port + 100), m.key(target)
-        trainer = m.find(objects, "StatefulSet", "trainer")
-        assert _admits(objects, trainer, client_pod, 50053)
-        assert not _admits(objects, trainer, stranger, 50053)
-        assert not _admits(objects, trainer, trainer_pod, 50053)
+            assert admits(objects, target, rank_0, port), m.key(target)
+            assert not admits(objects, target, rank_1, port), m.key(target)
+            assert not admits(objects, target, client_pod, port), m.key(target)
+            assert not admits(objects, target, stranger, port), m.key(target)
+            assert not admits(objects, target, rank_0, port + 100), m.key(target)
+        assert admits(objects, trainer, client_pod, 50053, rank_0)
+        assert not admits(objects, trainer, client_pod, 50053, rank_1)
+        assert not admits(objects, trainer, stranger, 50053, rank_0)
+        assert not admits(objects, trainer, rank_1, 50053, rank_0)
     swap_job = m.load(SWAP_JOB.read_text())[0]
-    assert _admits(
-        rendered["cpu"][1],
-        m.find(rendered["cpu"][1], "StatefulSet", "trainer"),
-        m.pod_labels(swap_job),
-        50053,
-    )
+    cpu = rendered["cpu"][1]
+    trainer = m.find(cpu, "StatefulSet", "trainer")
+    rank_0 = m.stateful_pod_labels(trainer, 0)
+    assert admits(cpu, trainer, m.pod_labels(swap_job), 50053, rank_0)
 
 
 # --- manifests.py helpers -----------------------------------------------------------------------
@@ -293,6 +287,9 @@ def test_with_default_port() -> None:
     assert m.with_default_port("reward-b") == "reward-b:50052"
     assert m.with_default_port("reward-b=0.5") == "reward-b:50052=0.5"
     assert m.with_default_port("rm.ns.svc:6000=2") == "rm.ns.svc:6000=2"
+    assert m.with_default_port("dns:///reward-b") == "dns:///reward-b:50052"
+    assert m.with_default_port("dns:///reward-b:6000=2") == "dns:///reward-b:6000=2"
+    assert m.with_default_port("rm@a+b:6000=0.5") == "rm@a:50052+b:6000=0.5"
 
 
 def test_with_namespace_and_apply_order() -> None:

@@ -107,6 +107,31 @@ def test_servers_listen_on_all_interfaces_with_allow_lists(rendered: dict) -> No
                 assert off not in m.env_names(c), where
 
 
+def _dialled_names(rendered: dict) -> dict[str, set[str]]:
+    """Secret -> the host names the trainer dials its pods by (RLHF_POLICY, RLHF_REWARD and the
+    reward-swap overlay's allowed endpoints: HOST:PORT or dns:///HOST:PORT), found through the
+    Service of that name and the Deployment it selects. TLS is checked against these names."""
+    dialled: dict[str, set[str]] = {}
+    for overlay in OVERLAYS:
+        objects = rendered[overlay][1]
+        trainer = m.pod_spec(m.find(objects, "StatefulSet", "trainer"))["containers"][0]
+        addresses = [m.env_value(trainer, n) for n in ("RLHF_POLICY", "RLHF_REWARD")]
+        addresses += (m.env_value(trainer, "RLHF_ALLOWED_ENDPOINTS") or "").split(",")
+        for address in filter(None, addresses):
+            host = address.removeprefix("dns:///").rpartition(":")[0]
+            service = m.find(objects, "Service", host)
+            selector = {"matchLabels": service["spec"]["selector"]}
+            (workload,) = [
+                o for o, _ in m.workloads(objects) if m.selects(selector, m.pod_labels(o))
+            ]
+            spec = m.pod_spec(workload)
+            mounted = set(_secret_items(_certs_volume(spec, spec["containers"][0])))
+            (secret,) = mounted - {CA_SECRET}
+            dialled.setdefault(secret, set()).add(host)
+    assert set(dialled) == {"rlhf-tls-policy", "rlhf-tls-reward", "rlhf-tls-reward-b"}
+    return dialled
+
+
 def _mounted_secrets(rendered: dict) -> set[str]:
     names = set()
     for _, _obj, spec in all_workloads(rendered):
@@ -144,6 +169,10 @@ def test_cert_manager_makes_the_mounted_secrets(rendered: dict) -> None:
             assert "server auth" in spec["usages"], name
             assert "localhost" in spec["dnsNames"] and "127.0.0.1" in spec["ipAddresses"], name
         assert spec["privateKey"]["rotationPolicy"] == "Always", name
+    # Every replica of a Deployment presents the one certificate, checked against the name the
+    # trainer dials (dns:///policy:50051 reaches each pod's IP; the name is what TLS checks).
+    for name, hosts in _dialled_names(rendered).items():
+        assert hosts <= set(certificates[name]["dnsNames"]), (name, hosts)
     # The CA's key lives in a Secret that no pod mounts.
     ca = next(s for s in certificates.values() if s.get("isCA"))
     assert ca["secretName"] not in _mounted_secrets(rendered)
@@ -175,3 +204,7 @@ def test_dev_secrets_script_makes_the_mounted_secrets(rendered: dict, tmp_path: 
         assert identity in dns, (name, dns)
         if identity != "admin":
             assert f"{identity}.rlhf.svc" in dns and "localhost" in dns, (name, dns)
+    for name, hosts in _dialled_names(rendered).items():
+        cert = x509.load_pem_x509_certificate(base64.b64decode(secrets[name]["data"]["tls.crt"]))
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert hosts <= set(names.get_values_for_type(x509.DNSName)), (name, hosts)

@@ -7,7 +7,8 @@
 #   ROTATE=1 deploy/k8s/dev-secrets.sh rlhf | kubectl apply -n rlhf -f -   # new keys, same CA
 #
 # NAMESPACE puts NAME.NAMESPACE.svc(.cluster.local) in the service certificates beside NAME,
-# localhost and 127.0.0.1. Secrets: rlhf-tls-NAME (kubernetes.io/tls: tls.crt, tls.key) for
+# localhost and 127.0.0.1. The replicas of a Deployment share its Secret: the trainer reaches
+# them as dns:///policy:50051 and dns:///reward:50052 and checks each against the name. Secrets: rlhf-tls-NAME (kubernetes.io/tls: tls.crt, tls.key) for
 # policy, reward, reward-b, trainer and admin; rlhf-ca (ca.crt: the CA certificate, never its
 # key, which stays in CERTS_DIR: keep that folder as you would any CA key). In production use
 # cert-manager instead (deploy/k8s/cert-manager).

@@ -1,6 +1,6 @@
 """The compose stack's test helpers: `docker` and `docker compose` for one private project of
-the real compose file plus the test override, and a small mutual-TLS client of the trainer's
-read RPCs (the scenario itself is tests/compose/test_compose_stack.py)."""
+the real compose file plus the test override (replicas included), and a small mutual-TLS client
+of the trainer's read RPCs (the scenario itself is tests/compose/test_compose_stack.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.defaults import POLICY_PORT
 from rlhf.tls import TlsConfig, open_secure_channel
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -22,6 +23,20 @@ RUN_CONFIG = Path(__file__).with_name("run.yaml")
 IMAGE = os.environ.get("RLHF_IMAGE", "rlhf-services:0.1.0")
 # Where the compose file mounts each container's certificate, key and CA (deploy/compose).
 CERT, KEY, CA = "/certs/tls.crt", "/certs/tls.key", "/certs/ca.crt"
+# Run inside a policy container (`docker compose exec --index N policy python -c ...`): GetInfo
+# on that replica itself, over TLS with its own certificate (reads take any certificate of the
+# stack's CA; 127.0.0.1 is in it). Prints the weight version it serves and its instance id.
+POLICY_INFO = f"""
+import json
+from rlhf.defaults import POLICY_PORT
+from rlhf.tls import TlsConfig, open_secure_channel
+from rlhf.v1 import common_pb2, policy_pb2_grpc
+cfg = TlsConfig(tls_cert="{CERT}", tls_key="{KEY}", tls_ca="{CA}")
+with open_secure_channel("127.0.0.1:{POLICY_PORT}", cfg) as channel:
+    info = policy_pb2_grpc.PolicyServiceStub(channel).GetInfo(
+        common_pb2.GetInfoRequest(), timeout=30)
+print(json.dumps({{"weight_version": info.weight_version, "instance_id": info.instance_id}}))
+"""
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
@@ -94,12 +109,21 @@ class Stack:
             files[inside] = str(path)
         return TlsConfig(tls_cert=files[CERT], tls_key=files[KEY], tls_ca=files[CA])
 
+    def containers(self, service: str) -> list[str]:
+        """The ids of the service's containers (its replicas), in the order of their replica
+        number: the first is `exec --index 1`'s."""
+        ids = self.run("ps", "-q", service).split()
+        assert ids, f"no container for {service}"
+        number = '{{index .Config.Labels "com.docker.compose.container-number"}}'
+        return sorted(ids, key=lambda i: int(docker("inspect", "-f", number, i)))
+
     def container(self, service: str) -> str:
-        container_id = self.run("ps", "-q", service).strip()
-        assert container_id, f"no container for {service}"
+        """The id of a service's one container."""
+        (container_id,) = self.containers(service)
         return container_id
 
     def logs(self, service: str) -> str:
+        """Every replica's log of the service, one after the other."""
         return self.run("logs", "--no-color", "--no-log-prefix", service, timeout=60)
 
     def print_logs(self) -> None:
@@ -111,15 +135,36 @@ class Stack:
                 print(f"(no logs of {service}: {err})")
 
     def log_records(self, service: str, message: str) -> list[dict]:
-        """The service's JSON log records whose msg is `message` or ends with it (the loop's
-        retry messages start with the step: "step 3: score failed; retrying")."""
-        records = []
-        for line in self.logs(service).splitlines():
-            if line.startswith("{") and message in line:
-                record = json.loads(line)
-                if record.get("msg", "").endswith(message):
-                    records.append(record)
-        return records
+        """The service's JSON log records (all replicas') whose msg is `message` or ends with
+        it (the loop's retry messages start with the step: "step 3: score failed; retrying")."""
+        return records(self.logs(service), message)
+
+    def container_log_records(self, container_id: str, message: str) -> list[dict]:
+        """The same, of one container (one replica), across its restarts."""
+        done = subprocess.run(
+            ["docker", "logs", container_id], capture_output=True, text=True, timeout=60,
+            env=self.env, check=True,
+        )  # fmt: skip
+        return records(done.stdout + done.stderr, message)
+
+    def policy_info(self, index: int) -> dict:
+        """GetInfo of policy replica `index` (1-based), asked inside its container."""
+        out = self.run(
+            "exec", "-T", "--index", str(index), "policy", "python", "-c", POLICY_INFO,
+            timeout=120,
+        )  # fmt: skip
+        return json.loads(out.strip().splitlines()[-1])
+
+
+def records(text: str, message: str) -> list[dict]:
+    """The JSON log records in `text` whose msg is `message` or ends with it."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith("{") and message in line:
+            record = json.loads(line)
+            if record.get("msg", "").endswith(message):
+                found.append(record)
+    return found
 
 
 class Trainer:

@@ -7,29 +7,34 @@ without one.
 
 The scenario, on tiny random models (tests/compose/docker-compose.test.yml), with mutual TLS and
 authorisation on as the compose file sets them (certificates made at `up` by its `certs` service):
-  1. `docker compose up --wait` the policy, reward (VADER), reward-b (a trained reward model:
-     hf-classifier) and trainer services: the certs one-shot, then healthchecks (`rlhf health`
-     over TLS) and depends_on bring them up in order.
+  1. `docker compose up --wait` the policy (2 replicas), reward (VADER, 2 replicas), reward-b (a
+     trained reward model: hf-classifier) and trainer services: the certs one-shot, then
+     healthchecks (`rlhf health` over TLS) and depends_on bring them up in order. The trainer
+     reaches the replicas as dns:///policy:50051 and dns:///reward:50052.
   2. Strangers are refused UpdateWeights on the policy: a container with the admin certificate
      (PERMISSION_DENIED: only `trainer` may push), one with no certificate and one speaking
      plaintext (both refused at the TLS handshake); and StartRun on the trainer with the reward
      service's certificate (PERMISSION_DENIED: only `admin` may). The test itself reads
      the trainer from the host with the admin certificate copied out of the stack.
-  3. The one-shot client service (the admin certificate) starts an 8-step run and follows it.
-  4. After step 1 the policy container is paused (tiny steps take well under a second, so the
-     run is held where it is: its next Generate or UpdateWeights waits on the frozen policy);
+  3. The one-shot client service (the admin certificate) starts a 10-step run and follows it.
+  4. After step 2 both policy containers are paused (tiny steps take well under a second, so
+     the run is held where it is: its next Generate or UpdateWeights waits on frozen policies);
      `rlhf swap-reward` (run inside the trainer container, as admin) points it at reward-b from
-     the next step; reward-b's process is killed (SIGKILL, as a crash), and the policy is
+     the next step; reward-b's process is killed (SIGKILL, as a crash), and the policies are
      unpaused. The first step on reward-b meets a dead, then still-loading service: the trainer
      retries until docker has restarted it (restart: unless-stopped) and it serves again.
-  5. Once that step is done, the policy container's process is SIGKILLed mid-run (a crash:
-     docker restarts it); the restarted policy serves its base weights as version 0 and the
-     trainer must push its own again before it samples (#13: the restart-aware policy link).
+  5. Once that step is done, the second policy replica's process is SIGKILLed mid-run (a crash:
+     docker restarts it) while the first is paused, which holds the run until the second is
+     back: the restarted replica serves its base weights as version 0 and the trainer must push
+     the current ones to it before it samples there again (#16: a dropped replica is
+     re-admitted with current weights). Then the first is unpaused.
   6. The client exits 0; the run is COMPLETED at 8/8; every step is in metrics.jsonl exactly
      once and the weight versions strictly increase; the steps before the swap were scored by
      vader and the steps from it by rm; reward-b and the policy restarted exactly once each and
-     the first step on reward-b waited out its restart; the policy serves the last weight
-     version; the last checkpoint is on the runs volume.
+     the first step on reward-b waited out its restart; both reward replicas got Score calls;
+     both policy replicas serve the last weight version (GetInfo in each container), the
+     restarted one generated from pushed weights only; the last checkpoint is on the runs
+     volume.
 `docker compose down -v` removes containers, network and volumes whatever happens.
 """
 
@@ -171,11 +176,12 @@ def _scenario(stack: Stack) -> None:
     _assert_strangers_refused(stack)
     trainer = Trainer(stack.trainer_address, stack.admin_tls(stack.host_certs))
     client_proc = stack.popen("run", "--rm", "-T", "client")
-    policy_id = stack.container("policy")
+    policy_ids = stack.containers("policy")
+    reward_ids = stack.containers("reward")
     reward_b_id = stack.container("reward-b")
     try:
-        effective = _swap_and_crash_mid_run(stack, trainer, policy_id, reward_b_id)
-        _crash_the_policy_mid_run(trainer, policy_id, effective)
+        effective = _swap_and_crash_mid_run(stack, trainer, policy_ids, reward_b_id)
+        _crash_a_policy_replica_mid_run(trainer, policy_ids, effective)
     except BaseException:
         client_proc.kill()
         print(f"--- the client's output ---\n{client_proc.communicate()[0][-4000:]}")
@@ -184,15 +190,23 @@ def _scenario(stack: Stack) -> None:
     final, steps = _assert_every_step_once(trainer, effective)
     _assert_metrics_file_has_every_step_once(stack)
     _assert_reward_b_restarted_and_waited_for(stack, reward_b_id, steps, effective)
-    _assert_restarted_once(policy_id, "policy")
+    _assert_every_reward_replica_scored(stack, reward_ids)
+    (survivor, victim) = policy_ids
+    assert docker("inspect", "-f", "{{.RestartCount}}", survivor) == "0"
+    _assert_restarted_once(victim, "policy replica 2")
+    _assert_restarted_replica_sampled_pushed_weights_only(stack, victim)
     _assert_last_step_served_and_saved(stack, final)
 
 
 def _assert_all_healthy(stack: Stack) -> None:
-    """Every service is healthy through the image's gRPC HEALTHCHECK."""
-    for service in ("policy", "reward", "reward-b", "trainer"):
-        health = docker("inspect", "-f", "{{.State.Health.Status}}", stack.container(service))
-        assert health == "healthy", (service, health)
+    """Every container of every service is healthy through the image's gRPC HEALTHCHECK; the
+    replicated services run two each."""
+    for service, replicas in (("policy", 2), ("reward", 2), ("reward-b", 1), ("trainer", 1)):
+        containers = stack.containers(service)
+        assert len(containers) == replicas, (service, containers)
+        for container_id in containers:
+            health = docker("inspect", "-f", "{{.State.Health.Status}}", container_id)
+            assert health == "healthy", (service, container_id, health)
 
 
 def _assert_strangers_refused(stack: Stack) -> None:
@@ -222,18 +236,21 @@ def _assert_strangers_refused(stack: Stack) -> None:
 
 
 def _swap_and_crash_mid_run(
-    stack: Stack, trainer: Trainer, policy_id: str, reward_b_id: str
+    stack: Stack, trainer: Trainer, policy_ids: list[str], reward_b_id: str
 ) -> int:
-    """Step 4 of the scenario: the run held after step 1, swapped to reward-b, reward-b killed,
-    then released. Returns the swap's first step."""
+    """Step 4 of the scenario: the run held after step 2 (steps 1 and 2 scored by the two
+    reward replicas), swapped to reward-b, reward-b killed, then released. Returns the swap's
+    first step."""
     paused = False
     try:
-        status = _wait_for_step(trainer, 1, timeout_s=240)
+        status = _wait_for_step(trainer, 2, timeout_s=240)
         assert status.state == trainer_pb2.RUN_STATE_RUNNING, status
         assert status.total_steps == STEPS
 
-        # Hold the run: its next Generate or UpdateWeights waits on the frozen policy.
-        docker("pause", policy_id)
+        # Hold the run: its next Generate or UpdateWeights waits on frozen policies (all of
+        # them: with one left the pool would go on without the other).
+        for policy_id in policy_ids:
+            docker("pause", policy_id)
         paused = True
         swap = stack.run(
             "exec", "-T", "trainer", "rlhf", "swap-reward", "--trainer", TRAINER_ADDRESS,
@@ -242,17 +259,19 @@ def _swap_and_crash_mid_run(
         )  # fmt: skip
         assert "rewards from step" in swap and f"rm @ reward-b:{REWARD_PORT}" in swap, swap
         effective = int(swap.split("rewards from step")[1].split(":")[0])
-        # Step 1 was done before the swap; the held run got at most a step or two further,
-        # which leaves steps for the policy's crash after it.
-        assert 2 <= effective <= STEPS - 3, swap
+        # Steps 1 and 2 were done before the swap; the held run got at most a step or two
+        # further, which leaves steps for the policy's crash after it.
+        assert 3 <= effective <= STEPS - 3, swap
 
         # A crash of the reward service the run is about to use.
         _crash(reward_b_id)
-        docker("unpause", policy_id)
+        for policy_id in policy_ids:
+            docker("unpause", policy_id)
         paused = False
     finally:
         if paused:
-            docker("unpause", policy_id, check=False)
+            for policy_id in policy_ids:
+                docker("unpause", policy_id, check=False)
     return effective
 
 
@@ -263,14 +282,25 @@ def _crash(container_id: str) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def _crash_the_policy_mid_run(trainer: Trainer, policy_id: str, effective: int) -> None:
-    """Step 5: once the first step on reward-b is done, the policy's process is killed while
-    the run still has steps to go; the restarted policy serves base weights as version 0."""
+def _crash_a_policy_replica_mid_run(
+    trainer: Trainer, policy_ids: list[str], effective: int
+) -> None:
+    """Step 5: once the first step on reward-b is done, the second policy replica's process is
+    killed while the first is paused: the run, with no live replica, waits until docker has
+    restarted the second, which serves base weights as version 0 and must get the current ones
+    before it generates. Then the first is unpaused and rejoins."""
+    survivor, victim = policy_ids
     status = _wait_for_step(trainer, effective, timeout_s=240)
     assert status.state == trainer_pb2.RUN_STATE_RUNNING, status
-    _crash(policy_id)
-    # Tiny steps are quick: the crash must land before the run's last step, or it proves nothing.
-    assert trainer.get(RUN_ID).step < STEPS, "the run ended before the policy's crash"
+    docker("pause", survivor)
+    try:
+        _crash(victim)
+        # Tiny steps are quick: the crash must land before the run's last step, or it proves
+        # nothing.
+        assert trainer.get(RUN_ID).step < STEPS, "the run ended before the policy's crash"
+        _wait_until_healthy_again(victim, "policy replica 2")
+    finally:
+        docker("unpause", survivor, check=False)
 
 
 def _wait_for_the_client(client_proc: subprocess.Popen) -> None:
@@ -332,7 +362,15 @@ def _assert_restarted_once(container_id: str, service: str) -> None:
     """Docker restarted the crashed container once, and it became healthy again."""
     restarts = docker("inspect", "-f", "{{.RestartCount}}", container_id)
     assert restarts == "1", (service, restarts)
+    _wait_until_healthy_again(container_id, service)
+
+
+def _wait_until_healthy_again(container_id: str, service: str) -> None:
+    """Docker has restarted the crashed container and its healthcheck passes again."""
     deadline = time.monotonic() + 120
+    while docker("inspect", "-f", "{{.RestartCount}}", container_id) == "0":
+        assert time.monotonic() < deadline, f"{service} was not restarted"
+        time.sleep(0.5)
     while docker("inspect", "-f", "{{.State.Health.Status}}", container_id) != "healthy":
         assert time.monotonic() < deadline, f"{service} did not become healthy after its restart"
         time.sleep(1)
@@ -348,10 +386,34 @@ def _assert_metrics_file_has_every_step_once(stack: Stack) -> None:
     assert all(a < b for a, b in zip(versions, versions[1:])), versions
 
 
+def _assert_every_reward_replica_scored(stack: Stack, reward_ids: list[str]) -> None:
+    """The reward source before the swap was both reward containers (dns:///reward:50052, the
+    steps' batches split across them): each logged Score calls ("scored": its first call, then
+    a summary every 10 s)."""
+    for index, container_id in enumerate(reward_ids, start=1):
+        scored = stack.container_log_records(container_id, "scored")
+        print(f"reward replica {index}: {scored}")
+        assert scored and all(r["samples"] > 0 for r in scored), (index, scored)
+
+
+def _assert_restarted_replica_sampled_pushed_weights_only(stack: Stack, victim: str) -> None:
+    """After its restart (its server's last "serving") the killed replica generated, and never
+    from the base weights it loaded (version 0): the trainer pushed the current ones first."""
+    records = stack.container_log_records(victim, "")  # every record
+    starts = [i for i, r in enumerate(records) if r.get("msg") == "serving"]
+    assert len(starts) >= 2, starts  # the first start and the restart
+    after = [r for r in records[starts[-1] :] if r.get("msg") == "generated"]
+    print(f"policy replica 2 after its restart: {after}")
+    assert after, "the restarted replica was never used again"
+    assert all(r["weight_version"] > 0 for r in after), after
+
+
 def _assert_last_step_served_and_saved(stack: Stack, final: trainer_pb2.RunStatus) -> None:
-    # The policy container serves what the trainer pushed last.
-    updates = stack.log_records("policy", "weights updated")
-    assert [u["weight_version"] for u in updates][-1] == final.weight_version, updates
+    # Every policy replica serves what the trainer pushed last (asked in each container).
+    for index in (1, 2):
+        info = stack.policy_info(index)
+        print(f"policy replica {index}: {info}")
+        assert info["weight_version"] == final.weight_version, (index, info, final)
 
     # The run's folder (metrics, checkpoint of the last step) is on the `runs` volume.
     latest = stack.run(

@@ -178,9 +178,10 @@ class SwapReward:
         parser.add_argument(
             "endpoints",
             nargs="+",
-            metavar="ADDR[=WEIGHT]",
-            help="reward services as the trainer reaches them in the cluster, e.g. reward-b or "
-            f"reward-b:{REWARD_PORT}=0.5 (port default {REWARD_PORT})",
+            metavar="[NAME@]ADDR[=WEIGHT]",
+            help="reward sources as the trainer reaches them in the cluster, e.g. reward-b, "
+            f"reward-b:{REWARD_PORT}=0.5, or dns:///reward-b for every replica behind a headless "
+            f"Service (port default {REWARD_PORT})",
         )
         parser.add_argument(
             "--trainer",

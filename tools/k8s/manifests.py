@@ -125,6 +125,22 @@ def pod_labels(obj: Obj) -> dict[str, str]:
     return obj["spec"]["template"]["metadata"].get("labels", {})
 
 
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+"""The label the StatefulSet controller puts on each of its pods (Kubernetes >= 1.28): its
+ordinal, "0" for NAME-0. The trainer's rank is its pod's index."""
+
+
+def stateful_pod_labels(obj: Obj, index: int) -> dict[str, str]:
+    """The labels pod `index` of a StatefulSet carries: its template's and those the controller
+    adds (pod name, pod index)."""
+    name = f"{obj['metadata']['name']}-{index}"
+    return {
+        **pod_labels(obj),
+        "statefulset.kubernetes.io/pod-name": name,
+        POD_INDEX_LABEL: str(index),
+    }
+
+
 def workloads(objects: Iterable[Obj]) -> Iterator[tuple[Obj, Obj]]:
     """(object, pod spec) for every object that runs pods."""
     for obj in objects:
@@ -137,6 +153,31 @@ def containers(spec: Obj) -> list[Obj]:
     return list(spec.get("initContainers", [])) + list(spec.get("containers", []))
 
 
+def torchrun_split(container: Obj) -> tuple[list[str], list[str]]:
+    """(torchrun's flags, the rlhf command line) of a container: ([], its args) when it runs the
+    image's entrypoint (rlhf), or the two halves of `torchrun FLAGS --no-python rlhf ARGS`."""
+    args = list(container.get("args", []))
+    command = container.get("command")
+    if not command:
+        return [], args
+    words = [*command, *args]
+    if words[0] != "torchrun" or "--no-python" not in words:
+        raise ValueError(f"{container['name']}: runs {words[:1]}, neither rlhf nor torchrun")
+    cut = words.index("--no-python")
+    if words[cut + 1 : cut + 2] != ["rlhf"]:
+        raise ValueError(f"{container['name']}: torchrun --no-python runs no `rlhf`")
+    return words[1:cut], words[cut + 2 :]
+
+
+def torchrun_flags(container: Obj) -> dict[str, str]:
+    """torchrun's --name=value flags of a container, by name ({} when it runs rlhf alone)."""
+    flags = {}
+    for word in torchrun_split(container)[0]:
+        name, _, value = word.removeprefix("--").partition("=")
+        flags[name] = value
+    return flags
+
+
 def env_names(container: Obj) -> list[str]:
     return [e["name"] for e in container.get("env", [])]
 
@@ -145,6 +186,14 @@ def env_value(container: Obj, name: str) -> str | None:
     for e in container.get("env", []):
         if e["name"] == name:
             return e.get("value")
+    return None
+
+
+def env_field(container: Obj, name: str) -> str | None:
+    """The downward-API field path a variable is set from (valueFrom.fieldRef), else None."""
+    for e in container.get("env", []):
+        if e["name"] == name:
+            return e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
     return None
 
 
@@ -172,11 +221,16 @@ def selects(selector: Obj, labels: dict[str, str]) -> bool:
 
 
 def with_default_port(address: str, port: int = DEFAULT_PORTS["reward"]) -> str:
-    """reward-b -> reward-b:50052; reward-b=0.5 -> reward-b:50052=0.5; HOST:PORT[=W] as it is."""
-    host, eq, weight = address.partition("=")
-    if ":" not in host:
-        host = f"{host}:{port}"
-    return host + eq + weight
+    """The port added where a reward source's address leaves it out: reward-b ->
+    reward-b:50052; reward-b=0.5 -> reward-b:50052=0.5; dns:///reward -> dns:///reward:50052;
+    rm@a+b -> rm@a:50052+b:50052 (replicas of one source); addresses with ports as they are."""
+    source, eq, weight = address.partition("=")
+    name, at, hosts = source.rpartition("@")
+    scheme = "dns:///" if hosts.startswith("dns:///") else ""
+    hosts = "+".join(
+        h if ":" in h else f"{h}:{port}" for h in hosts.removeprefix(scheme).split("+")
+    )
+    return name + at + scheme + hosts + eq + weight
 
 
 def pod_rows(pods: Iterable[Any]) -> list[tuple[str, str, str, int]]:
