@@ -1,14 +1,11 @@
 """PPO steps on fixed rollouts, alone or as one rank under torchrun (tests/test_data_parallel.py).
 
-    python tests/dp_steps.py MODEL OUT [--resume-at N] [--set field=value ...]
+    python tests/dp_steps.py MODEL OUT [--set field=value ...]
     torchrun --nproc-per-node 2 tests/dp_steps.py MODEL OUT --strategy fsdp ...
 
 Runs STEPS steps of PPOTrainer on the rollouts of tests/test_ppo_step.py's `rollouts(seed)` (8
 per step); rank 0 writes every step's stats (stats.json), the final trainable weights
 (weights.safetensors) and the servable weights (servable.safetensors), gathered whole.
---resume-at N: after step N the trainer state is saved (each rank its own: FSDP's are shards),
-a new model and trainer are built and load it, and the steps go on: the result must equal the
-straight run's.
 """
 
 from __future__ import annotations
@@ -33,17 +30,11 @@ STEPS = 3
 BATCH = 8
 
 
-def build(config: PPOConfig, dp: parallel.DataParallel | None) -> PPOTrainer:
-    model = PolicyWithValueHead.from_config(config)
-    return PPOTrainer(config, model, model.tokenizer, parallel=dp)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("out", type=Path)
     parser.add_argument("--strategy", default="ddp")
-    parser.add_argument("--resume-at", type=int, default=0)
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     dp = parallel.init_from_env(args.strategy, "gloo")
@@ -59,15 +50,12 @@ def main() -> int:
         key, _, value = item.partition("=")
         knobs[key] = json.loads(value)
     config = PPOConfig(**knobs)  # type: ignore[arg-type]
-    trainer = build(config, dp)
+    model = PolicyWithValueHead.from_config(config)
+    trainer = PPOTrainer(config, model, model.tokenizer, parallel=dp)
     history = []
     for step in range(1, STEPS + 1):
         queries, responses, scores = rollouts(step, BATCH)
         history.append(trainer.step(queries, responses, scores))
-        if step == args.resume_at:
-            state = trainer.state_dict()
-            trainer = build(config, dp)
-            trainer.load_state_dict(state)
     weights = {k: parallel.full(v).detach().clone() for k, v in trainer.model.named_parameters()}
     servable = trainer.servable_state_dict()  # what a push sends (LoRA merged), gathered whole
     if dp is None or dp.leader:

@@ -1,13 +1,15 @@
 """The data-parallel trainer (torch.distributed, 2 ranks on gloo, the tiny model): DDP and FSDP
-give the single process's statistics and parameters for the same global batch and seed; an FSDP
-resume from per-rank shards is exact; and `torchrun ... rlhf train` runs a whole PPO run against
-real policy and reward services, rank 0 alone talking to them, with the single process's
-metrics, and resumes from its checkpoint as if never stopped."""
+give the single process's statistics and parameters for the same global batch and seed (LoRA
+too); `torchrun ... rlhf train` runs a whole PPO run against real policy and reward services,
+rank 0 alone talking to them, with the single process's metrics, and resumes from its
+checkpoint (FSDP: from every rank's shard) as if never stopped; and the trainer service runs on
+two ranks."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,17 +94,6 @@ def test_two_ranks_equal_one_process(
     assert one[0]["ppo/loss/total"] != one[-1]["ppo/loss/total"]
 
 
-def test_an_fsdp_resume_from_shards_is_exact(tiny_lm: Path, tmp_path: Path) -> None:
-    script = str(ROOT / "tests" / "dp_steps.py")
-    flags = ("--strategy", "fsdp")
-    run(torchrun(script, str(tiny_lm), str(tmp_path / "straight"), *flags), tmp_path / "a.log")
-    resumed = tmp_path / "resumed"
-    run(torchrun(script, str(tiny_lm), str(resumed), *flags, "--resume-at", "2"), tmp_path / "b")
-    straight = load_file(tmp_path / "straight" / "weights.safetensors")
-    again = load_file(resumed / "weights.safetensors")
-    assert all(torch.equal(straight[k], again[k]) for k in straight)
-
-
 # --- a whole run: `torchrun ... rlhf train` against the services --------------------------------
 @pytest.fixture(scope="module")
 def services(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
@@ -146,12 +137,22 @@ def policy_weights(out: Path, run_id: str, step: int) -> dict[str, torch.Tensor]
     return load_file(folder / "model.safetensors")
 
 
+@pytest.fixture(scope="module")
+def one_process_run(
+    tiny_lm: Path, services: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The runs folder of a 4-step run in one process ("one"), for the ranks to match."""
+    out = tmp_path_factory.mktemp("dp-runs")
+    run([sys.executable, *train(tiny_lm, out, "one", 4, *services)], out / "one.log")
+    return out
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_run_on_two_ranks_matches_one_and_resumes(
-    tiny_lm: Path, tmp_path: Path, services: list[str], strategy: str
+    tiny_lm: Path, tmp_path: Path, services: list[str], one_process_run: Path, strategy: str
 ) -> None:
     out = tmp_path / "runs"
-    run([sys.executable, *train(tiny_lm, out, "one", 4, *services)], tmp_path / "one.log")
+    shutil.copytree(one_process_run / "one", out / "one")
     dp = ("--data-parallel", strategy)
     run(torchrun(*train(tiny_lm, out, "two", 4, *services, *dp)), tmp_path / "two.log")
     assert_same_stats(metrics(out, "one"), metrics(out, "two"))
