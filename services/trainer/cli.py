@@ -64,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
         if dp is not None:
             from services.trainer.orchestrator.learner_group import Followers
 
+            # As in one process (whose exit waits for the run's thread), a run still going goes
+            # on until it ends or the process is killed; it needs the other ranks until then.
+            for run in list(servicer.runs.values()):
+                if run.thread is not None:
+                    run.thread.join()
             Followers(dp).shutdown()
     return 0
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -167,7 +168,11 @@ class Followers:
         self._tell("end")
 
     def shutdown(self) -> None:
-        self._tell("shutdown")
+        """The service stops: the other ranks leave (those already gone are not waited for)."""
+        try:
+            self._tell("shutdown")
+        except RuntimeError as err:  # a rank that died first: gloo says so
+            log.warning("ranks gone before the shutdown", extra={"reason": str(err)[:200]})
 
 
 # --- ranks > 0 ---------------------------------------------------------------------------------
@@ -236,8 +241,22 @@ class _Follower:
         _failed_ranks(self.dp, ok)
 
 
+def _outlast_signals(dp: DataParallel) -> None:
+    """SIGTERM/SIGINT do not end a rank > 0: torchrun signals every rank at once, and rank 0
+    drains (the step in progress and its checkpoint need the other ranks), then says shutdown;
+    torchrun's --shutdown-timeout kills what is still there after that."""
+
+    def note(signum: int, _frame: Any) -> None:
+        log.info("signal noted: waiting for rank 0 to shut down", extra={"rank": dp.rank})
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, note)
+        signal.signal(signal.SIGINT, note)
+
+
 def follow(dp: DataParallel) -> None:
     """A rank > 0's main loop: do rank 0's commands until it says shutdown."""
+    _outlast_signals(dp)
     run: _Follower | None = None
     while True:
         op, payload = _receive(dp)
