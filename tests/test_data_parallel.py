@@ -188,7 +188,8 @@ def test_the_trainer_service_on_two_ranks_runs_runs(
     tiny_lm: Path, tmp_path: Path, services: list[str]
 ) -> None:
     """Rank 0 serves the control API; runs one after another reach both ranks; a batch that does
-    not split over the ranks is refused at StartRun, before anything loads."""
+        not split over the ranks is refused at StartRun, before anything loads; SIGTERM lets the run
+    in progress finish."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     policy, reward = (flag.split("=", 1)[1] for flag in services)
@@ -225,7 +226,20 @@ def test_the_trainer_service_on_two_ranks_runs_runs(
         assert "batch_size (3) must be a multiple of the data-parallel world size (2)" in (
             refused.stderr
         ), refused.stderr
+        # SIGTERM to torchrun while a run goes on: as in one process, the run finishes first
+        # (the other ranks outlast the signal), then every rank leaves.
+        steps = 40
+        command = train(tiny_lm, None, "last", steps, "--trainer", address, "--detach")
+        run([sys.executable, *command], tmp_path / "last.log")
+        folder = tmp_path / "runs" / "last"
+        while not (folder / "metrics.jsonl").is_file() or not metrics(tmp_path / "runs", "last"):
+            time.sleep(0.1)
+        proc.terminate()
+        assert len(metrics(tmp_path / "runs", "last")) < steps  # the signal came mid-run
+        assert proc.wait(timeout=120) != 0  # torchrun reports the signal it got
+        assert json.loads((folder / "run.json").read_text())["state"] == "RUN_STATE_COMPLETED"
+        assert len(metrics(tmp_path / "runs", "last")) == steps
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        proc.wait(timeout=120)
         log.close()
