@@ -236,13 +236,13 @@ class TrainerServiceConfig:
     """CPU threads for torch in this process (0: torch's default, one per core), set before any
     torch work. On a CPU shared with the policy service, give each process its own share (the
     policy service has the same flag) so that their OpenMP threads do not fight for cores."""
-    data_parallel: str = "ddp"
+    data_parallel: str = field(default="ddp", metadata={"choices": DATA_PARALLEL})
     """Under torchrun (WORLD_SIZE > 1): how the ranks share the learner. "ddp": each rank holds
     the whole model and its gradients are all-reduced; "fsdp": FSDP2 shards parameters,
     gradients and optimiser state over the ranks (models that do not fit one device), and
     checkpoints are sharded (resumable on the same number of ranks). Rank 0 serves the control
     API; the other ranks serve only gRPC health."""
-    dist_backend: str = "auto"
+    dist_backend: str = field(default="auto", metadata={"choices": DIST_BACKENDS})
     """torch.distributed backend under torchrun: gloo (CPU), nccl (GPUs), or auto (nccl when
     CUDA is available, else gloo)."""
     resume_interrupted: bool = False
