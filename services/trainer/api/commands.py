@@ -64,8 +64,9 @@ class Train:
         parser.add_argument(
             "--policy",
             default="",
-            help=f"PolicyService host:port (default: run.policy, else the trainer's --policy; "
-            f"in this process {POLICY_ADDRESS})",
+            help=f"PolicyService HOST:PORT, replicas HOST:PORT,HOST:PORT,... or dns:///HOST:PORT "
+            f"(default: run.policy, else the trainer's --policy; in this process "
+            f"{POLICY_ADDRESS})",
         )
         parser.add_argument(
             "--reward",
@@ -137,9 +138,14 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     from services.trainer.config import load_train_config
     from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
     from services.trainer.orchestrator.peers import PeerError
+    from services.trainer.orchestrator.policy_pool import PolicyEndpoints
     from services.trainer.orchestrator.resume import apply_plan
     from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
-    from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward, connect_rewards
+    from services.trainer.orchestrator.transports import (
+        GrpcReward,
+        connect_policy,
+        connect_rewards,
+    )
 
     setup_logging("trainer")
     text = _read_config(args.config)  # a missing file is one line, not a traceback
@@ -156,7 +162,12 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
         config.run.rewards = plan.initial
     every = config.run.rewards + [r for s in (plan.swaps if plan else []) for r in s.rewards]
     client = from_args(ClientConfig, args)
-    _require_serving("policy", config.run.policy, "--policy / run.policy", client)
+    try:
+        endpoints = PolicyEndpoints.parse(config.run.policy)
+    except ValueError as err:
+        raise CommandError(f"--policy / run.policy: {err}") from None
+    for address in endpoints.allowed:  # every replica listed (a typo is caught before loading)
+        _require_serving("policy", address, "--policy / run.policy", client)
     for address in dict.fromkeys(EndpointSpec.parse(r).address for r in every):
         _require_serving("reward", address, "--reward / run.rewards", client)
     limits = config.run.call_limits()
@@ -173,7 +184,7 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
                 mixer.close()
                 raise CommandError(f"--resume of run {config.run.run_id}: {err}") from None
         try:
-            policy = GrpcPolicy(config.run.policy, client, limits)
+            policy = connect_policy(config.run.policy, client, limits)
             try:
                 loop = TrainingLoop(config, policy, mixer, resume=args.resume)
                 _run_with_display(loop)

@@ -26,6 +26,7 @@ from services.trainer.config import (
 )
 from services.trainer.orchestrator.checkpoint import latest_checkpoint
 from services.trainer.orchestrator.data import BUILTIN
+from services.trainer.orchestrator.policy_pool import PolicyEndpoints
 from services.trainer.orchestrator.rewards import EndpointSpec
 from services.trainer.orchestrator.trainer_state import legacy_refusal
 
@@ -99,7 +100,8 @@ class InputRules:
         self.output_root = _real(settings.output_dir)
         self.data_roots = [_real(p) for p in settings.data_root]
         self.model_roots = [_real(p) for p in settings.model_root]
-        own = [settings.policy] + [EndpointSpec.parse(r).address for r in settings.reward]
+        policy = PolicyEndpoints.parse(settings.policy).allowed
+        own = policy + [EndpointSpec.parse(r).address for r in settings.reward]
         self._endpoints = {_split_address(a) for a in own + settings.allowed_endpoints}
 
     # --- addresses ---------------------------------------------------------------------------
@@ -174,7 +176,12 @@ def apply_rules(rules: InputRules, config: TrainConfig) -> None:
     run.output_dir = rules.output_dir(run.output_dir)
     rules.run_folder(run.run_id)
     run.prompts = rules.prompts(run.prompts)
-    rules.address(run.policy, "policy address")
+    try:
+        policy = PolicyEndpoints.parse(run.policy)
+    except ValueError as err:
+        raise invalid(f"run.policy: {err}") from None
+    for address in policy.allowed:  # every replica (a dns:/// spec: its HOST:PORT)
+        rules.address(address, "policy address")
     try:
         specs = [EndpointSpec.parse(r) for r in run.rewards]
     except ValueError as err:

@@ -78,15 +78,16 @@ class Transports:
     """How a run reaches its policy and reward services, each made from a host:port."""
 
     policy: Callable[[str, CallLimits], PolicyTransport]
+    """Made from run.policy (a HOST:PORT, a list of replicas or dns:///HOST:PORT)."""
     reward: Callable[[str, CallLimits], RewardTransport]
     """Each made from a host:port and the run's CallLimits (its deadlines and health watch)."""
 
     @classmethod
     def grpc(cls) -> Transports:
-        from services.trainer.orchestrator.transports import GrpcPolicy, GrpcReward
+        from services.trainer.orchestrator.transports import GrpcReward, connect_policy
 
         return cls(
-            policy=lambda address, limits: GrpcPolicy(address, limits=limits),
+            policy=lambda spec, limits: connect_policy(spec, limits=limits),
             reward=lambda address, limits: GrpcReward(address, limits=limits),
         )
 
