@@ -30,8 +30,10 @@ from services.trainer.orchestrator.peers import (
 )
 from services.trainer.orchestrator.policy_pool import PolicyEndpoints, PolicyPool, resolve
 from services.trainer.orchestrator.transports import GrpcPolicy, connect_policy
+from tests.servers import NO_AUTH_FLAG
 from tests.test_policy_restart import RestartablePolicy, _same_parameters, _versions
 from tests.test_trainer_loop import _config, _vader_mixer
+from tools.launch import start_service
 
 MODEL = ModelFacts("tiny", 1000, 64, 2, 2)
 GEN = GenerationConfig()
@@ -368,3 +370,49 @@ def test_all_replicas_restarted_the_run_repushes_in_full_and_completes(
         assert engine.pushes == [(1, partial), (1, full), (2, partial), (3, partial)]
     assert _versions(tmp_path / "restarted") == [1, 2, 3]
     assert _same_parameters(straight, loop)
+
+
+# --- real processes -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_replica_process_killed_mid_run_is_left_out_and_readmitted(
+    tiny_lm: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two `rlhf policy serve` processes; one is SIGKILLed after step 1 and started again on
+    its port. The run goes on with the other, the restarted one gets everything at a later
+    push and serves the run's final version; the log says it left and came back."""
+    args = ["policy", "serve", "--model", str(tiny_lm), NO_AUTH_FLAG]
+    logs = tmp_path / "logs"
+    services = [start_service(f"policy-{i}", args, logs) for i in range(2)]
+    victim = services[1]
+    port = int(victim.address.rsplit(":", 1)[1])
+    config = _config(tiny_lm, tmp_path, 5, "pool", lora=True)
+    config.run.step_retries = 8
+    config.run.retry_backoff_s = 0.25
+
+    def kill_and_restart(result: object) -> None:
+        if result.step == 1:  # type: ignore[attr-defined]
+            victim.process.kill()
+            victim.process.wait()
+            services.append(start_service("policy-1-again", args, logs, port=port))
+
+    spec = ",".join(s.address for s in services)
+    policy = connect_policy(spec)
+    try:
+        with caplog.at_level(logging.INFO, logger="rlhf.trainer.pool"):
+            loop = TrainingLoop(config, policy, _vader_mixer())
+            assert loop.run(on_step=kill_and_restart) == "completed"
+        restarted = GrpcPolicy(victim.address)
+        try:
+            served = restarted.facts(fresh=True)
+        finally:
+            restarted.close()
+    finally:
+        policy.close()
+        for service in services:
+            service.stop(timeout_s=5)
+    assert len(services) == 3 and loop.step == 5
+    assert served.weight_version == loop.weight_version == 5
+    events = [(r.getMessage(), getattr(r, "replica", "")) for r in caplog.records]
+    assert ("policy replica left out", victim.address) in events
+    assert ("policy replica re-admitted", victim.address) in events
+    assert _versions(tmp_path / "pool") == [1, 2, 3, 4, 5]
