@@ -28,7 +28,8 @@ from services.trainer.orchestrator.peers import (
     TransientError,
     VersionConflict,
 )
-from services.trainer.orchestrator.policy_pool import PolicyEndpoints, PolicyPool, resolve
+from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints, resolve
+from services.trainer.orchestrator.policy_pool import PolicyPool
 from services.trainer.orchestrator.transports import GrpcPolicy, connect_policy
 from tests.servers import NO_AUTH_FLAG
 from tests.test_policy_restart import RestartablePolicy, _same_parameters, _versions

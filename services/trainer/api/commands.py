@@ -138,7 +138,7 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     from services.trainer.config import load_train_config
     from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
     from services.trainer.orchestrator.peers import PeerError
-    from services.trainer.orchestrator.policy_pool import PolicyEndpoints
+    from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints
     from services.trainer.orchestrator.resume import apply_plan
     from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
     from services.trainer.orchestrator.transports import (

@@ -26,7 +26,7 @@ from services.trainer.config import (
 )
 from services.trainer.orchestrator.checkpoint import latest_checkpoint
 from services.trainer.orchestrator.data import BUILTIN
-from services.trainer.orchestrator.policy_pool import PolicyEndpoints
+from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints
 from services.trainer.orchestrator.rewards import EndpointSpec
 from services.trainer.orchestrator.trainer_state import legacy_refusal
 

@@ -1,8 +1,7 @@
-"""Several policy services as one: the PolicyPool (issue #16), and the run.policy spec.
+"""Several policy services as one: the PolicyPool (issue #16).
 
-A run names its policy as one string (PolicyEndpoints): `HOST:PORT` (one service: GrpcPolicy),
-`HOST:PORT,HOST:PORT[,...]` (a pool over that list) or `dns:///HOST:PORT` (a pool over every
-address HOST resolves to, re-resolved at every push and fresh facts: replicas join and leave).
+Its replicas are a run.policy list or every address of a dns:/// name (policy_endpoints.py),
+re-resolved at every push and fresh facts read: scaled-up replicas join, vanished ones leave.
 
 To WeightSync the pool is one policy service (peers.PolicyTransport) with the same rules:
 - Its instance id is virtual: stable while at least one replica serves the run's weights
@@ -24,18 +23,14 @@ To WeightSync the pool is one policy service (peers.PolicyTransport) with the sa
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 
-from rlhf.logs import ContextLogger, quote
+from rlhf.logs import ContextLogger
 from services.trainer.config import GenerationConfig
 from services.trainer.orchestrator.peers import (
     FatalError,
@@ -47,141 +42,10 @@ from services.trainer.orchestrator.peers import (
     TransientError,
     VersionConflict,
 )
-
-DNS_SCHEME = "dns:///"
-"""A run.policy that starts so names one DNS name whose every address is a replica."""
+from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints, resolve
+from services.trainer.orchestrator.policy_replica import Replica, parallel, shards, validated
 
 log = logging.getLogger("rlhf.trainer.pool")
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """(host, port) of HOST:PORT ([V6]:PORT too); ValueError naming `address` otherwise."""
-    host, _, port = address.rpartition(":")
-    bad = not host or any(c.isspace() or c in "/,@=" for c in host) or len(address) > 255
-    if bad or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"policy address {quote(address)}: expected HOST:PORT")
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-@dataclass(frozen=True)
-class PolicyEndpoints:
-    """A run.policy spec, parsed: one address, a list of replicas, or a DNS name."""
-
-    addresses: tuple[str, ...] = ()
-    """The HOST:PORT addresses given (one: a single service; empty with `dns`)."""
-    dns: str = ""
-    """HOST:PORT of a dns:/// spec: every address HOST resolves to is a replica."""
-
-    @classmethod
-    def parse(cls, spec: str) -> PolicyEndpoints:
-        """ValueError (naming the bad part) unless `spec` is one of the three forms."""
-        if spec.startswith(DNS_SCHEME):
-            target = spec.removeprefix(DNS_SCHEME)
-            split_host_port(target)
-            return cls(dns=target)
-        addresses = tuple(spec.split(","))
-        for address in addresses:
-            split_host_port(address)
-        if len(set(addresses)) != len(addresses):
-            raise ValueError(f"policy {quote(spec)}: an address is listed twice")
-        return cls(addresses=addresses)
-
-    @property
-    def pooled(self) -> bool:
-        """Whether a PolicyPool serves it (a list or a DNS name), not one GrpcPolicy."""
-        return bool(self.dns) or len(self.addresses) > 1
-
-    @property
-    def allowed(self) -> list[str]:
-        """The HOST:PORT addresses an allow-list checks (a DNS spec: its HOST:PORT)."""
-        return [self.dns] if self.dns else list(self.addresses)
-
-    def __str__(self) -> str:
-        return DNS_SCHEME + self.dns if self.dns else ",".join(self.addresses)
-
-
-def resolve(target: str) -> list[str]:
-    """Every address HOST of HOST:PORT resolves to now, as HOST:PORT, in the resolver's order,
-    without repeats. Raises OSError when it resolves to nothing."""
-    host, port = split_host_port(target)
-    found: list[str] = []
-    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        ip = str(sockaddr[0])
-        address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
-        if address not in found:
-            found.append(address)
-    return found
-
-
-@dataclass
-class _Replica:
-    """One policy service of the pool, as the pool knows it."""
-
-    address: str
-    transport: PolicyTransport
-    instance: str = ""
-    """The instance last seen answering ("" until one answered)."""
-    version: int = -1
-    """The weight version that instance was last seen serving (-1: unknown)."""
-    ours: bool = False
-    """Whether that instance holds this run's weights (some version): a partial push is right
-    for it only then."""
-    reachable: bool = True
-    attempted: int = -1
-    """The last version sent to that instance (what it needed: everything, or the changed
-    weights when it held ours): a push whose answer was lost may still have landed."""
-    why: str = ""
-    """Why it was last left out (for the log)."""
-
-    def ready(self, version: int) -> bool:
-        return self.reachable and self.ours and self.version == version
-
-    def state(self, version: int) -> str:
-        if not self.reachable:
-            return "unreachable"
-        return "ready" if self.ready(version) else "needs-weights"
-
-
-def _shards(count: int, parts: int) -> list[tuple[int, int]]:
-    """(offset, size) of `parts` contiguous shards of `count` items, sizes differing by <= 1,
-    the larger first; no empty shard."""
-    parts = max(1, min(parts, count))
-    base, extra = divmod(count, parts)
-    shards, offset = [], 0
-    for i in range(parts):
-        size = base + (1 if i < extra else 0)
-        shards.append((offset, size))
-        offset += size
-    return [s for s in shards if s[1] > 0]
-
-
-def _parallel(call: Callable[[T], R], items: list[T]) -> list[R]:
-    """call(item) for every item at once; results in order; the first exception raised."""
-    if len(items) <= 1:
-        return [call(item) for item in items]
-    with ThreadPoolExecutor(len(items), thread_name_prefix="policy-pool") as pool:
-        return list(pool.map(call, items))
-
-
-def _validated(rollout: Rollout, size: int, peer: str) -> Rollout:
-    """The checks GrpcPolicy makes, for any replica transport: a completion per prompt and one
-    log-prob per response token."""
-    if len(rollout.response_ids) != size or len(rollout.response_logprobs) != size:
-        raise FatalError(
-            f"Generate on {peer} returned {len(rollout.response_ids)} completions for {size} "
-            "prompts",
-            peer,
-        )
-    for i, (ids, logprobs) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
-        if len(ids) != len(logprobs):
-            raise FatalError(
-                f"Generate on {peer}: completion {i} has {len(ids)} tokens but {len(logprobs)} "
-                "log-probs (the contract: one per token)",
-                peer,
-            )
-    return rollout
 
 
 class PolicyPool:
@@ -201,7 +65,7 @@ class PolicyPool:
         self.resolver = resolver
         self.log = ContextLogger(log, {"policy": str(endpoints)})
         self._lock = threading.RLock()
-        self._replicas: list[_Replica] = [_Replica(a, connect(a)) for a in endpoints.addresses]
+        self._replicas: list[Replica] = [Replica(a, connect(a)) for a in endpoints.addresses]
         self._version: int | None = None
         """The pool's weight version (None until the first facts)."""
         self._virtual = uuid.uuid4().hex
@@ -215,7 +79,7 @@ class PolicyPool:
     def version(self) -> int:
         return self._version if self._version is not None else 0
 
-    def _ready(self) -> list[_Replica]:
+    def _ready(self) -> list[Replica]:
         return [r for r in self._replicas if r.ready(self.version)]
 
     def states(self) -> dict[str, str]:
@@ -254,12 +118,12 @@ class PolicyPool:
                 extra={"weight_version": self.version, "instance": self._virtual},
             )
 
-    def _unreachable(self, replica: _Replica, err: PeerError) -> None:
+    def _unreachable(self, replica: Replica, err: PeerError) -> None:
         with self._tracking():
             replica.reachable, replica.ours = False, False  # gets everything when it is back
             replica.why = str(err)
 
-    def _observe(self, replica: _Replica, instance: str, served: int, why: str) -> None:
+    def _observe(self, replica: Replica, instance: str, served: int, why: str) -> None:
         """What an answer of `replica` says: which instance answered, at which version (call
         inside _tracking)."""
         replica.why = why
@@ -318,7 +182,7 @@ class PolicyPool:
                     )
                     replica.transport.close()
             self._replicas = [known[a] for a in addresses if a in known] + [
-                _Replica(a, self.connect(a)) for a in addresses if a not in known
+                Replica(a, self.connect(a)) for a in addresses if a not in known
             ]
             for address in addresses:
                 if address not in known:
@@ -343,14 +207,14 @@ class PolicyPool:
         with self._lock:
             replicas = list(self._replicas)
 
-        def info(replica: _Replica) -> PolicyFacts | None:
+        def info(replica: Replica) -> PolicyFacts | None:
             try:
                 return replica.transport.facts(fresh=True)
             except TransientError as err:
                 self._unreachable(replica, err)
                 return None
 
-        answers = [(r, f) for r, f in zip(replicas, _parallel(info, replicas)) if f is not None]
+        answers = [(r, f) for r, f in zip(replicas, parallel(info, replicas)) if f is not None]
         if not answers:
             raise TransientError(f"no replica of the {self.address} answered GetInfo", self.address)
         first, facts = answers[0]
@@ -369,7 +233,7 @@ class PolicyPool:
                     self._observe(replica, other.instance_id, other.weight_version, "GetInfo")
             self._facts = facts
 
-    def _begin(self, answers: list[tuple[_Replica, PolicyFacts]]) -> None:
+    def _begin(self, answers: list[tuple[Replica, PolicyFacts]]) -> None:
         """The first look: replicas that all serve one version are ready at it (a fresh run
         over base models needs no push); if they disagree, none is (the pool says the highest,
         and WeightSync pushes everything above it)."""
@@ -394,7 +258,7 @@ class PolicyPool:
             self._refresh()
             with self._lock:
                 version, ready = self.version, self._ready()
-        pending = _shards(len(prompts), len(ready))
+        pending = shards(len(prompts), len(ready))
         done: dict[int, Rollout] = {}
         used: set[str] = set()
         while pending:
@@ -404,7 +268,7 @@ class PolicyPool:
                 return self._not_ours()
             # One shard per replica at first; a redone shard goes to the next ready ones.
             jobs = [(shard, ready[i % len(ready)]) for i, shard in enumerate(pending)]
-            answers = _parallel(lambda job: self._shard(job, prompts, gen, seed), jobs)
+            answers = parallel(lambda job: self._shard(job, prompts, gen, seed), jobs)
             pending = []
             for (shard, replica), rollout in zip(jobs, answers):
                 if rollout is not None and self._is_ours(replica, rollout, version):
@@ -425,7 +289,7 @@ class PolicyPool:
 
     def _shard(
         self,
-        job: tuple[tuple[int, int], _Replica],
+        job: tuple[tuple[int, int], Replica],
         prompts: list[str],
         gen: GenerationConfig,
         seed: int,
@@ -439,9 +303,9 @@ class PolicyPool:
         except TransientError as err:
             self._unreachable(replica, err)
             return None
-        return _validated(rollout, size, replica.address)
+        return validated(rollout, size, replica.address)
 
-    def _is_ours(self, replica: _Replica, rollout: Rollout, version: int) -> bool:
+    def _is_ours(self, replica: Replica, rollout: Rollout, version: int) -> bool:
         """Whether the shard came from the replica's known instance at the pool's version;
         else the replica is left out (the shard is redone elsewhere)."""
         with self._lock:
@@ -482,13 +346,13 @@ class PolicyPool:
             skipped = [r for r in self._replicas if r.ready(version)]
             jobs = [(r, not r.ours) for r in self._replicas if r not in skipped]
         everything = (full() if full is not None else tensors) if any(w for _, w in jobs) else {}
-        outcomes = _parallel(
+        outcomes = parallel(
             lambda job: self._push_one(job[0], everything if job[1] else tensors, version), jobs
         )
         return self._pushed(version, skipped, jobs, outcomes)
 
     def _push_one(
-        self, replica: _Replica, weights: Mapping[str, torch.Tensor], version: int
+        self, replica: Replica, weights: Mapping[str, torch.Tensor], version: int
     ) -> Pushed | PeerError:
         """One replica's push: what it serves after, or why it did not take it."""
         with self._lock:
@@ -522,8 +386,8 @@ class PolicyPool:
     def _pushed(
         self,
         version: int,
-        skipped: list[_Replica],
-        jobs: list[tuple[_Replica, bool]],
+        skipped: list[Replica],
+        jobs: list[tuple[Replica, bool]],
         outcomes: list[Pushed | PeerError],
     ) -> Pushed:
         """The push's result from each replica's outcome (push_weights says the rules)."""
@@ -554,9 +418,7 @@ class PolicyPool:
             reasons = "; ".join(str(o) for o in outcomes) or "no replica"
         if conflicts:
             raise VersionConflict(f"{self.address}: {reasons}", self.address)
-        raise TransientError(
-            f"{self.address}: no replica took the push: {reasons}", self.address
-        )
+        raise TransientError(f"{self.address}: no replica took the push: {reasons}", self.address)
 
     def close(self) -> None:
         with self._lock:

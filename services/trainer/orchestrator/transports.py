@@ -38,11 +38,8 @@ from services.trainer.orchestrator.peers import (
     VersionConflict,
     policy_facts,
 )
-from services.trainer.orchestrator.policy_pool import (
-    PolicyEndpoints,
-    PolicyPool,
-    split_host_port,
-)
+from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints, split_host_port
+from services.trainer.orchestrator.policy_pool import PolicyPool
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
