@@ -16,6 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.call_limits import CallLimits
+from rlhf.certs import make_certs
+from rlhf.config.security import AuthConfig, ClientConfig, TlsConfig
+from rlhf.config.server import ServerConfig
+from rlhf.defaults import LOOPBACK
+from rlhf.server import build_server
+from services.policy.engine import PolicyEngine
+from services.policy.server import PolicyServicer, servicers
 from services.trainer.api.inputs import InputRules
 from services.trainer.config import GenerationConfig, TrainerServiceConfig
 from services.trainer.orchestrator.loop import TrainingLoop
@@ -321,6 +329,34 @@ def test_the_allow_list_checks_every_replica(tmp_path: Path) -> None:
     assert rules.address("b:2", "policy address") == "b:2"
     dns = InputRules(TrainerServiceConfig(policy="dns:///p:5", output_dir=str(tmp_path)))
     assert dns.address("p:5", "policy address") == "p:5"
+
+
+def test_dns_replicas_check_the_certificate_against_the_name(tiny_lm: Path, tmp_path: Path) -> None:
+    """A certificate for `localhost` only (no IP address): a replica of dns:///localhost:P,
+    dialled at 127.0.0.1, is checked against `localhost`, so TLS holds."""
+    make_certs(tmp_path, ["policy"], ["caller"], ["localhost"])
+    tls = {
+        name: TlsConfig(
+            str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key"), str(tmp_path / "ca.pem")
+        )
+        for name in ("policy", "caller")
+    }
+    config = ServerConfig(
+        host=LOOPBACK, port=0, grace_s=0, tls=tls["policy"], auth=AuthConfig(no_auth=True)
+    )
+    service = build_server("policy", servicers(PolicyServicer(PolicyEngine(str(tiny_lm)))), config)
+    client = ClientConfig(tls=tls["caller"])
+    by_address = GrpcPolicy(f"{LOOPBACK}:{service.port}", client, CallLimits(info_s=5))
+    pool = connect_policy(f"dns:///localhost:{service.port}", client)
+    try:
+        assert pool.facts().model.name == str(tiny_lm)
+        assert pool.states()[f"{LOOPBACK}:{service.port}"] == "ready"
+        with pytest.raises(TransientError):  # the certificate does not name 127.0.0.1
+            by_address.facts()
+    finally:
+        pool.close()
+        by_address.close()
+        service.stop(0)
 
 
 # --- the loop over a pool of real engines (in this process) --------------------------------------

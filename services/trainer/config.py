@@ -98,8 +98,10 @@ class RunConfig:
     """Prompt source: "builtin" (the shipped set), a .jsonl file or a datasets folder (through
     a trainer service: inside one of its --data-root folders)."""
     policy: str = ""
-    """host:port of the PolicyService. Empty: the trainer service's --policy (for `rlhf train`
-    without a trainer service: rlhf.defaults.POLICY_ADDRESS)."""
+    """The PolicyService: HOST:PORT, or replicas of it as HOST:PORT,HOST:PORT,... or
+    dns:///HOST:PORT (every address HOST resolves to; README "Policy replicas"). Empty: the
+    trainer service's --policy (for `rlhf train` without a trainer service:
+    rlhf.defaults.POLICY_ADDRESS)."""
     rewards: list[str] = field(default_factory=list)
     """Reward endpoints, each "HOST:PORT[=WEIGHT]" or "NAME@HOST:PORT[=WEIGHT]". Empty: the
     trainer service's --reward (without a trainer service: rlhf.defaults.REWARD_ADDRESS)."""
@@ -209,7 +211,8 @@ class TrainerServiceConfig:
     output_dir)."""
 
     policy: str = POLICY_ADDRESS
-    """Default PolicyService host:port (always allowed)."""
+    """Default PolicyService: HOST:PORT, HOST:PORT,HOST:PORT,... (replicas) or dns:///HOST:PORT
+    (always allowed: every address listed, a DNS spec's HOST:PORT)."""
     reward: list[str] = field(default_factory=lambda: [REWARD_ADDRESS])
     """Default reward endpoints, comma-separated HOST:PORT[=WEIGHT] (always allowed)."""
     output_dir: str = DEFAULT_OUTPUT_DIR

@@ -178,7 +178,8 @@ class PolicyPool:
             for replica in self._replicas:
                 if replica.address not in addresses:
                     self.log.warning(
-                        "policy replica left", extra={"replica": replica.address, "dns": "gone"}
+                        "policy replica left",
+                        extra={"replica": replica.address, "dns": self.endpoints.dns},
                     )
                     replica.transport.close()
             self._replicas = [known[a] for a in addresses if a in known] + [
