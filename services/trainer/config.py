@@ -25,6 +25,7 @@ from rlhf.config.checks import at_least, at_most
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS
 from rlhf.logs import quote
 from services.trainer.learner.config import PPOConfig
+from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints
 
 MAX_CONFIG_BYTES = 64 * 1024
 """Largest run config a StartRun takes: its YAML text and its overrides together."""
@@ -245,6 +246,11 @@ class TrainerServiceConfig:
 
     def problems(self) -> list[str]:
         found = [] if self.policy else ["policy must not be empty (a host:port)"]
+        try:
+            if self.policy:
+                PolicyEndpoints.parse(self.policy)
+        except ValueError as err:
+            found.append(f"policy: {err}")
         if not self.output_dir:
             found.append("output_dir must not be empty (the root of every run folder)")
         for name in ("data_root", "model_root"):  # "" would allow the working directory
