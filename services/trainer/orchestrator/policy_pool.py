@@ -226,13 +226,15 @@ class PolicyPool:
                     f"models: {facts.model} ({facts.dtype}) and {other.model} ({other.dtype})",
                     replica.address,
                 )
-        with self._tracking():
-            if self._version is None:
-                self._begin(answers)
-            else:
-                for replica, other in answers:
-                    self._observe(replica, other.instance_id, other.weight_version, "GetInfo")
+        with self._lock:
             self._facts = facts
+            if self._version is None:  # the first look: no replica was admitted before
+                self._begin(answers)
+                self._check_lost()
+                return
+        with self._tracking():
+            for replica, other in answers:
+                self._observe(replica, other.instance_id, other.weight_version, "GetInfo")
 
     def _begin(self, answers: list[tuple[Replica, PolicyFacts]]) -> None:
         """The first look: replicas that all serve one version are ready at it (a fresh run
