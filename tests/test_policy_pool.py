@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.trainer.api.inputs import InputRules
-from services.trainer.config import GenerationConfig, TrainerServiceConfig
+from rlhf.errors import RpcError
+from services.trainer.api.inputs import InputRules, apply_rules
+from services.trainer.config import (
+    GenerationConfig,
+    TrainConfig,
+    TrainerServiceConfig,
+    load_train_config,
+)
 from services.trainer.orchestrator.peers import (
     FatalError,
     ModelFacts,
@@ -311,7 +317,20 @@ def test_connect_policy_builds_one_service_or_a_pool() -> None:
 
 
 def test_the_allow_list_checks_every_replica(tmp_path: Path) -> None:
-    rules = InputRules(TrainerServiceConfig(policy="a:1,b:2", output_dir=str(tmp_path)))
-    assert rules.address("b:2", "policy address") == "b:2"
-    dns = InputRules(TrainerServiceConfig(policy="dns:///p:5", output_dir=str(tmp_path)))
-    assert dns.address("p:5", "policy address") == "p:5"
+    """The trainer's own --policy list allows each of its addresses; a run's policy spec is
+    checked address by address (a dns:/// spec: its HOST:PORT)."""
+    rules = InputRules(
+        TrainerServiceConfig(policy="a:1,b:2", allowed_endpoints=["p:5"], output_dir=str(tmp_path))
+    )
+
+    def run_config(policy: str) -> TrainConfig:
+        return load_train_config(None, [f"run.policy={policy}", "run.run_id=r"])
+
+    for allowed in ("b:2", "a:1,b:2", "b:2,p:5", "dns:///p:5"):
+        apply_rules(rules, run_config(allowed))
+    for denied, code in (("a:1,c:3", "PERMISSION_DENIED"), ("dns:///c:5", "PERMISSION_DENIED")):
+        with pytest.raises(RpcError) as refused:
+            apply_rules(rules, run_config(denied))
+        assert refused.value.code.name == code and "c:" in str(refused.value)
+    with pytest.raises(RpcError, match="run.policy: policy address ''"):
+        apply_rules(rules, run_config("a:1,,b:2"))
