@@ -287,6 +287,8 @@ def test_a_dns_name_is_resolved_again_at_each_push(caplog: pytest.LogCaptureFixt
     assert fakes["10.0.0.1:5"].calls == [] and list(pool.states()) == answer
     messages = [r.getMessage() for r in caplog.records]
     assert "policy replica joined" in messages and "policy replica left" in messages
+    assert "policy replica admitted" in messages  # the new one, once it had the weights
+    assert "policy replica re-admitted" not in messages
 
 
 # --- the spec, connect_policy, the allow-list ----------------------------------------------------

@@ -100,9 +100,11 @@ class PolicyPool:
                     continue
                 extra = {"replica": replica.address, "state": after, "was": was}
                 if after == "ready":
+                    again = "re-admitted" if replica.served_run else "admitted"
                     self.log.info(
-                        "policy replica re-admitted", extra={**extra, "version": self.version}
+                        f"policy replica {again}", extra={**extra, "version": self.version}
                     )
+                    replica.served_run = True
                 else:
                     self.log.warning("policy replica left out", extra={**extra, "why": replica.why})
             self._check_lost()
@@ -245,7 +247,7 @@ class PolicyPool:
         self._version = max(versions)
         for replica, facts in answers:
             replica.instance, replica.version = facts.instance_id, facts.weight_version
-            replica.ours = agree
+            replica.ours = replica.served_run = agree
         self.log.info(
             "policy pool ready" if agree else "policy replicas serve different versions",
             extra={"states": self.states(), "weight_version": self._version},

@@ -33,6 +33,8 @@ class Replica:
     weights when it held ours): a push whose answer was lost may still have landed."""
     why: str = ""
     """Why it was last left out (for the log)."""
+    served_run: bool = False
+    """Whether it was ever ready in this run (a first admission is not a re-admission)."""
 
     def ready(self, version: int) -> bool:
         return self.reachable and self.ours and self.version == version
