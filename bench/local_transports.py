@@ -9,7 +9,7 @@ service's own params_from_proto).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -45,7 +45,12 @@ class LocalPolicy:
             instance_id=self.engine.instance_id,
         )
 
-    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> Pushed:
+    def push_weights(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        version: int,
+        full: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+    ) -> Pushed:
         dtype = self.engine.dtype
         cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
         # The engine keeps its own copy, as the service does: copy, never alias, the trainer's.

@@ -49,7 +49,9 @@ class RestartablePolicy(LocalPolicy):
     def restart(self) -> None:
         self.engine = PolicyEngine(self.model)
 
-    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> Pushed:
+    def push_weights(
+        self, tensors: Mapping[str, torch.Tensor], version: int, full: object = None
+    ) -> Pushed:
         todo = self.before_push.pop(0) if self.before_push else ""
         if todo.startswith("restart"):
             self.restart()

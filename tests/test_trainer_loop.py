@@ -173,7 +173,9 @@ class FailingPolicy(LocalPolicy):
             raise FatalError("Generate on local failed: INTERNAL: injected", "local")
         return super().generate(prompts, gen, seed)  # type: ignore[arg-type]
 
-    def push_weights(self, tensors: dict, version: int) -> Pushed:  # type: ignore[override]
+    def push_weights(  # type: ignore[override]
+        self, tensors: dict, version: int, full: object = None
+    ) -> Pushed:
         if self.phase == "push" and self.step >= self.at_step:
             raise FatalError("UpdateWeights on local failed: INTERNAL: injected", "local")
         return super().push_weights(tensors, version)

@@ -25,6 +25,7 @@ from rlhf.config.checks import at_least, at_most, choice_problems
 from rlhf.defaults import DEFAULT_OUTPUT_DIR, POLICY_ADDRESS, REWARD_ADDRESS
 from rlhf.logs import quote
 from services.trainer.learner.config import PPOConfig
+from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints
 
 MAX_CONFIG_BYTES = 64 * 1024
 """Largest run config a StartRun takes: its YAML text and its overrides together."""
@@ -102,8 +103,10 @@ class RunConfig:
     """Prompt source: "builtin" (the shipped set), a .jsonl file or a datasets folder (through
     a trainer service: inside one of its --data-root folders)."""
     policy: str = ""
-    """host:port of the PolicyService. Empty: the trainer service's --policy (for `rlhf train`
-    without a trainer service: rlhf.defaults.POLICY_ADDRESS)."""
+    """The PolicyService: HOST:PORT, or replicas of it as HOST:PORT,HOST:PORT,... or
+    dns:///HOST:PORT (every address HOST resolves to; README "Policy replicas"). Empty: the
+    trainer service's --policy (for `rlhf train` without a trainer service:
+    rlhf.defaults.POLICY_ADDRESS)."""
     rewards: list[str] = field(default_factory=list)
     """Reward sources, each "[NAME@]ADDRESSES[=WEIGHT]"; ADDRESSES is HOST:PORT, replicas
     HOST:PORT+HOST:PORT[+...] or dns:///HOST:PORT (every address HOST resolves to, balanced by
@@ -215,7 +218,8 @@ class TrainerServiceConfig:
     output_dir)."""
 
     policy: str = POLICY_ADDRESS
-    """Default PolicyService host:port (always allowed)."""
+    """Default PolicyService: HOST:PORT, HOST:PORT,HOST:PORT,... (replicas) or dns:///HOST:PORT
+    (always allowed: every address listed, a DNS spec's HOST:PORT)."""
     reward: list[str] = field(default_factory=lambda: [REWARD_ADDRESS])
     """Default reward sources, comma-separated [NAME@]ADDRESSES[=WEIGHT] (run.rewards' forms;
     every address they name is always allowed)."""
@@ -258,6 +262,11 @@ class TrainerServiceConfig:
 
     def problems(self) -> list[str]:
         found = [] if self.policy else ["policy must not be empty (a host:port)"]
+        try:
+            if self.policy:
+                PolicyEndpoints.parse(self.policy)
+        except ValueError as err:
+            found.append(f"policy: {err}")
         if not self.output_dir:
             found.append("output_dir must not be empty (the root of every run folder)")
         for name in ("data_root", "model_root"):  # "" would allow the working directory

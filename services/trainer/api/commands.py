@@ -65,8 +65,9 @@ class Train:
         parser.add_argument(
             "--policy",
             default="",
-            help=f"PolicyService host:port (default: run.policy, else the trainer's --policy; "
-            f"in this process {POLICY_ADDRESS})",
+            help=f"PolicyService HOST:PORT, replicas HOST:PORT,HOST:PORT,... or dns:///HOST:PORT "
+            f"(default: run.policy, else the trainer's --policy; in this process "
+            f"{POLICY_ADDRESS})",
         )
         parser.add_argument(
             "--reward",
@@ -170,10 +171,11 @@ def _run_here(args: argparse.Namespace, overrides: list[str]) -> int:
     from services.trainer.config import load_train_config
     from services.trainer.orchestrator.loop import StepFailed, TrainingLoop
     from services.trainer.orchestrator.peers import PeerError
+    from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints
     from services.trainer.orchestrator.resume import apply_plan
     from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
     from services.trainer.orchestrator.transports import (
-        GrpcPolicy,
+        connect_policy,
         connect_reward,
         connect_rewards,
     )
@@ -192,7 +194,12 @@ def _run_here(args: argparse.Namespace, overrides: list[str]) -> int:
         config.run.rewards = plan.initial
     every = config.run.rewards + [r for s in (plan.swaps if plan else []) for r in s.rewards]
     client = from_args(ClientConfig, args)
-    _require_serving("policy", config.run.policy, "--policy / run.policy", client)
+    try:
+        endpoints = PolicyEndpoints.parse(config.run.policy)
+    except ValueError as err:
+        raise CommandError(f"--policy / run.policy: {err}") from None
+    for address in endpoints.allowed:  # every replica listed (a typo is caught before loading)
+        _require_serving("policy", address, "--policy / run.policy", client)
     for address in dict.fromkeys(a for r in every for a in EndpointSpec.parse(r).addresses):
         _require_serving("reward", address, "--reward / run.rewards", client)
     limits = config.run.call_limits()
@@ -209,7 +216,7 @@ def _run_here(args: argparse.Namespace, overrides: list[str]) -> int:
                 mixer.close()
                 raise CommandError(f"--resume of run {config.run.run_id}: {err}") from None
         try:
-            policy = GrpcPolicy(config.run.policy, client, limits)
+            policy = connect_policy(config.run.policy, client, limits)
             try:
                 loop = TrainingLoop(config, policy, mixer, resume=args.resume)
                 _run_with_display(loop)

@@ -27,6 +27,7 @@ from services.trainer.config import (
 from services.trainer.learner import parallel
 from services.trainer.orchestrator.checkpoint import latest_checkpoint
 from services.trainer.orchestrator.data import BUILTIN
+from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints
 from services.trainer.orchestrator.rewards import EndpointSpec
 from services.trainer.orchestrator.trainer_state import legacy_refusal
 
@@ -100,8 +101,9 @@ class InputRules:
         self.output_root = _real(settings.output_dir)
         self.data_roots = [_real(p) for p in settings.data_root]
         self.model_roots = [_real(p) for p in settings.model_root]
+        policy = PolicyEndpoints.parse(settings.policy).allowed
         rewards = [a for r in settings.reward for a in EndpointSpec.parse(r).addresses]
-        own = [settings.policy, *rewards]
+        own = policy + rewards
         self._endpoints = {_split_address(a) for a in own + settings.allowed_endpoints}
 
     # --- addresses ---------------------------------------------------------------------------
@@ -182,7 +184,12 @@ def apply_rules(rules: InputRules, config: TrainConfig) -> None:
     run.output_dir = rules.output_dir(run.output_dir)
     rules.run_folder(run.run_id)
     run.prompts = rules.prompts(run.prompts)
-    rules.address(run.policy, "policy address")
+    try:
+        policy = PolicyEndpoints.parse(run.policy)
+    except ValueError as err:
+        raise invalid(f"run.policy: {err}") from None
+    for address in policy.allowed:  # every replica (a dns:/// spec: its HOST:PORT)
+        rules.address(address, "policy address")
     try:
         specs = [EndpointSpec.parse(r) for r in run.rewards]
     except ValueError as err:

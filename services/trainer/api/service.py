@@ -79,15 +79,16 @@ class Transports:
     source's: its ADDRESSES, transports.connect_reward)."""
 
     policy: Callable[[str, CallLimits], PolicyTransport]
+    """Made from run.policy (a HOST:PORT, a list of replicas or dns:///HOST:PORT)."""
     reward: Callable[[str, CallLimits], RewardTransport]
     """Each made from its address and the run's CallLimits (its deadlines and health watch)."""
 
     @classmethod
     def grpc(cls) -> Transports:
-        from services.trainer.orchestrator.transports import GrpcPolicy, connect_reward
+        from services.trainer.orchestrator.transports import connect_policy, connect_reward
 
         return cls(
-            policy=lambda address, limits: GrpcPolicy(address, limits=limits),
+            policy=lambda spec, limits: connect_policy(spec, limits=limits),
             reward=lambda address, limits: connect_reward(address, limits=limits),
         )
 

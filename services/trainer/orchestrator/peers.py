@@ -10,7 +10,7 @@ these protocols and raise only these errors, so the loop never sees a wire statu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -122,8 +122,16 @@ class PolicyTransport(Protocol):
 
     def generate(self, prompts: list[str], gen: GenerationConfig, seed: int) -> Rollout: ...
 
-    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> Pushed:
-        """Makes `version` the served weights; says what is served after, and by whom."""
+    def push_weights(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        version: int,
+        full: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+    ) -> Pushed:
+        """Makes `version` the served weights; says what is served after, and by whom.
+        `full()`: all the weights of `version`, when `tensors` holds only the changed ones (a
+        pool sends them to a replica that does not hold this run's weights); one service
+        ignores it (WeightSync sends it everything when it restarted)."""
         ...
 
     def close(self) -> None: ...

@@ -15,8 +15,9 @@ trainer's own certificate, which the policy service allows to UpdateWeights).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 
 import grpc
 import torch
@@ -32,6 +33,7 @@ from services.trainer.orchestrator.peers import (
     FatalError,
     PeerError,
     PolicyFacts,
+    PolicyTransport,
     Pushed,
     RewardTransport,
     Rollout,
@@ -39,6 +41,8 @@ from services.trainer.orchestrator.peers import (
     VersionConflict,
     policy_facts,
 )
+from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints, split_host_port
+from services.trainer.orchestrator.policy_pool import PolicyPool
 from services.trainer.orchestrator.reward_replicas import connect_source
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
 
@@ -154,7 +158,12 @@ class GrpcPolicy:
                 )
         return rollout
 
-    def push_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> Pushed:
+    def push_weights(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        version: int,
+        full: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+    ) -> Pushed:
         dtype = self.facts().dtype
         conflict = {grpc.StatusCode.FAILED_PRECONDITION: VersionConflict}
         with _calling(self.address, "UpdateWeights", conflict):
@@ -217,15 +226,35 @@ def connect_rewards(
     return mixer
 
 
+def connect_policy(
+    spec: str, client: ClientConfig | None = None, limits: CallLimits | None = None
+) -> PolicyTransport:
+    """The policy of a run.policy spec (policy_pool.PolicyEndpoints): one GrpcPolicy for
+    HOST:PORT, else a PolicyPool of GrpcPolicy replicas. A dns:/// spec's replicas are dialled
+    by address and their TLS certificates checked against its HOST (unless --tls-server-name
+    names another). FatalError for a malformed spec."""
+    try:
+        endpoints = PolicyEndpoints.parse(spec)
+    except ValueError as err:
+        raise FatalError(f"cannot connect to the policy: {err}", spec) from None
+    if not endpoints.pooled:
+        return GrpcPolicy(endpoints.addresses[0], client, limits)
+    config = _client_config(client)
+    if endpoints.dns and config.tls.enabled and not config.tls.tls_server_name:
+        host, _ = split_host_port(endpoints.dns)
+        config = replace(config, tls=replace(config.tls, tls_server_name=host))
+    return PolicyPool(endpoints, lambda address: GrpcPolicy(address, config, limits))
+
+
 def served_model_check(address: str, model_name: str, client: ClientConfig | None = None) -> None:
-    """StartRun's pre-flight: raises ModelMismatch when the policy service at `address` serves
+    """StartRun's pre-flight: raises ModelMismatch when the policy at `address` (a spec) serves
     another model than `model_name`. Where a side's facts cannot be had (the service does not
     answer GetInfo, the model folder cannot be read) nothing is judged here: the run itself
     checks again (TrainingLoop, with retries) and fails with that side's own error."""
     from services.trainer.orchestrator.model_check import check_served_model, trainer_model_facts
 
     try:
-        policy = GrpcPolicy(address, client)
+        policy = connect_policy(address, client)
     except PeerError:
         return
     try:

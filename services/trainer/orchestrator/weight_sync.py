@@ -201,7 +201,9 @@ class WeightSync:
             if version > self._high_water:  # write-ahead: never reuse a number, even if it fails
                 write_high_water(self.folder, version)
                 self._high_water = version
-            return self.policy.push_weights(self.weights(full), version)
+            return self.policy.push_weights(
+                self.weights(full), version, full=lambda: self.weights(True)
+            )
 
         pushed = self.retrying(what, attempt)
         return pushed, full

@@ -1,0 +1,75 @@
+"""What run.policy names: one policy service, a list of replicas, or a DNS name.
+
+`HOST:PORT` is one service (GrpcPolicy); `HOST:PORT,HOST:PORT[,...]` and `dns:///HOST:PORT`
+are replicas of one policy (policy_pool.PolicyPool). A DNS name stands for every address it
+resolves to when it is resolved: a Kubernetes headless Service, a compose service name.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from rlhf.logs import quote
+
+DNS_SCHEME = "dns:///"
+"""A run.policy that starts so names one DNS name whose every address is a replica."""
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """(host, port) of HOST:PORT ([V6]:PORT too); ValueError naming `address` otherwise."""
+    host, _, port = address.rpartition(":")
+    bad = not host or any(c.isspace() or c in "/,@=" for c in host) or len(address) > 255
+    if bad or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"policy address {quote(address)}: expected HOST:PORT")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+@dataclass(frozen=True)
+class PolicyEndpoints:
+    """A run.policy spec, parsed: one address, a list of replicas, or a DNS name."""
+
+    addresses: tuple[str, ...] = ()
+    """The HOST:PORT addresses given (one: a single service; empty with `dns`)."""
+    dns: str = ""
+    """HOST:PORT of a dns:/// spec: every address HOST resolves to is a replica."""
+
+    @classmethod
+    def parse(cls, spec: str) -> PolicyEndpoints:
+        """ValueError (naming the bad part) unless `spec` is one of the three forms."""
+        if spec.startswith(DNS_SCHEME):
+            target = spec.removeprefix(DNS_SCHEME)
+            split_host_port(target)
+            return cls(dns=target)
+        addresses = tuple(spec.split(","))
+        for address in addresses:
+            split_host_port(address)
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(f"policy {quote(spec)}: an address is listed twice")
+        return cls(addresses=addresses)
+
+    @property
+    def pooled(self) -> bool:
+        """Whether a PolicyPool serves it (a list or a DNS name), not one GrpcPolicy."""
+        return bool(self.dns) or len(self.addresses) > 1
+
+    @property
+    def allowed(self) -> list[str]:
+        """The HOST:PORT addresses an allow-list checks (a DNS spec: its HOST:PORT)."""
+        return [self.dns] if self.dns else list(self.addresses)
+
+    def __str__(self) -> str:
+        return DNS_SCHEME + self.dns if self.dns else ",".join(self.addresses)
+
+
+def resolve(target: str) -> list[str]:
+    """Every address HOST of HOST:PORT resolves to now, as HOST:PORT, in the resolver's order,
+    without repeats. Raises OSError when it resolves to nothing."""
+    host, port = split_host_port(target)
+    found: list[str] = []
+    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        ip = str(sockaddr[0])
+        address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+        if address not in found:
+            found.append(address)
+    return found

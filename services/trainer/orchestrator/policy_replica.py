@@ -1,0 +1,85 @@
+"""One replica of a PolicyPool as the pool knows it, and the pool's fan-out helpers: even
+contiguous shards, calls to every replica at once, the checks of a shard's answer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from services.trainer.orchestrator.peers import FatalError, PolicyTransport, Rollout
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Replica:
+    """One policy service of the pool, as the pool knows it."""
+
+    address: str
+    transport: PolicyTransport
+    instance: str = ""
+    """The instance last seen answering ("" until one answered)."""
+    version: int = -1
+    """The weight version that instance was last seen serving (-1: unknown)."""
+    ours: bool = False
+    """Whether that instance holds this run's weights (some version): a partial push is right
+    for it only then."""
+    reachable: bool = True
+    attempted: int = -1
+    """The last version sent to that instance (what it needed: everything, or the changed
+    weights when it held ours): a push whose answer was lost may still have landed."""
+    why: str = ""
+    """Why it was last left out (for the log)."""
+    served_run: bool = False
+    """Whether it was ever ready in this run (a first admission is not a re-admission)."""
+
+    def ready(self, version: int) -> bool:
+        return self.reachable and self.ours and self.version == version
+
+    def state(self, version: int) -> str:
+        if not self.reachable:
+            return "unreachable"
+        return "ready" if self.ready(version) else "needs-weights"
+
+
+def shards(count: int, parts: int) -> list[tuple[int, int]]:
+    """(offset, size) of `parts` contiguous shards of `count` items, sizes differing by <= 1,
+    the larger first; no empty shard."""
+    parts = max(1, min(parts, count))
+    base, extra = divmod(count, parts)
+    shards, offset = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        shards.append((offset, size))
+        offset += size
+    return [s for s in shards if s[1] > 0]
+
+
+def parallel(call: Callable[[T], R], items: list[T]) -> list[R]:
+    """call(item) for every item at once; results in order; the first exception raised."""
+    if len(items) <= 1:
+        return [call(item) for item in items]
+    with ThreadPoolExecutor(len(items), thread_name_prefix="policy-pool") as pool:
+        return list(pool.map(call, items))
+
+
+def validated(rollout: Rollout, size: int, peer: str) -> Rollout:
+    """The checks GrpcPolicy makes, for any replica transport: a completion per prompt and one
+    log-prob per response token."""
+    if len(rollout.response_ids) != size or len(rollout.response_logprobs) != size:
+        raise FatalError(
+            f"Generate on {peer} returned {len(rollout.response_ids)} completions for {size} "
+            "prompts",
+            peer,
+        )
+    for i, (ids, logprobs) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
+        if len(ids) != len(logprobs):
+            raise FatalError(
+                f"Generate on {peer}: completion {i} has {len(ids)} tokens but {len(logprobs)} "
+                "log-probs (the contract: one per token)",
+                peer,
+            )
+    return rollout
