@@ -42,9 +42,10 @@ from services.trainer.orchestrator.peers import (
     Rollout,
     TransientError,
     VersionConflict,
+    checked_rollout,
 )
 from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints, resolve
-from services.trainer.orchestrator.policy_replica import Replica, validated
+from services.trainer.orchestrator.policy_replica import Replica
 
 log = logging.getLogger("rlhf.trainer.pool")
 POOL_THREADS = "policy-pool"
@@ -315,7 +316,7 @@ class PolicyPool:
         except TransientError as err:
             self._unreachable(replica, err)
             return None
-        return validated(rollout, end - start, replica.address)
+        return checked_rollout(rollout, end - start, replica.address)
 
     def _is_ours(self, replica: Replica, rollout: Rollout, version: int) -> bool:
         """Whether the shard came from the replica's known instance at the pool's version;

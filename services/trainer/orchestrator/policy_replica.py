@@ -1,10 +1,10 @@
-"""One replica of a PolicyPool as the pool knows it, and the checks of a shard's answer."""
+"""One replica of a PolicyPool as the pool knows it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.trainer.orchestrator.peers import FatalError, PolicyTransport, Rollout
+from services.trainer.orchestrator.peers import PolicyTransport
 
 
 @dataclass
@@ -36,22 +36,3 @@ class Replica:
         if not self.reachable:
             return "unreachable"
         return "ready" if self.ready(version) else "needs-weights"
-
-
-def validated(rollout: Rollout, size: int, peer: str) -> Rollout:
-    """The checks GrpcPolicy makes, for any replica transport: a completion per prompt and one
-    log-prob per response token."""
-    if len(rollout.response_ids) != size or len(rollout.response_logprobs) != size:
-        raise FatalError(
-            f"Generate on {peer} returned {len(rollout.response_ids)} completions for {size} "
-            "prompts",
-            peer,
-        )
-    for i, (ids, logprobs) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
-        if len(ids) != len(logprobs):
-            raise FatalError(
-                f"Generate on {peer}: completion {i} has {len(ids)} tokens but {len(logprobs)} "
-                "log-probs (the contract: one per token)",
-                peer,
-            )
-    return rollout

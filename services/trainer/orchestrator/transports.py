@@ -39,6 +39,7 @@ from services.trainer.orchestrator.peers import (
     Rollout,
     TransientError,
     VersionConflict,
+    checked_rollout,
     policy_facts,
 )
 from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints, split_host_port
@@ -143,20 +144,7 @@ class GrpcPolicy:
             weight_version=reply.weight_version,
             instance_id=reply.instance_id,
         )
-        if len(rollout.response_ids) != len(prompts):
-            raise FatalError(
-                f"Generate on {self.address} returned {len(rollout.response_ids)} completions "
-                f"for {len(prompts)} prompts",
-                self.address,
-            )
-        for i, (ids, logprobs) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
-            if len(ids) != len(logprobs):
-                raise FatalError(
-                    f"Generate on {self.address}: completion {i} has {len(ids)} tokens but "
-                    f"{len(logprobs)} log-probs (the contract: one per token)",
-                    self.address,
-                )
-        return rollout
+        return checked_rollout(rollout, len(prompts), self.address)
 
     def push_weights(
         self,
