@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rlhf.auth import BearerToken, client_token
 from rlhf.config.security import ClientConfig
 from rlhf.server import GRPC_OPTIONS
-from rlhf.tls import TARGET_NAME_OVERRIDE, open_secure_channel
+from rlhf.tls import open_secure_channel
 
 # Off altogether (not only unconfigured): no call is replayed behind its caller's back, and a
 # weight stream is never buffered for a replay.
@@ -33,30 +33,15 @@ ROUND_ROBIN_OPTION = (
 call goes to the next READY address), instead of pick_first's one connection."""
 
 
-def target_name_options(host: str) -> list[tuple[str, Any]]:
-    """Channel options that check the server's certificate against `host` whatever address a
-    call lands on (a replica's IP behind a DNS name)."""
-    return [(TARGET_NAME_OVERRIDE, host)]
-
-
-def balanced_options(host: str) -> list[tuple[str, Any]]:
-    """Options of ONE channel spread by round_robin over the addresses of a DNS name `host`,
-    its TLS checked against `host`."""
-    return [ROUND_ROBIN_OPTION, *target_name_options(host)]
-
-
 def open_channel(
     address: str, client: ClientConfig | None = None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.Channel:
     """A channel to host:port (or a gRPC target such as dns:///host:port): TLS per
     `client.tls` (plaintext only where rlhf.tls allows it), presenting `client.token_file`'s
     token on every call, with large message limits, gRPC's retries off and `options` added
-    (balanced_options, target_name_options). Raises TlsConfigError / AuthConfigError for files
-    that cannot work."""
+    (ROUND_ROBIN_OPTION). Raises TlsConfigError / AuthConfigError for files that cannot work."""
     client = client or ClientConfig()
     token = client_token(client.token_file) if client.token_file else None
-    if client.tls.tls_server_name:  # the operator's --tls-server-name names the certificate
-        options = [o for o in options if o[0] != TARGET_NAME_OVERRIDE]
     channel = open_secure_channel(address, client.tls, [*CHANNEL_OPTIONS, *options])
     return grpc.intercept_channel(channel, BearerToken(token)) if token else channel
 

@@ -25,16 +25,11 @@ from rlhf.weights import CHUNK_BYTES, encode_weight_frames
 
 class PolicyClient:
     def __init__(
-        self,
-        address: str,
-        limits: CallLimits | None = None,
-        client: ClientConfig | None = None,
-        options: Sequence[tuple[str, Any]] = (),
+        self, address: str, limits: CallLimits | None = None, client: ClientConfig | None = None
     ) -> None:
-        """`options`: further channel options (rlhf.channels.open_channel)."""
         self.address = address
         self.limits = limits or CallLimits()
-        self.channel = open_channel(address, client, options)
+        self.channel = open_channel(address, client)
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
         # UpdateWeights fed with encode_weight_frames' ready-serialized chunks (same wire bytes
         # as stub.UpdateWeights with WeightChunk messages, two copies fewer per payload byte).

@@ -25,13 +25,13 @@ from services.trainer.api.client import TrainerClient
 from services.trainer.api.inputs import InputRules
 from services.trainer.api.service import TrainerServicer, Transports
 from services.trainer.config import GenerationConfig, TrainerServiceConfig
+from services.trainer.orchestrator.fanout import even_shards
 from services.trainer.orchestrator.peers import FatalError, Rollout, TransientError
 from services.trainer.orchestrator.reward_replicas import (
     BalancedReward,
     ReplicatedReward,
     connect_source,
     resolved_count,
-    shard_bounds,
 )
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardError, RewardMixer
 from services.trainer.orchestrator.transports import GrpcReward, connect_reward
@@ -139,10 +139,10 @@ class FakeReplica:
 
 
 def test_shards_are_contiguous_and_even() -> None:
-    assert shard_bounds(5, 2) == [(0, 3), (3, 5)]
-    assert shard_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
-    assert shard_bounds(1, 3) == [(0, 1)]
-    assert shard_bounds(0, 2) == []
+    assert even_shards(5, 2) == [(0, 3), (3, 5)]
+    assert even_shards(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert even_shards(1, 3) == [(0, 1)]
+    assert even_shards(0, 2) == []
 
 
 def test_split_and_reassembly_keep_sample_order_whatever_answers_first() -> None:

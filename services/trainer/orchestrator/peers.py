@@ -110,6 +110,25 @@ class Pushed:
     """The policy instance that took the push (PolicyFacts.instance_id)."""
 
 
+def checked_rollout(rollout: Rollout, size: int, peer: str) -> Rollout:
+    """`rollout` if it keeps the contract for `size` prompts (a completion per prompt, one
+    log-prob per response token), else FatalError naming `peer`."""
+    if len(rollout.response_ids) != size or len(rollout.response_logprobs) != size:
+        raise FatalError(
+            f"Generate on {peer} returned {len(rollout.response_ids)} completions for {size} "
+            "prompts",
+            peer,
+        )
+    for i, (ids, logprobs) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
+        if len(ids) != len(logprobs):
+            raise FatalError(
+                f"Generate on {peer}: completion {i} has {len(ids)} tokens but {len(logprobs)} "
+                "log-probs (the contract: one per token)",
+                peer,
+            )
+    return rollout
+
+
 class PolicyTransport(Protocol):
     """How the loop reaches the policy: facts, sampling, weight sync."""
 

@@ -7,13 +7,11 @@ resolves to when it is resolved: a Kubernetes headless Service, a compose servic
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
+from rlhf.defaults import DNS_SCHEME
 from rlhf.logs import quote
-
-DNS_SCHEME = "dns:///"
-"""A run.policy that starts so names one DNS name whose every address is a replica."""
+from services.trainer.orchestrator.fanout import resolve as resolve_host
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -63,13 +61,6 @@ class PolicyEndpoints:
 
 
 def resolve(target: str) -> list[str]:
-    """Every address HOST of HOST:PORT resolves to now, as HOST:PORT, in the resolver's order,
-    without repeats. Raises OSError when it resolves to nothing."""
-    host, port = split_host_port(target)
-    found: list[str] = []
-    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        ip = str(sockaddr[0])
-        address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
-        if address not in found:
-            found.append(address)
-    return found
+    """Every address HOST of HOST:PORT resolves to now (fanout.resolve). Raises OSError when it
+    resolves to nothing."""
+    return resolve_host(*split_host_port(target))

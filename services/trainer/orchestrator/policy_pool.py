@@ -32,6 +32,7 @@ import torch
 
 from rlhf.logs import ContextLogger
 from services.trainer.config import GenerationConfig
+from services.trainer.orchestrator.fanout import call_each, even_shards
 from services.trainer.orchestrator.peers import (
     FatalError,
     PeerError,
@@ -41,11 +42,14 @@ from services.trainer.orchestrator.peers import (
     Rollout,
     TransientError,
     VersionConflict,
+    checked_rollout,
 )
 from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints, resolve
-from services.trainer.orchestrator.policy_replica import Replica, parallel, shards, validated
+from services.trainer.orchestrator.policy_replica import Replica
 
 log = logging.getLogger("rlhf.trainer.pool")
+POOL_THREADS = "policy-pool"
+"""Name of the threads that call the replicas at once."""
 
 
 class PolicyPool:
@@ -217,7 +221,11 @@ class PolicyPool:
                 self._unreachable(replica, err)
                 return None
 
-        answers = [(r, f) for r, f in zip(replicas, parallel(info, replicas)) if f is not None]
+        answers = [
+            (r, f)
+            for r, f in zip(replicas, call_each(info, replicas, POOL_THREADS))
+            if f is not None
+        ]
         if not answers:
             raise TransientError(f"no replica of the {self.address} answered GetInfo", self.address)
         first, facts = answers[0]
@@ -263,7 +271,7 @@ class PolicyPool:
             self._refresh()
             with self._lock:
                 version, ready = self.version, self._ready()
-        pending = shards(len(prompts), len(ready))
+        pending = even_shards(len(prompts), len(ready))
         done: dict[int, Rollout] = {}
         used: set[str] = set()
         while pending:
@@ -273,7 +281,9 @@ class PolicyPool:
                 return self._not_ours()
             # One shard per replica at first; a redone shard goes to the next ready ones.
             jobs = [(shard, ready[i % len(ready)]) for i, shard in enumerate(pending)]
-            answers = parallel(lambda job: self._shard(job, prompts, gen, seed), jobs)
+            answers = call_each(
+                lambda job: self._shard(job, prompts, gen, seed), jobs, POOL_THREADS
+            )
             pending = []
             for (shard, replica), rollout in zip(jobs, answers):
                 if rollout is not None and self._is_ours(replica, rollout, version):
@@ -300,15 +310,13 @@ class PolicyPool:
         seed: int,
     ) -> Rollout | None:
         """One shard on one replica (None: it failed transiently and is left out)."""
-        (offset, size), replica = job
+        (start, end), replica = job
         try:
-            rollout = replica.transport.generate(
-                prompts[offset : offset + size], gen, seed + offset
-            )
+            rollout = replica.transport.generate(prompts[start:end], gen, seed + start)
         except TransientError as err:
             self._unreachable(replica, err)
             return None
-        return validated(rollout, size, replica.address)
+        return checked_rollout(rollout, end - start, replica.address)
 
     def _is_ours(self, replica: Replica, rollout: Rollout, version: int) -> bool:
         """Whether the shard came from the replica's known instance at the pool's version;
@@ -351,8 +359,10 @@ class PolicyPool:
             skipped = [r for r in self._replicas if r.ready(version)]
             jobs = [(r, not r.ours) for r in self._replicas if r not in skipped]
         everything = (full() if full is not None else tensors) if any(w for _, w in jobs) else {}
-        outcomes = parallel(
-            lambda job: self._push_one(job[0], everything if job[1] else tensors, version), jobs
+        outcomes = call_each(
+            lambda job: self._push_one(job[0], everything if job[1] else tensors, version),
+            jobs,
+            POOL_THREADS,
         )
         return self._pushed(version, skipped, jobs, outcomes)
 

@@ -1,17 +1,10 @@
-"""One replica of a PolicyPool as the pool knows it, and the pool's fan-out helpers: even
-contiguous shards, calls to every replica at once, the checks of a shard's answer."""
+"""One replica of a PolicyPool as the pool knows it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
-from services.trainer.orchestrator.peers import FatalError, PolicyTransport, Rollout
-
-T = TypeVar("T")
-R = TypeVar("R")
+from services.trainer.orchestrator.peers import PolicyTransport
 
 
 @dataclass
@@ -43,43 +36,3 @@ class Replica:
         if not self.reachable:
             return "unreachable"
         return "ready" if self.ready(version) else "needs-weights"
-
-
-def shards(count: int, parts: int) -> list[tuple[int, int]]:
-    """(offset, size) of `parts` contiguous shards of `count` items, sizes differing by <= 1,
-    the larger first; no empty shard."""
-    parts = max(1, min(parts, count))
-    base, extra = divmod(count, parts)
-    shards, offset = [], 0
-    for i in range(parts):
-        size = base + (1 if i < extra else 0)
-        shards.append((offset, size))
-        offset += size
-    return [s for s in shards if s[1] > 0]
-
-
-def parallel(call: Callable[[T], R], items: list[T]) -> list[R]:
-    """call(item) for every item at once; results in order; the first exception raised."""
-    if len(items) <= 1:
-        return [call(item) for item in items]
-    with ThreadPoolExecutor(len(items), thread_name_prefix="policy-pool") as pool:
-        return list(pool.map(call, items))
-
-
-def validated(rollout: Rollout, size: int, peer: str) -> Rollout:
-    """The checks GrpcPolicy makes, for any replica transport: a completion per prompt and one
-    log-prob per response token."""
-    if len(rollout.response_ids) != size or len(rollout.response_logprobs) != size:
-        raise FatalError(
-            f"Generate on {peer} returned {len(rollout.response_ids)} completions for {size} "
-            "prompts",
-            peer,
-        )
-    for i, (ids, logprobs) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
-        if len(ids) != len(logprobs):
-            raise FatalError(
-                f"Generate on {peer}: completion {i} has {len(ids)} tokens but {len(logprobs)} "
-                "log-probs (the contract: one per token)",
-                peer,
-            )
-    return rollout

@@ -20,29 +20,16 @@ gRPC-free: the transports come from a `connect` callable (gRPC ones from transpo
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from rlhf.defaults import DNS_SCHEME
 from rlhf.logs import quote
+from services.trainer.orchestrator.fanout import call_each, even_shards, resolve
 from services.trainer.orchestrator.peers import PeerError, RewardTransport, TransientError
 from services.trainer.orchestrator.rewards import REPLICA_SEPARATOR, RewardError, reward_addresses
 
 log = logging.getLogger("rlhf.trainer.rewards")
-
-
-def shard_bounds(count: int, shards: int) -> list[tuple[int, int]]:
-    """[start, end) of `shards` contiguous shards of `count` samples, sizes differing by at
-    most one (the first ones take the extra); empty shards are left out."""
-    size, extra = divmod(count, max(1, shards))
-    bounds, start = [], 0
-    for k in range(max(1, shards)):
-        end = start + size + (1 if k < extra else 0)
-        if end > start:
-            bounds.append((start, end))
-        start = end
-    return bounds
 
 
 def _checked(replica: RewardTransport, prompts: list[str], responses: list[str]) -> list[float]:
@@ -78,10 +65,8 @@ class ReplicatedReward:
     def name(self) -> str:
         """The service name every replica reports (GetInfo of each, in parallel); replicas
         that disagree serve different reward models: RewardError naming both."""
-        with ThreadPoolExecutor(len(self.replicas), thread_name_prefix="reward-info") as pool:
-            futures = [pool.submit(r.name) for r in self.replicas]
-            wait(futures)
-        names = [f.result() for f in futures]  # the first failure, in replica order
+        # The first failure, in replica order, is raised.
+        names = call_each(lambda replica: replica.name(), self.replicas, "reward-info")
         first = self.replicas[0]
         for replica, name in zip(self.replicas[1:], names[1:]):
             if name != names[0]:
@@ -95,7 +80,7 @@ class ReplicatedReward:
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """One score per sample, in sample order, the batch split across the replicas."""
-        bounds = shard_bounds(len(responses), len(self.replicas))
+        bounds = even_shards(len(responses), len(self.replicas))
         results: list[list[float] | None] = [None] * len(bounds)
         pending = list(range(len(bounds)))
         live = list(range(len(self.replicas)))
@@ -151,10 +136,9 @@ def resolved_count(host_port: str) -> int:
     resolve still gets one shard, and gRPC's own resolver says why its call fails)."""
     host, _, port = host_port.rpartition(":")
     try:
-        found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        return max(1, len(resolve(host.strip("[]"), int(port))))
     except (OSError, UnicodeError):
         return 1
-    return max(1, len({info[4][0] for info in found}))
 
 
 class BalancedReward:
@@ -173,17 +157,16 @@ class BalancedReward:
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """One score per sample, in sample order: one shard per replica, all in flight at
         once on the one channel so round_robin sends them to different replicas."""
-        bounds = shard_bounds(len(responses), self.shards())
+        bounds = even_shards(len(responses), self.shards())
         if len(bounds) <= 1:
             return _checked(self.transport, prompts, responses)
-        with ThreadPoolExecutor(len(bounds), thread_name_prefix="reward-shard") as pool:
-            futures = [
-                pool.submit(_checked, self.transport, prompts[s:e], responses[s:e])
-                for s, e in bounds
-            ]
-            wait(futures)
+        shards = call_each(
+            lambda b: _checked(self.transport, prompts[b[0] : b[1]], responses[b[0] : b[1]]),
+            bounds,
+            "reward-shard",
+        )
         # The first failure in shard order fails the call (a transient one: the loop retries).
-        return [score for future in futures for score in future.result()]
+        return [score for shard in shards for score in shard]
 
     def close(self) -> None:
         self.transport.close()

@@ -23,7 +23,7 @@ import grpc
 import torch
 
 from rlhf.call_limits import CallLimits
-from rlhf.channels import balanced_options
+from rlhf.channels import ROUND_ROBIN_OPTION
 from rlhf.clients import PolicyClient, RewardClient
 from rlhf.config.security import ClientConfig
 from rlhf.tls import address_host
@@ -39,6 +39,7 @@ from services.trainer.orchestrator.peers import (
     Rollout,
     TransientError,
     VersionConflict,
+    checked_rollout,
     policy_facts,
 )
 from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints, split_host_port
@@ -143,20 +144,7 @@ class GrpcPolicy:
             weight_version=reply.weight_version,
             instance_id=reply.instance_id,
         )
-        if len(rollout.response_ids) != len(prompts):
-            raise FatalError(
-                f"Generate on {self.address} returned {len(rollout.response_ids)} completions "
-                f"for {len(prompts)} prompts",
-                self.address,
-            )
-        for i, (ids, logprobs) in enumerate(zip(rollout.response_ids, rollout.response_logprobs)):
-            if len(ids) != len(logprobs):
-                raise FatalError(
-                    f"Generate on {self.address}: completion {i} has {len(ids)} tokens but "
-                    f"{len(logprobs)} log-probs (the contract: one per token)",
-                    self.address,
-                )
-        return rollout
+        return checked_rollout(rollout, len(prompts), self.address)
 
     def push_weights(
         self,
@@ -187,9 +175,12 @@ class GrpcReward:
         """`balanced`: `address` is dns:///HOST:PORT; gRPC's round_robin spreads the calls
         over HOST's addresses and TLS checks each replica's certificate against HOST."""
         self.address = address
-        options = balanced_options(address_host(address)) if balanced else []
+        config = _client_config(client)
+        if balanced:
+            config = _checked_against(config, address_host(address))
+        options = [ROUND_ROBIN_OPTION] if balanced else []
         with _connecting(address):
-            self.client = RewardClient(address, limits, _client_config(client), options)
+            self.client = RewardClient(address, limits, config, options)
 
     def name(self) -> str:
         with _calling(self.address, "GetInfo"):
@@ -240,10 +231,17 @@ def connect_policy(
     if not endpoints.pooled:
         return GrpcPolicy(endpoints.addresses[0], client, limits)
     config = _client_config(client)
-    if endpoints.dns and config.tls.enabled and not config.tls.tls_server_name:
-        host, _ = split_host_port(endpoints.dns)
-        config = replace(config, tls=replace(config.tls, tls_server_name=host))
+    if endpoints.dns:
+        config = _checked_against(config, split_host_port(endpoints.dns)[0])
     return PolicyPool(endpoints, lambda address: GrpcPolicy(address, config, limits))
+
+
+def _checked_against(client: ClientConfig, host: str) -> ClientConfig:
+    """`client` with TLS checking the servers' certificates against `host`: the replicas of a
+    dns:/// name are reached by address. An operator's --tls-server-name wins."""
+    if not client.tls.enabled or client.tls.tls_server_name:
+        return client
+    return replace(client, tls=replace(client.tls, tls_server_name=host))
 
 
 def served_model_check(address: str, model_name: str, client: ClientConfig | None = None) -> None:
