@@ -31,14 +31,17 @@ def test_every_benchmark_runs_and_prints_its_table() -> None:
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     summary = out.split("=== summary ===")[1]
-    names = ("bench_loop.py", "bench_policy.py", "bench_replicas.py", "bench_reward.py")
-    for name in (*names, "bench_seed.py"):
+    names = ("bench_loop.py", "bench_policy.py", "bench_ranks.py", "bench_replicas.py")
+    for name in (*names, "bench_reward.py", "bench_seed.py"):
         assert f"{name}" in summary and "FAILED" not in summary, summary
     assert "the same on both sides: yes" in out  # Generate sampled the in-process tokens
     assert "UpdateWeights MB/s" in out
     # bench_replicas: 1 vs 2 policy replicas made the same number of tokens.
     assert "tokens per Generate: 128 on both sides: yes" in out
     assert "Generate tok/s ratio, 2 replicas / 1" in out and "push time ratio" in out
+    # bench_ranks: 2 DDP ranks did the single process's math on the same rollouts.
+    assert "first step's statistics the same on both sides: yes" in out
+    assert "speed 2 ranks / 1 rank: median" in out
     # bench_policy's engine comparison: min = max new tokens, so each engine made exactly these.
     counts = "batch 8: hf [512], vllm [512]; batch 64: hf [4096], vllm [4096]"
     assert f"tokens per call ({counts}): the same on both engines: yes" in out, out[-3000:]
