@@ -12,6 +12,10 @@ changed (the prompts are drawn again next time); a failure in the update or the 
 the learner mid-step, so the run stops without writing a checkpoint: the last boundary
 checkpoint stays the latest, and a resume redoes the step exactly.
 
+Under torchrun this loop runs on rank 0 only; `self.followers` (learner_group.py) tells the
+other ranks each learner call (start, prepare, update, and FSDP's gathers) before rank 0 makes
+it, so the learner's collectives line up.
+
 With run.max_staleness k >= 1 the step's rollout (prompts, Generate, Score) is made ahead by
 a worker thread while the learner trains earlier steps (rollouts.py has its ordering rules);
 the step takes it, trains on it and pushes once the worker's Generate of step + k returned.
