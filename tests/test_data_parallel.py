@@ -25,6 +25,7 @@ from rlhf.channels import check_health, open_channel
 from services.trainer.orchestrator.learner_group import shard_root
 from services.trainer.orchestrator.metrics import read_metrics, row_stats
 from tests.servers import NO_AUTH_FLAG
+from tests.test_trainer_loop import tiny_run
 from tools.launch import ServiceProcess, free_port, start_service
 
 pytestmark = pytest.mark.slow
@@ -113,13 +114,7 @@ def services(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def train(tiny_lm: Path, out: Path | None, run_id: str, steps: int, *extra: str) -> list[str]:
     """`rlhf train` of a short run (out None: in a trainer service's --output-dir)."""
     sets = [
-        f"ppo.model_name={tiny_lm}",
-        "batch_size=4",
-        "mini_batch_size=2",
-        "ppo_epochs=2",
-        "learning_rate=1e-3",
-        "log_with=jsonl",
-        "max_new_tokens=6",
+        *tiny_run(tiny_lm),
         f"run.steps={steps}",
         "run.save_every=2",
         *([f"run.output_dir={out}"] if out else []),

@@ -41,8 +41,9 @@ class ScriptedReward:
         pass
 
 
-def _config(model: Path, out: Path, steps: int, run_id: str, lora: bool = False) -> TrainConfig:
-    overrides = [
+def tiny_run(model: Path) -> list[str]:
+    """Overrides of a quick run on the tiny LM (a step in well under a second)."""
+    return [
         f"model_name={model}",
         "batch_size=4",
         "mini_batch_size=2",
@@ -50,6 +51,12 @@ def _config(model: Path, out: Path, steps: int, run_id: str, lora: bool = False)
         "learning_rate=1e-3",
         "log_with=jsonl",
         "max_new_tokens=6",
+    ]
+
+
+def _config(model: Path, out: Path, steps: int, run_id: str, lora: bool = False) -> TrainConfig:
+    overrides = [
+        *tiny_run(model),
         f"use_lora={lora}",
         f"run.steps={steps}",
         "run.save_every=0",
