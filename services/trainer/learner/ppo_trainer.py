@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -430,7 +430,7 @@ class PPOTrainer:
         )
 
 
-def _map_tensors(value: Any, change: Any) -> Any:
+def _map_tensors(value: Any, change: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """`value` (nested dicts and lists) with `change` applied to every tensor in it."""
     if isinstance(value, torch.Tensor):
         return change(value)
