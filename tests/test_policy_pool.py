@@ -23,6 +23,7 @@ from services.trainer.config import (
     TrainerServiceConfig,
     load_train_config,
 )
+from services.trainer.orchestrator.fanout import resolve
 from services.trainer.orchestrator.peers import (
     FatalError,
     ModelFacts,
@@ -32,7 +33,7 @@ from services.trainer.orchestrator.peers import (
     TransientError,
     VersionConflict,
 )
-from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints, resolve
+from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints
 from services.trainer.orchestrator.policy_pool import PolicyPool
 from services.trainer.orchestrator.transports import GrpcPolicy, connect_policy
 

@@ -11,16 +11,15 @@ from dataclasses import dataclass
 
 from rlhf.defaults import DNS_SCHEME
 from rlhf.logs import quote
-from services.trainer.orchestrator.fanout import resolve as resolve_host
+from services.trainer.orchestrator.fanout import split_host_port
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """(host, port) of HOST:PORT ([V6]:PORT too); ValueError naming `address` otherwise."""
-    host, _, port = address.rpartition(":")
-    bad = not host or any(c.isspace() or c in "/,@=" for c in host) or len(address) > 255
-    if bad or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"policy address {quote(address)}: expected HOST:PORT")
-    return host.removeprefix("[").removesuffix("]"), int(port)
+def _checked(address: str) -> None:
+    """ValueError naming `address` as a policy address unless it is HOST:PORT."""
+    try:
+        split_host_port(address)
+    except ValueError:
+        raise ValueError(f"policy address {quote(address)}: expected HOST:PORT") from None
 
 
 @dataclass(frozen=True)
@@ -37,11 +36,11 @@ class PolicyEndpoints:
         """ValueError (naming the bad part) unless `spec` is one of the three forms."""
         if spec.startswith(DNS_SCHEME):
             target = spec.removeprefix(DNS_SCHEME)
-            split_host_port(target)
+            _checked(target)
             return cls(dns=target)
         addresses = tuple(spec.split(","))
         for address in addresses:
-            split_host_port(address)
+            _checked(address)
         if len(set(addresses)) != len(addresses):
             raise ValueError(f"policy {quote(spec)}: an address is listed twice")
         return cls(addresses=addresses)
@@ -58,9 +57,3 @@ class PolicyEndpoints:
 
     def __str__(self) -> str:
         return DNS_SCHEME + self.dns if self.dns else ",".join(self.addresses)
-
-
-def resolve(target: str) -> list[str]:
-    """Every address HOST of HOST:PORT resolves to now (fanout.resolve). Raises OSError when it
-    resolves to nothing."""
-    return resolve_host(*split_host_port(target))

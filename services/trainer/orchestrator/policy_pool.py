@@ -32,7 +32,7 @@ import torch
 
 from rlhf.logs import ContextLogger
 from services.trainer.config import GenerationConfig
-from services.trainer.orchestrator.fanout import call_each, even_shards
+from services.trainer.orchestrator.fanout import call_each, even_shards, resolve
 from services.trainer.orchestrator.peers import (
     FatalError,
     PeerError,
@@ -44,7 +44,7 @@ from services.trainer.orchestrator.peers import (
     VersionConflict,
     checked_rollout,
 )
-from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints, resolve
+from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints
 from services.trainer.orchestrator.policy_replica import Replica
 
 log = logging.getLogger("rlhf.trainer.pool")

@@ -134,9 +134,8 @@ class ReplicatedReward:
 def resolved_count(host_port: str) -> int:
     """How many distinct addresses HOST resolves to now (at least 1: a name that does not
     resolve still gets one shard, and gRPC's own resolver says why its call fails)."""
-    host, _, port = host_port.rpartition(":")
     try:
-        return max(1, len(resolve(host.strip("[]"), int(port))))
+        return max(1, len(resolve(host_port)))
     except (OSError, UnicodeError):
         return 1
 

@@ -29,6 +29,7 @@ from rlhf.config.security import ClientConfig
 from rlhf.tls import address_host
 from rlhf.v1 import policy_pb2
 from services.trainer.config import GenerationConfig
+from services.trainer.orchestrator.fanout import split_host_port
 from services.trainer.orchestrator.peers import (
     FatalError,
     PeerError,
@@ -42,7 +43,7 @@ from services.trainer.orchestrator.peers import (
     checked_rollout,
     policy_facts,
 )
-from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints, split_host_port
+from services.trainer.orchestrator.policy_endpoints import PolicyEndpoints
 from services.trainer.orchestrator.policy_pool import PolicyPool
 from services.trainer.orchestrator.reward_replicas import connect_source
 from services.trainer.orchestrator.rewards import EndpointSpec, RewardMixer
