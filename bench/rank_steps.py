@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.trainer.config import DATA_PARALLEL  # noqa: E402
 from services.trainer.learner import parallel  # noqa: E402
 from services.trainer.learner.config import PPOConfig  # noqa: E402
 from services.trainer.learner.ppo_trainer import PPOTrainer  # noqa: E402
@@ -46,7 +47,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--mini-batch", type=int, default=2)
     parser.add_argument("--response-tokens", type=int, default=64)
-    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--strategy", choices=DATA_PARALLEL, default="ddp")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dp = parallel.init_from_env(args.strategy, "gloo")

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.trainer.config import DATA_PARALLEL  # noqa: E402
 from services.trainer.learner import parallel  # noqa: E402
 from services.trainer.learner.config import PPOConfig  # noqa: E402
 from services.trainer.learner.ppo_trainer import PPOTrainer  # noqa: E402
@@ -34,7 +35,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("out", type=Path)
-    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--strategy", choices=DATA_PARALLEL, default="ddp")
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     dp = parallel.init_from_env(args.strategy, "gloo")

@@ -26,8 +26,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from services.trainer.config import DATA_PARALLEL, DIST_BACKENDS
-
 COMMAND_TIMEOUT = timedelta(days=365)
 """The command group's timeout: ranks > 0 wait there for rank 0's next command, which may come
 after days of an idle trainer service."""
@@ -80,14 +78,11 @@ def world_from_env() -> int:
 
 def init_from_env(strategy: str = "ddp", backend: str = "auto") -> DataParallel | None:
     """Joins the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT);
-    None (and nothing initialised) when WORLD_SIZE is 1."""
+    None (and nothing initialised) when WORLD_SIZE is 1. `strategy` and `backend`: the trainer
+    settings' data_parallel and dist_backend, checked there."""
     global _process
     if _process is not None:
         return _process
-    if strategy not in DATA_PARALLEL:
-        raise ValueError(f"data parallel strategy {strategy!r}: choose one of {DATA_PARALLEL}")
-    if backend not in DIST_BACKENDS:
-        raise ValueError(f"distributed backend {backend!r}: choose one of {DIST_BACKENDS}")
     if world_from_env() <= 1:
         return None
     if backend == "auto":

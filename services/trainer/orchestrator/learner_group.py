@@ -36,9 +36,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rlhf.config import apply_mapping
 from rlhf.defaults import DEFAULT_OUTPUT_DIR
-from services.trainer.config import GenerationConfig, RunConfig, TrainConfig
-from services.trainer.learner.config import PPOConfig
+from services.trainer.config import TrainConfig
 from services.trainer.learner.parallel import DataParallel
 from services.trainer.orchestrator.checkpoint import latest_checkpoint, save_checkpoint
 from services.trainer.orchestrator.trainer_state import (
@@ -177,11 +177,10 @@ class Followers:
 
 # --- ranks > 0 ---------------------------------------------------------------------------------
 def _train_config(data: dict[str, Any]) -> TrainConfig:
-    return TrainConfig(
-        ppo=PPOConfig(**data["ppo"]),
-        generation=GenerationConfig(**data["generation"]),
-        run=RunConfig(**data["run"]),
-    )
+    """The run's config as rank 0 sent it (dataclasses.asdict form, as in run.json)."""
+    config = TrainConfig()
+    apply_mapping(config, data)
+    return config
 
 
 class _Follower:
