@@ -25,6 +25,9 @@ TRAINER_ADDRESS = f"{LOOPBACK}:{TRAINER_PORT}"
 DNS_SCHEME = "dns:///"
 """Prefix of an address gRPC resolves itself, dns:///HOST:PORT: every address HOST resolves to
 (a Kubernetes headless Service, a compose service with several containers) is a replica."""
+REPLICA_SEPARATOR = "+"
+"""Between the replicas of one reward source (HOST:PORT+HOST:PORT): "," already separates the
+sources of a flag."""
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """Floating-point dtypes a model may be loaded, trained, served or sent in."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from rlhf.defaults import DEFAULT_PORTS
+from rlhf.defaults import DEFAULT_PORTS, DNS_SCHEME, REPLICA_SEPARATOR
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 BASE_DIR = K8S_DIR / "base"
@@ -226,9 +226,10 @@ def with_default_port(address: str, port: int = DEFAULT_PORTS["reward"]) -> str:
     rm@a+b -> rm@a:50052+b:50052 (replicas of one source); addresses with ports as they are."""
     source, eq, weight = address.partition("=")
     name, at, hosts = source.rpartition("@")
-    scheme = "dns:///" if hosts.startswith("dns:///") else ""
-    hosts = "+".join(
-        h if ":" in h else f"{h}:{port}" for h in hosts.removeprefix(scheme).split("+")
+    scheme = DNS_SCHEME if hosts.startswith(DNS_SCHEME) else ""
+    hosts = REPLICA_SEPARATOR.join(
+        h if ":" in h else f"{h}:{port}"
+        for h in hosts.removeprefix(scheme).split(REPLICA_SEPARATOR)
     )
     return name + at + scheme + hosts + eq + weight
 

@@ -23,11 +23,11 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from rlhf.defaults import DNS_SCHEME
+from rlhf.defaults import DNS_SCHEME, REPLICA_SEPARATOR
 from rlhf.logs import quote
 from services.trainer.orchestrator.fanout import call_each, even_shards, resolve
 from services.trainer.orchestrator.peers import PeerError, RewardTransport, TransientError
-from services.trainer.orchestrator.rewards import REPLICA_SEPARATOR, RewardError, reward_addresses
+from services.trainer.orchestrator.rewards import RewardError, reward_addresses
 
 log = logging.getLogger("rlhf.trainer.rewards")
 

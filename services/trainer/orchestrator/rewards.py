@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from rlhf.defaults import DNS_SCHEME
+from rlhf.defaults import DNS_SCHEME, REPLICA_SEPARATOR
 from rlhf.logs import quote
 from services.trainer.orchestrator.fanout import split_host_port
 from services.trainer.orchestrator.peers import FatalError, PeerError, RewardTransport
@@ -24,8 +24,6 @@ MAX_WEIGHT = 1e6
 """Largest |weight| of a reward endpoint: the weighted sum stays far from float overflow."""
 MAX_REPLICAS = 16
 """Most addresses one reward source may list (HOST:PORT+HOST:PORT+...)."""
-REPLICA_SEPARATOR = "+"
-"""Between the replicas of one source: "," already separates the sources of a flag."""
 _NAME = re.compile(r"[A-Za-z0-9._:@+-]{0,64}")
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9._:@+-]")
 
