@@ -22,15 +22,15 @@ _HOST_REFUSED = re.compile(r"[\s/,=+@]")
 
 def split_host_port(address: str) -> tuple[str, int]:
     """(host, port) of HOST:PORT or [V6]:PORT (the brackets dropped): a host without whitespace
-    or any of /,=+@, an IPv6 host in brackets, a port from 1 to 65535, 255 characters at most.
+    or any of /,=+@, an IPv6 host in brackets, a port from 0 to 65535, 255 characters at most.
     ValueError naming `address` otherwise."""
     host, _, port = address.rpartition(":")
     bare_v6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
     bad_host = not host or bare_v6 or _HOST_REFUSED.search(host) is not None
     if bad_host or len(address) > MAX_ADDRESS_CHARS:
         raise ValueError(f"{quote(address)} is not HOST:PORT")
-    if not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"port {quote(port)} of {quote(address)} is not a number from 1 to 65535")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"port {quote(port)} of {quote(address)} is not a number from 0 to 65535")
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 

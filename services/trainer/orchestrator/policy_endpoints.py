@@ -15,11 +15,14 @@ from services.trainer.orchestrator.fanout import split_host_port
 
 
 def _checked(address: str) -> None:
-    """ValueError naming `address` as a policy address unless it is HOST:PORT."""
+    """ValueError naming `address` as a policy address unless it is HOST:PORT, port 0 refused
+    (a policy is always dialled; in-process reward sources use port 0 as a name)."""
     try:
-        split_host_port(address)
+        _, port = split_host_port(address)
     except ValueError:
-        raise ValueError(f"policy address {quote(address)}: expected HOST:PORT") from None
+        port = 0
+    if port == 0:
+        raise ValueError(f"policy address {quote(address)}: expected HOST:PORT")
 
 
 @dataclass(frozen=True)
