@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,10 +42,12 @@ STAT_RTOL = 1e-3
 batch; tests/test_data_parallel.py holds the learner to 1e-4 on the tiny model)."""
 
 
-def launch(model: str, ranks: int, steps: int) -> list[dict]:
-    """One side's run; each rank's JSON report."""
+def launch(model: str, ranks: int, steps: int, out: Path) -> list[dict]:
+    """One side's run; each rank's JSON report, in rank order."""
     threads = str(CORES // ranks)
-    worker = [str(WORKER), model, "--threads", threads, "--steps", str(steps)]
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    worker = [str(WORKER), model, str(out), "--threads", threads, "--steps", str(steps)]
     runner = [sys.executable]
     if ranks > 1:
         runner += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
@@ -54,8 +57,7 @@ def launch(model: str, ranks: int, steps: int) -> list[dict]:
     )
     if done.returncode:
         raise RuntimeError(f"{ranks} rank(s) failed:\n{done.stderr[-3000:]}")
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return sorted(reports, key=lambda r: r["rank"])
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(ranks)]
 
 
 def same_stats(a: dict[str, float], b: dict[str, float]) -> bool:
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         order = [1, 2, 2, 1] * rounds if not args.quick else [1, 2] * rounds
         runs: dict[int, list[list[dict]]] = {1: [], 2: []}
         for ranks in order:
-            reports = launch(model, ranks, steps)
+            reports = launch(model, ranks, steps, Path(scratch) / "reports")
             runs[ranks].append(reports)
             seconds = statistics.median(reports[0]["step_s"])
             print(f"{ranks} rank(s): {seconds:7.2f} s per PPO step", flush=True)

@@ -1,11 +1,12 @@
 """PPO steps of the learner on fixed rollouts, timed: one side of bench/bench_ranks.py.
 
-    python bench/rank_steps.py MODEL --threads 2                      # one process
-    torchrun --nproc-per-node 2 bench/rank_steps.py MODEL --threads 1 # two DDP ranks
+    python bench/rank_steps.py MODEL OUT --threads 2                      # one process
+    torchrun --nproc-per-node 2 bench/rank_steps.py MODEL OUT --threads 1 # two DDP ranks
 
-Each rank prints one JSON line: its rank, the seconds of every timed step (after one warm-up
+Each rank writes OUT/rank-R.json: its rank, the seconds of every timed step (after one warm-up
 step), the first step's statistics, its peak resident memory and the gradient bytes one
-all-reduce moves.
+all-reduce moves. A file per rank, not a line on stdout: the ranks share torchrun's stdout, and
+two lines written at once can interleave.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def rollouts(step: int, batch: int, response_tokens: int, vocab: int) -> tuple[l
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
+    parser.add_argument("out", type=Path, help="folder for each rank's rank-R.json")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--batch", type=int, default=4)
@@ -70,18 +72,15 @@ def main() -> int:
         else:
             seconds.append(time.perf_counter() - started)
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    print(
-        json.dumps(
-            {
-                "rank": dp.rank if dp else 0,
-                "step_s": seconds,
-                "stats": first,
-                "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "allreduce_mb": trained / 1e6,
-            }
-        ),
-        flush=True,
-    )
+    rank = dp.rank if dp else 0
+    report = {
+        "rank": rank,
+        "step_s": seconds,
+        "stats": first,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "allreduce_mb": trained / 1e6,
+    }
+    (args.out / f"rank-{rank}.json").write_text(json.dumps(report))
     parallel.shut_down()
     return 0
 
