@@ -5,6 +5,7 @@ must not share the machine with each other), with its output passed through as i
 
     python bench/run_all.py            # the full benchmarks, on the default models
     python bench/run_all.py --quick    # smoke runs: passes --quick to every benchmark
+    python bench/run_all.py --quick --skip bench_seed.py   # all but the named ones
 """
 
 from __future__ import annotations
@@ -21,10 +22,18 @@ BENCH = Path(__file__).resolve().parent
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="pass --quick to each benchmark")
+    parser.add_argument(
+        "--skip", action="append", default=[], metavar="NAME", help="a bench_*.py not to run"
+    )
     args = parser.parse_args(argv)
-    scripts = sorted(BENCH.glob("bench_*.py"))
+    every = sorted(BENCH.glob("bench_*.py"))
+    unknown = set(args.skip) - {script.name for script in every}
+    if unknown:
+        print(f"--skip: no {', '.join(sorted(unknown))} in {BENCH}", file=sys.stderr)
+        return 2
+    scripts = [script for script in every if script.name not in args.skip]
     if not scripts:
-        print(f"no bench_*.py in {BENCH}", file=sys.stderr)
+        print(f"no bench_*.py to run in {BENCH}", file=sys.stderr)
         return 1
     results: list[tuple[str, int, float]] = []
     for script in scripts:
