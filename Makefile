@@ -105,9 +105,18 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 # Everything but the compose stack first (fast feedback), then the compose stack for real.
-test: install lint
+test: test-envs lint
 	$(PY) -m pytest -q -x --durations=15 -m "not compose"
 	$(MAKE) test-compose
+
+# The venvs, and the TRL 0.11.4 baseline's venv that bench_seed's smoke test needs
+# (bench/trl_env.py, idempotent), built side by side: its minute and a half overlaps theirs.
+.PHONY: test-envs bench-env
+test-envs:
+	+@$(MAKE) --no-print-directory -j2 venvs bench-env
+
+bench-env:
+	$(PYTHON) bench/trl_env.py > /dev/null
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow and not compose"

@@ -21,6 +21,9 @@ from bench.measure import peak_memory_mib
 from bench.project_side import round_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("--variants", "fp32,bf16-overlap")
+"""Two of the project's stacks, which between them run every knob the variants turn (bf16,
+overlap): each stack more costs the suite about 20 s."""
 REPORT_LINES = (
     "episodes measured",
     "episodes/s (median of rounds)",
@@ -40,7 +43,14 @@ REPORT_LINES = (
 def test_quick_run_does_the_same_work_on_both_sides(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_seed.py"), "--quick", "--json", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_seed.py"),
+            "--quick",
+            *VARIANTS,
+            "--json",
+            str(out),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -53,7 +63,7 @@ def test_quick_run_does_the_same_work_on_both_sides(tmp_path: Path) -> None:
     assert "targets:" not in done.stdout  # a smoke run judges none
     results = json.loads(out.read_text())
     sides = results["sides"]
-    assert "trl-0.11.4" in sides and "fp32" in sides
+    assert set(sides) == {"trl-0.11.4", "fp32", "bf16-overlap"}
     episodes = {name: side["episodes"] for name, side in sides.items()}
     assert set(episodes.values()) == {4}, episodes  # 1 step x batch 4 each, warm-up excluded
     for name, side in sides.items():
