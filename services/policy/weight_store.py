@@ -80,14 +80,25 @@ class WeightStore:
             return buffer
 
     def release_buffer(self, buffer: object) -> None:
-        """Ends an upload's hold on its receive buffer; keeps one free buffer as the spare."""
+        """Ends an upload's hold on its receive buffer; keeps one free buffer as the spare, and
+        only one at least this upload's size.
+
+        Why the size rule: a smaller spare cannot take the next upload like this one, which
+        would then map a third buffer while the spare is still held. It happens at the first
+        full upload: the trainer sends tied weights under each of their names (the output
+        embedding twice), so an upload is larger than the loader's buffer, which holds them
+        once; keeping that buffer as the spare raised the service's peak by a whole model
+        (SmolLM2 fp32: 2.29 GiB where two upload buffers make 1.78)."""
         with self._pool_lock:
             self._reserved.discard(id(buffer))
             live = set(self._backing.values())
             free = [k for k in self._buffers if k not in live and k not in self._reserved]
             free.sort(key=lambda k: len(self._buffers[k]), reverse=True)
-            for key in free[1:]:
-                del self._buffers[key]
+            size = len(buffer) if isinstance(buffer, mmap.mmap) else 0
+            keep = free[:1] if free and len(self._buffers[free[0]]) >= size else []
+            for key in free:
+                if key not in keep:
+                    del self._buffers[key]
 
     def apply(
         self, tensors: Mapping[str, torch.Tensor], version: int, backing: object | None = None
