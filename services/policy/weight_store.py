@@ -87,8 +87,8 @@ class WeightStore:
         would then map a third buffer while the spare is still held. It happens at the first
         full upload: the trainer sends tied weights under each of their names (the output
         embedding twice), so an upload is larger than the loader's buffer, which holds them
-        once; keeping that buffer as the spare raised the service's peak by a whole model
-        (SmolLM2 fp32: 2.29 GiB where two upload buffers make 1.78)."""
+        once; keeping that buffer as the spare raised the service's peak by about a model
+        (SmolLM2 fp32 in bench_seed: 2291 MiB, 1837 MiB with this rule)."""
         with self._pool_lock:
             self._reserved.discard(id(buffer))
             live = set(self._backing.values())
