@@ -397,15 +397,31 @@ def _assert_every_reward_replica_scored(stack: Stack, reward_ids: list[str]) -> 
 
 
 def _assert_restarted_replica_sampled_pushed_weights_only(stack: Stack, victim: str) -> None:
-    """After its restart (its server's last "serving") the killed replica generated, and never
-    from the base weights it loaded (version 0): the trainer pushed the current ones first."""
+    """After its restart (its server's last "serving") the killed replica generated again, from
+    the weights the trainer pushed it. An answer from its base weights (version 0) is allowed
+    only before its first weight update, and only refused: when the replica died and came back
+    while the trainer waited on the paused one, the pool meets the new instance first in a
+    Generate answer (nothing else could have told it), leaves the replica out for it and
+    redoes the work after a push; the trainer's log says so. No step used such samples:
+    _assert_every_step_once checked every step's weight version."""
     records = stack.container_log_records(victim, "")  # every record
     starts = [i for i, r in enumerate(records) if r.get("msg") == "serving"]
     assert len(starts) >= 2, starts  # the first start and the restart
-    after = [r for r in records[starts[-1] :] if r.get("msg") == "generated"]
-    print(f"policy replica 2 after its restart: {after}")
-    assert after, "the restarted replica was never used again"
-    assert all(r["weight_version"] > 0 for r in after), after
+    after = records[starts[-1] :]
+    updates = [i for i, r in enumerate(after) if r.get("msg") == "weights updated"]
+    generated = [(i, r) for i, r in enumerate(after) if r.get("msg") == "generated"]
+    print(f"policy replica 2 after its restart: {generated}")
+    assert updates, "the restarted replica never got the trainer's weights"
+    assert any(i > updates[0] for i, _ in generated), "the restarted replica was never used again"
+    base = [(i, r) for i, r in generated if r["weight_version"] == 0]
+    assert all(i < updates[0] for i, _ in base), base  # never once it had the weights
+    if base:  # the pool met the restart in that answer and refused it
+        refused = [
+            r
+            for r in stack.log_records("trainer", "policy replica left out")
+            if "answered: it restarted" in r.get("why", "")
+        ]
+        assert refused, base
 
 
 def _assert_last_step_served_and_saved(stack: Stack, final: trainer_pb2.RunStatus) -> None:
