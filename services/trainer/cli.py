@@ -62,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
         run_service("trainer", server, servicers(servicer), load=lambda: None)
     finally:
         if dp is not None:
-            from services.trainer.learner import parallel
             from services.trainer.orchestrator.learner_group import Followers
 
             # As in one process (whose exit waits for the run's thread), a run still going goes
@@ -71,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
                 if run.thread is not None:
                     run.thread.join()
             Followers(dp).shutdown()
-            parallel.shut_down()  # a live process group can abort the exit (commands.py)
     return 0
 
 
@@ -95,7 +93,6 @@ def follow_rank_0(dp: DataParallel, server: ServerConfig) -> None:
     import os
 
     from rlhf.server import build_server
-    from services.trainer.learner import parallel
     from services.trainer.orchestrator.learner_group import follow
 
     first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"
@@ -108,4 +105,3 @@ def follow_rank_0(dp: DataParallel, server: ServerConfig) -> None:
     finally:
         if health is not None:
             health.stop(grace_s=0)
-        parallel.shut_down()

@@ -156,10 +156,7 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
     if dp is not None and not dp.leader:
         from services.trainer.orchestrator.learner_group import follow
 
-        try:
-            follow(dp)
-        finally:
-            parallel.shut_down()
+        follow(dp)
         return 0
     try:
         return _run_here(args, overrides)
@@ -168,9 +165,6 @@ def _train_here(args: argparse.Namespace, overrides: list[str]) -> int:
             from services.trainer.orchestrator.learner_group import Followers
 
             Followers(dp).shutdown()
-            # Left alive, the process group's threads can abort the exit (SIGABRT,
-            # "terminate called without an active exception"): seen once in a clean clone.
-            parallel.shut_down()
 
 
 def _run_here(args: argparse.Namespace, overrides: list[str]) -> int:

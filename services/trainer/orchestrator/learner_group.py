@@ -39,6 +39,7 @@ import torch.distributed as dist
 from rlhf.config import apply_mapping
 from rlhf.defaults import DEFAULT_OUTPUT_DIR
 from services.trainer.config import TrainConfig
+from services.trainer.learner import parallel
 from services.trainer.learner.parallel import DataParallel
 from services.trainer.orchestrator.checkpoint import latest_checkpoint, save_checkpoint
 from services.trainer.orchestrator.trainer_state import (
@@ -168,11 +169,16 @@ class Followers:
         self._tell("end")
 
     def shutdown(self) -> None:
-        """The service stops: the other ranks leave (those already gone are not waited for)."""
+        """The service stops: the other ranks leave (those already gone are not waited for),
+        then this one leaves the process group. Left alive, the group's threads can abort the
+        exit (SIGABRT, "terminate called without an active exception": seen once in a clean
+        clone)."""
         try:
             self._tell("shutdown")
         except RuntimeError as err:  # a rank that died first: gloo says so
             log.warning("ranks gone before the shutdown", extra={"reason": str(err)[:200]})
+        finally:
+            parallel.shut_down()
 
 
 # --- ranks > 0 ---------------------------------------------------------------------------------
@@ -254,7 +260,15 @@ def _outlast_signals(dp: DataParallel) -> None:
 
 
 def follow(dp: DataParallel) -> None:
-    """A rank > 0's main loop: do rank 0's commands until it says shutdown."""
+    """A rank > 0's main loop: do rank 0's commands until it says shutdown, then leave the
+    process group."""
+    try:
+        _obey(dp)
+    finally:
+        parallel.shut_down()
+
+
+def _obey(dp: DataParallel) -> None:
     _outlast_signals(dp)
     run: _Follower | None = None
     while True:
