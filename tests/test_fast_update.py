@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from services.trainer.config import TrainerServiceConfig, load_train_config
+from services.trainer.learner import value_head
 from services.trainer.learner.config import PPOConfig
 from services.trainer.learner.ppo_trainer import PPOTrainer
 from tests.test_ppo_step import make, rollouts
@@ -68,6 +69,55 @@ def test_a_foreach_checkpoint_resumes_into_the_fused_step(tiny_lm: Path) -> None
     continued = old.step(*rollouts(23))
     for name in ("objective/kl", "ppo/loss/total", "ppo/val/vpred", "ppo/policy/ratio"):
         assert after[name] == pytest.approx(continued[name], **FIDELITY), name
+
+
+def test_the_sparse_embedding_gradient_gives_the_dense_steps_numbers(
+    tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tiny LM ties its embedding to the LM head, as SmolLM2 does: the case the sparse lookup
+    # is for. Its small vocabulary repeats token ids, so rows are sums over several positions.
+    # Bit for bit: each row is summed in the order the dense CPU backward sums it.
+    _, sparse_model, sparse = make(tiny_lm)
+    base = sparse_model.lm
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    with torch.enable_grad():
+        assert "inputs_embeds" in value_head._token_inputs(base, torch.tensor([[1, 2]]))
+    fast = two_steps(sparse)
+
+    monkeypatch.setattr(value_head, "_token_inputs", lambda _base, ids: {"input_ids": ids})
+    _, dense_model, dense = make(tiny_lm)
+    assert fast == two_steps(dense)
+    assert fast[1]["objective/kl"] != 0.0  # the first step moved the policy: a real comparison
+    for a, b in zip(sparse_model.parameters(), dense_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_the_sparse_lookup_gradient_is_the_dense_ones_rows(padding_idx: int | None) -> None:
+    table = torch.nn.Embedding(50, 8, padding_idx=padding_idx)
+    ids = torch.randint(0, 6, (4, 30), generator=torch.Generator().manual_seed(0))  # repeats
+    weights = torch.randn(4, 30, 8, generator=torch.Generator().manual_seed(1))
+    (table(ids) * weights).sum().backward()
+    dense = table.weight.grad
+    table.weight.grad = None
+    lookup = value_head._EmbeddingSparseGrad.apply(ids, table.weight, padding_idx)
+    (lookup * weights).sum().backward()
+    assert table.weight.grad.is_sparse
+    assert torch.equal(table.weight.grad.to_dense(), dense)  # padding row: no gradient in both
+
+
+def test_an_untied_or_frozen_embedding_keeps_the_dense_lookup(tiny_lm: Path) -> None:
+    _, model, _ = make(tiny_lm)
+    base, ids = model.lm, torch.tensor([[1, 2]])
+    with torch.no_grad():  # the reference's and old policy's passes: no gradient to make
+        assert value_head._token_inputs(base, ids) == {"input_ids": ids}
+    base.get_input_embeddings().weight.requires_grad_(False)
+    assert value_head._token_inputs(base, ids) == {"input_ids": ids}
+    base.get_input_embeddings().weight.requires_grad_(True)
+    base.get_output_embeddings().weight = torch.nn.Parameter(
+        base.get_input_embeddings().weight.clone()
+    )
+    assert value_head._token_inputs(base, ids) == {"input_ids": ids}
 
 
 # --- bf16 mixed precision -----------------------------------------------------------------------

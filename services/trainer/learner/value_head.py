@@ -276,7 +276,7 @@ def causal_lm_logits(
         hidden = _at(out.hidden_states[-1], positions)
         return _at(out.logits, positions).float(), hidden
     out = base.get_decoder()(
-        input_ids=input_ids,
+        **_token_inputs(base, input_ids),
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
@@ -284,6 +284,63 @@ def causal_lm_logits(
     )
     hidden = _at(out.last_hidden_state, positions)
     return base.get_output_embeddings()(hidden).float(), hidden
+
+
+def _token_inputs(base: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The decoder's token input: `input_ids`, or their embeddings looked up with a sparse
+    gradient (`_EmbeddingSparseGrad`) when the embedding is tied to the LM head and trains.
+
+    Only a plain nn.Embedding is replaced (no scaled-embedding subclasses). Untied tables keep
+    the dense lookup: their gradient would be sparse, which the fused optimiser refuses.
+    """
+    embedding = base.get_input_embeddings()
+    head = base.get_output_embeddings()
+    tied_and_trained = (
+        type(embedding) is nn.Embedding
+        and head is not None
+        and head.weight is embedding.weight
+        and embedding.weight.requires_grad
+        and torch.is_grad_enabled()
+    )
+    if not tied_and_trained:
+        return {"input_ids": input_ids}
+    weight, padding_idx = embedding.weight, embedding.padding_idx
+    return {"inputs_embeds": _EmbeddingSparseGrad.apply(input_ids, weight, padding_idx)}
+
+
+class _EmbeddingSparseGrad(torch.autograd.Function):
+    """nn.Embedding's lookup whose weight gradient holds only the rows the batch used.
+
+    Why: the dense backward of a lookup fills a zero gradient the size of the whole vocabulary
+    table (113 MB for SmolLM2), adds the batch's few hundred rows into it, and autograd then adds
+    all of it to the LM head's gradient of the same tied tensor: ~0.1 s of memory traffic per
+    mini-batch on a CPU, most of a step's non-matmul time. Autograd sums this sparse gradient
+    into the head's dense one before the parameter's gradient is set, so the parameter still
+    gets one dense gradient (what the optimiser, DDP and FSDP saw before), and the same numbers:
+    each row's occurrences are summed in their order from zero, as the dense backward on a CPU
+    does (torch's own sparse=True lookup sums them in another order), and then added to the
+    head's gradient once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None):
+        ctx.save_for_backward(ids)
+        ctx.shape, ctx.padding_idx = weight.shape, padding_idx
+        return nn.functional.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        (ids,) = ctx.saved_tensors
+        ids, grad = ids.reshape(-1), grad.reshape(ids.numel(), -1)
+        if ctx.padding_idx is not None:  # nn.Embedding gives its padding row no gradient
+            kept = ids != ctx.padding_idx
+            ids, grad = ids[kept], grad[kept]
+        rows, slot = torch.unique(ids, return_inverse=True)
+        sums = grad.new_zeros(len(rows), grad.shape[1]).index_add_(0, slot, grad)
+        sparse = torch.sparse_coo_tensor(
+            rows[None], sums, ctx.shape, is_coalesced=True, check_invariants=True
+        )
+        return None, sparse, None
 
 
 def _full_forward(
