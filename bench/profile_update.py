@@ -113,7 +113,8 @@ def make_trainer(folder: Path, precision: str) -> PPOTrainer:
     from services.trainer.learner.value_head import PolicyWithValueHead
 
     extra = {} if precision == "fp32" else {"mixed_precision": PRECISIONS[precision]}
-    config = PPOConfig(model_name=str(folder), log_with=None, **extra)  # type: ignore[arg-type]
+    # max_grad_norm None: the seed's (TRL's default) no clipping, as bench_seed runs it.
+    config = PPOConfig(model_name=str(folder), log_with=None, max_grad_norm=None, **extra)  # type: ignore[arg-type]
     return PPOTrainer(config, PolicyWithValueHead.from_config(config))
 
 

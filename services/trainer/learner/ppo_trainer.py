@@ -40,6 +40,7 @@ from services.trainer.learner.batch import (
 from services.trainer.learner.config import PPOConfig
 from services.trainer.learner.forward import (
     autocast,
+    float32_attention,
     policy_forward,
     reference_forward,
     response_width,
@@ -94,6 +95,11 @@ class PPOTrainer:
         if ref_model is None and not model.is_peft:
             ref_model = model.create_reference()  # whole, before FSDP shards the model
         self.ref_model = ref_model
+        for lm in (
+            model.lm,
+            ref_model.lm if isinstance(ref_model, PolicyWithValueHead) else ref_model,
+        ):
+            float32_attention(lm, config.mixed_precision, model.device)
         self.parallel = parallel
         self.train_model: nn.Module = model
         """What the PPO epochs call: the model, or its DDP wrapper (FSDP shards it in place)."""
