@@ -379,14 +379,8 @@ class PPOTrainer:
         """(the servable LM's weights, the value head's), whole, for a checkpoint's policy
         folder: under FSDP every rank calls this together."""
         head = {k: full(v).detach() for k, v in self.model.v_head.state_dict().items()}
-        weights = self.servable_state_dict()
-        # Tied weights (input and output embeddings) gathered apart are two tensors: make them
-        # one again, so that save_pretrained writes the tie as transformers expects.
-        first: dict[int, str] = {}
-        for name, tensor in self.model.lm.state_dict(keep_vars=True).items():
-            if name in weights:
-                weights[name] = weights[first.setdefault(id(tensor), name)]
-        return weights, head
+        # A tied tensor comes under its first name only, as save_pretrained writes a tie.
+        return self.servable_state_dict(), head
 
     # --- internals ---------------------------------------------------------------------------
     @property

@@ -191,7 +191,11 @@ class PolicyWithValueHead(nn.Module):
     def policy_state_dict_for_serving(
         self, clone: bool = True, trained_only: bool = False
     ) -> dict[str, torch.Tensor]:
-        """The plain causal LM's state dict (same keys as AutoModelForCausalLM's), LoRA merged.
+        """The plain causal LM's state dict (same keys as AutoModelForCausalLM's), LoRA merged,
+        a tied tensor under its first name only (the input embedding, not the LM head that
+        shares it): the policy service's model ties the same way (the trainer's model check
+        makes sure), so one copy updates both, and a push moves and stages it once (113 MB of
+        SmolLM2's 650 MB in fp32).
 
         trained_only: with LoRA, only the merged weights of adapted layers (all that training
         can change), which is what a per-step weight sync needs to send.
@@ -202,12 +206,12 @@ class PolicyWithValueHead(nn.Module):
         update).
         """
         if not self.is_peft:
-            return {k: _detached(v, clone) for k, v in self.lm.state_dict().items()}
+            return {k: _detached(v, clone) for k, v in _untied(self.lm).items()}
         from peft.tuners.lora import LoraLayer
 
         base = self.lm.get_base_model()
         out = {}
-        for key, tensor in base.state_dict().items():
+        for key, tensor in _untied(base).items():
             if ".lora_" in key or trained_only:
                 continue
             out[key.replace(".base_layer.", ".")] = _detached(tensor, clone)
@@ -363,6 +367,17 @@ def _full_forward(
 def _at(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """tensor[b, positions[b, t], :] for every b, t."""
     return tensor.gather(1, positions[..., None].expand(-1, -1, tensor.shape[-1]))
+
+
+def _untied(module: nn.Module) -> dict[str, torch.Tensor]:
+    """module.state_dict(), each parameter or buffer under its first name only."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[name] = tensor
+    return out
 
 
 def _detached(tensor: torch.Tensor, clone: bool) -> torch.Tensor:
