@@ -7,7 +7,7 @@ a chat template, 64-token responses), and prints per step:
   targets    rewards, KL and GAE
   forward    the PPO epochs' forward passes and losses (with grad)
   backward   the epochs' backward passes (and the gradient clipping, zero_grad)
-  optimizer  the optimiser steps
+  optimizer  the optimiser steps (within the backward pass where PPOTrainer.step_in_backward)
   stats      the step's statistics and KL control
 with the update's FLOPs (torch.utils.flop_counter.FlopCounterMode over one step), the matmul
 GFLOP/s measured here (fp32 and bf16), and the fp32 floor: FLOPs / fp32 GFLOP/s.
@@ -129,6 +129,8 @@ class PhaseTimer:
         self._wrap(trainer, "targets", "targets")
         self._wrap(trainer, "_minibatch_loss", "forward")
         self._wrap(trainer.optimizer, "step", "optimizer")
+        if trainer.step_in_backward is not None:  # each parameter's step, within the backward
+            self._wrap(trainer.step_in_backward, "step", "optimizer")
         self._wrap(trainer, "_epochs", "_epochs")
 
     def _wrap(self, owner: object, name: str, phase: str) -> None:

@@ -92,6 +92,49 @@ def test_the_sparse_embedding_gradient_gives_the_dense_steps_numbers(
         assert torch.equal(a, b)
 
 
+def test_stepping_in_the_backward_pass_gives_the_same_numbers(tiny_lm: Path) -> None:
+    _, in_model, in_backward = make(tiny_lm, max_grad_norm=None)
+    assert in_backward.step_in_backward is not None  # one process, no accumulation or clipping
+    _, after_model, after = make(tiny_lm, max_grad_norm=None)
+    after.step_in_backward = None  # one step over all parameters after the backward pass
+
+    live: list[int] = []  # gradients alive whenever one is complete (after our step hook)
+    params = list(in_model.parameters())
+    for param in params:
+        param.register_post_accumulate_grad_hook(
+            lambda _p: live.append(sum(p.grad is not None for p in params))
+        )
+    assert two_steps(in_backward) == two_steps(after)
+    assert live and max(live) == 0  # each gradient was dropped at its parameter's step
+    for a, b in zip(in_model.parameters(), after_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    a_state, b_state = in_backward.optimizer.state_dict(), after.optimizer.state_dict()
+    assert a_state["state"].keys() == b_state["state"].keys()
+    for index, slots in a_state["state"].items():
+        for name, tensor in slots.items():
+            assert torch.equal(tensor, b_state["state"][index][name]), (index, name)
+
+    # A resumed trainer steps in the backward pass from the loaded state (a copy, as a
+    # checkpoint's: load_state_dict would otherwise share the optimiser's tensors).
+    buffer = io.BytesIO()
+    torch.save(in_backward.state_dict(), buffer)
+    buffer.seek(0)
+    _, _, resumed = make(tiny_lm, max_grad_norm=None)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    untimed = lambda stats: {k: v for k, v in stats.items() if not k.startswith("time/")}  # noqa: E731
+    assert untimed(resumed.step(*rollouts(22))) == untimed(in_backward.step(*rollouts(22)))
+    for a, b in zip(resumed.model.parameters(), in_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fields", [{}, {"max_grad_norm": None, "gradient_accumulation_steps": 2}])
+def test_a_step_that_needs_every_gradient_first_steps_after_the_backward_pass(
+    tiny_lm: Path, fields: dict[str, object]
+) -> None:
+    _, _, trainer = make(tiny_lm, **fields)  # clipping (the default 1.0), or accumulation
+    assert trainer.step_in_backward is None
+
+
 @pytest.mark.parametrize("padding_idx", [None, 3])
 def test_the_sparse_lookup_gradient_is_the_dense_ones_rows(padding_idx: int | None) -> None:
     table = torch.nn.Embedding(50, 8, padding_idx=padding_idx)

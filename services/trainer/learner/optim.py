@@ -8,7 +8,8 @@ same update; they differ only in float rounding.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,3 +42,52 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
             slots = optimizer.state.get(param, {})
             if "step" in slots:
                 slots["step"] = slots["step"].to(device=param.device, dtype=torch.float32)
+
+
+class StepInBackward:
+    """Steps `optimizer` one parameter at a time during the backward pass, as soon as that
+    parameter's gradient is complete, and drops the gradient there (PyTorch's "optimizer step
+    in backward" recipe, register_post_accumulate_grad_hook).
+
+    Why: a full fine-tune's gradients are a whole model's worth of memory (540 MB for SmolLM2
+    fp32) held from the backward pass to the step; stepped in the backward, at most a few exist
+    at once. Same numbers: AdamW updates each element from its own gradient and state only,
+    so stepping parameter by parameter gives what one step over all of them gives. Only where
+    no step needs every gradient first: one process (no DDP/FSDP reduction), one mini-batch per
+    step (no accumulation) and no clipping by the global norm; PPOTrainer decides.
+
+    Each parameter gets a one-parameter optimiser of the same kind that shares the main one's
+    state (so checkpoints and load_state_dict see one AdamW, as before) and takes its
+    hyperparameters at every step (a resumed run's loaded ones included). The hooks act only
+    inside `stepping()`: any other backward accumulates gradients as usual.
+    """
+
+    def __init__(self, optimizer: torch.optim.AdamW) -> None:
+        self.optimizer = optimizer
+        self.active = False
+        self._single: dict[torch.nn.Parameter, tuple[int, torch.optim.AdamW]] = {}
+        for index, group in enumerate(optimizer.param_groups):
+            for param in group["params"]:
+                self._single[param] = (index, make_optimizer([param], group["lr"]))
+                # Looked up at each call, so a profiler can wrap `step` on the instance.
+                param.register_post_accumulate_grad_hook(lambda p: self.step(p))
+
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Within the block, each parameter steps when its gradient is complete."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def step(self, param: torch.nn.Parameter) -> None:
+        """`param`'s step, inside `stepping()` (the hook's call); elsewhere nothing."""
+        if not self.active:
+            return
+        index, single = self._single[param]
+        main = self.optimizer.param_groups[index]
+        single.param_groups[0].update({k: v for k, v in main.items() if k != "params"})
+        single.state = self.optimizer.state  # load_state_dict replaces the main one's dict
+        single.step()
+        param.grad = None

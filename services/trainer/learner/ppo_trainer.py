@@ -46,7 +46,7 @@ from services.trainer.learner.forward import (
     response_width,
 )
 from services.trainer.learner.kl_control import make_kl_controller
-from services.trainer.learner.optim import load_optimizer_state, make_optimizer
+from services.trainer.learner.optim import StepInBackward, load_optimizer_state, make_optimizer
 from services.trainer.learner.parallel import (
     DataParallel,
     full,
@@ -114,6 +114,13 @@ class PPOTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # AdamW without weight decay is TRL's Adam; fused where the device has the kernel.
         self.optimizer = make_optimizer(self.params, config.learning_rate)
+        # Each parameter steps in the backward pass where no step needs all gradients first:
+        # one process, one mini-batch per step, no clipping (the seed's settings). Same numbers,
+        # a model's worth of gradients less memory (optim.StepInBackward).
+        alone = parallel is None and config.gradient_accumulation_steps == 1
+        self.step_in_backward = (
+            StepInBackward(self.optimizer) if alone and config.max_grad_norm is None else None
+        )
         self.kl_ctl = make_kl_controller(
             config.adap_kl_ctrl, config.init_kl_coef, config.target, config.horizon
         )
@@ -289,7 +296,8 @@ class PPOTrainer:
         all_stats: list[dict[str, torch.Tensor]],
     ) -> None:
         """One backward batch from order[start:]: its mini-batches' gradients accumulated, then
-        one optimiser step; each mini-batch's stats are appended to all_stats."""
+        one optimiser step (with step_in_backward, the backward pass steps each parameter);
+        each mini-batch's stats are appended to all_stats."""
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
         accumulated = False
@@ -307,7 +315,12 @@ class PPOTrainer:
             # x world: DDP and FSDP average the ranks' gradients, and each rank's loss already
             # covers the whole mini-batch (learner/parallel.py).
             world = self.parallel.world if self.parallel else 1
-            ((pg_loss + vf_loss) * world / cfg.gradient_accumulation_steps).backward()
+            loss = (pg_loss + vf_loss) * world / cfg.gradient_accumulation_steps
+            if self.step_in_backward is not None:
+                with self.step_in_backward.stepping():
+                    loss.backward()
+                continue  # stepped already, parameter by parameter
+            loss.backward()
             accumulated = True
         if accumulated:  # a window of only skipped mini-batches does not step at all
             if cfg.max_grad_norm is not None:
