@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from services.trainer.config import TrainerServiceConfig, load_train_config
-from services.trainer.learner import value_head
+from services.trainer.learner import ppo_trainer, value_head
 from services.trainer.learner.config import PPOConfig
 from services.trainer.learner.ppo_trainer import PPOTrainer
 from tests.test_ppo_step import make, rollouts
@@ -180,6 +180,20 @@ def test_bf16_step_is_close_to_fp32_with_float32_weights(tiny_lm: Path) -> None:
     assert slots and {s.dtype for s in slots} == {torch.float32}
     batch = bf16.prepare(*rollouts(24))
     assert {batch.logprobs.dtype, batch.ref_logprobs.dtype, batch.values.dtype} == {torch.float32}
+
+
+def test_a_bf16_reference_stores_its_linear_layers_in_bf16_with_the_same_numbers(
+    tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, stored = make(tiny_lm, mixed_precision="bf16")
+    dtypes = {n: p.dtype for n, p in stored.ref_model.named_parameters()}
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    assert dtypes["model.embed_tokens.weight"] == torch.float32  # tied to the LM head
+    assert dtypes["model.norm.weight"] == torch.float32
+    assert all(p.dtype == torch.float32 for p in stored.model.parameters())  # masters
+    monkeypatch.setattr(ppo_trainer, "reference_linears_in_bf16", lambda *_: 0)
+    _, _, cast = make(tiny_lm, mixed_precision="bf16")  # autocast casts them at each call
+    assert two_steps(stored) == two_steps(cast)
 
 
 def test_bf16_with_lora_and_the_exact_kl(tiny_lm: Path) -> None:

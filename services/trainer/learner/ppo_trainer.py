@@ -43,6 +43,7 @@ from services.trainer.learner.forward import (
     float32_attention,
     policy_forward,
     reference_forward,
+    reference_linears_in_bf16,
     response_width,
 )
 from services.trainer.learner.kl_control import make_kl_controller
@@ -100,6 +101,8 @@ class PPOTrainer:
             ref_model.lm if isinstance(ref_model, PolicyWithValueHead) else ref_model,
         ):
             float32_attention(lm, config.mixed_precision, model.device)
+        if ref_model is not None and not isinstance(ref_model, PolicyWithValueHead):
+            reference_linears_in_bf16(ref_model, config.mixed_precision)
         self.parallel = parallel
         self.train_model: nn.Module = model
         """What the PPO epochs call: the model, or its DDP wrapper (FSDP shards it in place)."""
@@ -384,8 +387,13 @@ class PPOTrainer:
 
     def servable_state_dict(self, trained_only: bool = False) -> dict[str, torch.Tensor]:
         """The policy's weights as the policy service loads them (PolicyWithValueHead's
-        policy_state_dict_for_serving), whole: under FSDP every rank calls this together."""
-        weights = self.model.policy_state_dict_for_serving(trained_only=trained_only)
+        policy_state_dict_for_serving), whole: under FSDP every rank calls this together.
+
+        Not copied: what is not merged or gathered are the live weights themselves, valid until
+        the next update. Every caller (a push, a checkpoint's policy folder) uses them on the
+        loop's thread between updates; a copy would be a model's worth of memory at each push
+        (the trainer's peak, once the gradients are dropped in the backward pass)."""
+        weights = self.model.policy_state_dict_for_serving(clone=False, trained_only=trained_only)
         return {name: full(tensor) for name, tensor in weights.items()}
 
     def whole_policy(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
