@@ -14,6 +14,7 @@ import torch
 from services.trainer.config import TrainerServiceConfig, load_train_config
 from services.trainer.learner import ppo_trainer, value_head
 from services.trainer.learner.config import PPOConfig
+from services.trainer.learner.optim import BUCKET_BYTES, StepInBackward, make_optimizer
 from services.trainer.learner.ppo_trainer import PPOTrainer
 from tests.test_ppo_step import make, rollouts
 
@@ -92,20 +93,26 @@ def test_the_sparse_embedding_gradient_gives_the_dense_steps_numbers(
         assert torch.equal(a, b)
 
 
-def test_stepping_in_the_backward_pass_gives_the_same_numbers(tiny_lm: Path) -> None:
+@pytest.mark.parametrize("bucket_bytes", [1, BUCKET_BYTES])  # each tensor; the whole tiny LM
+def test_stepping_in_the_backward_pass_gives_the_same_numbers(
+    tiny_lm: Path, bucket_bytes: int
+) -> None:
     _, in_model, in_backward = make(tiny_lm, max_grad_norm=None)
     assert in_backward.step_in_backward is not None  # one process, no accumulation or clipping
+    in_backward.step_in_backward = StepInBackward(in_backward.optimizer, bucket_bytes)
     _, after_model, after = make(tiny_lm, max_grad_norm=None)
     after.step_in_backward = None  # one step over all parameters after the backward pass
 
-    live: list[int] = []  # gradients alive whenever one is complete (after our step hook)
+    live: list[int] = []  # gradients alive whenever one is complete (after the step hook)
     params = list(in_model.parameters())
     for param in params:
         param.register_post_accumulate_grad_hook(
             lambda _p: live.append(sum(p.grad is not None for p in params))
         )
     assert two_steps(in_backward) == two_steps(after)
-    assert live and max(live) == 0  # each gradient was dropped at its parameter's step
+    if bucket_bytes == 1:
+        assert live and max(live) == 0  # each gradient was dropped at its own step
+    assert all(p.grad is None for p in params)
     for a, b in zip(in_model.parameters(), after_model.parameters(), strict=True):
         assert torch.equal(a, b)
     a_state, b_state = in_backward.optimizer.state_dict(), after.optimizer.state_dict()
@@ -120,11 +127,31 @@ def test_stepping_in_the_backward_pass_gives_the_same_numbers(tiny_lm: Path) -> 
     torch.save(in_backward.state_dict(), buffer)
     buffer.seek(0)
     _, _, resumed = make(tiny_lm, max_grad_norm=None)
+    resumed.step_in_backward = StepInBackward(resumed.optimizer, bucket_bytes)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     untimed = lambda stats: {k: v for k, v in stats.items() if not k.startswith("time/")}  # noqa: E731
     assert untimed(resumed.step(*rollouts(22))) == untimed(in_backward.step(*rollouts(22)))
     for a, b in zip(resumed.model.parameters(), in_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_bucket_with_a_parameter_left_without_gradient_steps_the_rest_at_the_end() -> None:
+    def model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.AdamW]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        return model, make_optimizer(model.parameters(), 1e-2)
+
+    inputs = torch.randn(3, 4)
+    model, optimizer = model_and_optimizer()
+    in_backward = StepInBackward(optimizer)  # one bucket; the second layer gets no gradient
+    with in_backward.stepping():
+        model[0](inputs).square().sum().backward()
+    reference, whole = model_and_optimizer()
+    reference[0](inputs).square().sum().backward()
+    whole.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b) and a.grad is None
+    assert len(optimizer.state) == len(whole.state) == 2  # the first layer's weight and bias
 
 
 @pytest.mark.parametrize("fields", [{}, {"max_grad_norm": None, "gradient_accumulation_steps": 2}])
