@@ -84,11 +84,12 @@ class WeightStore:
         only one at least this upload's size.
 
         Why the size rule: a smaller spare cannot take the next upload like this one, which
-        would then map a third buffer while the spare is still held. It happens at the first
-        full upload: the trainer sends tied weights under each of their names (the output
-        embedding twice), so an upload is larger than the loader's buffer, which holds them
-        once; keeping that buffer as the spare raised the service's peak by about a model
-        (SmolLM2 fp32 in bench_seed: 2291 MiB, 1837 MiB with this rule)."""
+        would then map a third buffer while the spare is still held. It happens when a client
+        sends tied weights under each of their names (the output embedding twice; this
+        project's trainer did until it sent a tied tensor once): the upload is larger than the
+        loader's buffer, which holds them once, and keeping that buffer as the spare raised the
+        service's peak by about a model (SmolLM2 fp32 in bench_seed: 2291 MiB, 1837 MiB with
+        this rule)."""
         with self._pool_lock:
             self._reserved.discard(id(buffer))
             live = set(self._backing.values())

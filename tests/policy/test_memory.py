@@ -1,6 +1,6 @@
 """The policy service's peak memory (issue #14): loading holds the weights about once, not twice,
 and full uploads alternate between two buffers with no dead copy left on the heap, also when an
-upload is larger than the loaded weights (the trainer sends a tied tensor under each name).
+upload is larger than the loaded weights (a client that sends a tied tensor under each name).
 
 VmHWM is per process and needs a model big enough to see, so a ~200 MB synthetic causal LM is
 saved as safetensors and measured in a child process.
@@ -48,7 +48,7 @@ model = loaded.model
 del loaded  # as the engine keeps the model, not the loader's buffer: the store decides its fate
 sent = {}  # shapes and dtypes only: a served tensor held here would keep its buffer alive
 for name, tensor in model.state_dict().items():
-    # "once": each tied tensor under one name; "every": under each, as the trainer sends them.
+    # "once": each tied tensor under one name, as the trainer sends them; "every": under each.
     key = name if sys.argv[3] == "every" else tensor.data_ptr()
     sent.setdefault(key, (name, tensor.shape, tensor.dtype, tensor.numel() * tensor.element_size()))
 del tensor
