@@ -114,7 +114,8 @@ def make_trainer(folder: Path, precision: str) -> PPOTrainer:
 
     extra = {} if precision == "fp32" else {"mixed_precision": PRECISIONS[precision]}
     # max_grad_norm None: the seed's (TRL's default) no clipping, as bench_seed runs it.
-    config = PPOConfig(model_name=str(folder), log_with=None, max_grad_norm=None, **extra)  # type: ignore[arg-type]
+    knobs: dict[str, Any] = {"model_name": str(folder), "log_with": None, "max_grad_norm": None}
+    config = PPOConfig(**knobs, **extra)
     return PPOTrainer(config, PolicyWithValueHead.from_config(config))
 
 
@@ -129,7 +130,7 @@ class PhaseTimer:
         self._wrap(trainer, "targets", "targets")
         self._wrap(trainer, "_minibatch_loss", "forward")
         self._wrap(trainer.optimizer, "step", "optimizer")
-        if trainer.step_in_backward is not None:  # each parameter's step, within the backward
+        if trainer.step_in_backward is not None:  # the buckets' steps, within the backward
             self._wrap(trainer.step_in_backward, "step", "optimizer")
         self._wrap(trainer, "_epochs", "_epochs")
 

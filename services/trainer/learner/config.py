@@ -70,7 +70,7 @@ class PPOConfig:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm of the trained parameters to this; None: no clipping
     (TRL's default was None). None, in one process without gradient accumulation, also lets
-    each parameter step during the backward pass (same numbers, no model-sized gradients held:
+    the parameters step during the backward pass (same numbers, no model-sized gradients held:
     optim.StepInBackward); clipping needs every gradient before any step."""
     seed: int = 0
     """Seeds python, numpy and torch at trainer start, and the mini-batch shuffling."""

@@ -117,7 +117,7 @@ class PPOTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # AdamW without weight decay is TRL's Adam; fused where the device has the kernel.
         self.optimizer = make_optimizer(self.params, config.learning_rate)
-        # Each parameter steps in the backward pass where no step needs all gradients first:
+        # The parameters step in the backward pass where no step needs all gradients first:
         # one process, one mini-batch per step, no clipping (the seed's settings). Same numbers,
         # a model's worth of gradients less memory (optim.StepInBackward).
         alone = parallel is None and config.gradient_accumulation_steps == 1
@@ -299,7 +299,7 @@ class PPOTrainer:
         all_stats: list[dict[str, torch.Tensor]],
     ) -> None:
         """One backward batch from order[start:]: its mini-batches' gradients accumulated, then
-        one optimiser step (with step_in_backward, the backward pass steps each parameter);
+        one optimiser step (with step_in_backward, the backward pass steps the parameters);
         each mini-batch's stats are appended to all_stats."""
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
@@ -322,7 +322,7 @@ class PPOTrainer:
             if self.step_in_backward is not None:
                 with self.step_in_backward.stepping():
                     loss.backward()
-                continue  # stepped already, parameter by parameter
+                continue  # stepped already, bucket by bucket
             loss.backward()
             accumulated = True
         if accumulated:  # a window of only skipped mini-batches does not step at all
