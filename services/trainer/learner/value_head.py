@@ -318,7 +318,7 @@ class _EmbeddingSparseGrad(torch.autograd.Function):
     Why: the dense backward of a lookup fills a zero gradient the size of the whole vocabulary
     table (113 MB for SmolLM2), adds the batch's few hundred rows into it, and autograd then adds
     all of it to the LM head's gradient of the same tied tensor: ~0.1 s of memory traffic per
-    mini-batch on a CPU, most of a step's non-matmul time. Autograd sums this sparse gradient
+    mini-batch on a CPU (SmolLM2, seed settings). Autograd sums this sparse gradient
     into the head's dense one before the parameter's gradient is set, so the parameter still
     gets one dense gradient (what the optimiser, DDP and FSDP saw before), and the same numbers:
     each row's occurrences are summed in their order from zero, as the dense backward on a CPU
