@@ -20,6 +20,7 @@ import torch
 from rlhf.weights import dtype_name
 from services.policy.config import PolicyServiceConfig
 from services.policy.loading import load_causal_lm
+from services.policy.own_memory import release_freed_heap
 from services.policy.sampling import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -153,7 +154,10 @@ class PolicyEngine:
         input_ids, attention = left_pad(ids, pad)
         config = generation_config(params, self.eos_token_ids, pad)
         version = self.weight_version
-        new_tokens, logprobs = sample(self.model, input_ids, attention, config, params)
+        try:
+            new_tokens, logprobs = sample(self.model, input_ids, attention, config, params)
+        finally:
+            release_freed_heap()  # the call's logits and caches (own_memory.release_freed_heap)
         return completions(
             self.tokenizer, texts, ids, new_tokens, logprobs, self.eos_token_ids, version
         )
@@ -171,7 +175,10 @@ class PolicyEngine:
         self, tensors: Mapping[str, torch.Tensor], version: int, backing: object | None = None
     ) -> int:
         """Makes verified tensors the served weights as `version`: WeightStore.apply."""
-        return self.weights.apply(tensors, version, backing)
+        try:
+            return self.weights.apply(tensors, version, backing)
+        finally:
+            release_freed_heap()  # the upload's message chunks, freed on the gRPC threads' heaps
 
     def _has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))

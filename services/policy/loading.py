@@ -18,7 +18,7 @@ import torch
 
 from rlhf.models import resolve_model
 from rlhf.weights import dtype_name
-from services.policy.own_memory import own_memory
+from services.policy.own_memory import own_memory, release_freed_heap
 
 log = logging.getLogger("rlhf.policy.engine")
 
@@ -65,6 +65,7 @@ def load_causal_lm(model: str, device: torch.device, dtype: torch.dtype) -> Load
     lm.eval()
     lm.requires_grad_(False)
     buffer = own_memory(lm)
+    release_freed_heap()  # a dtype cast's temporaries
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
