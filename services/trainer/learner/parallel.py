@@ -18,6 +18,7 @@ Hence batch_size and mini_batch_size must be multiples of the world size.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -97,9 +98,16 @@ def init_from_env(strategy: str = "ddp", backend: str = "auto") -> DataParallel 
 
 
 def shut_down() -> None:
-    """Leaves the process group (at exit)."""
+    """Leaves the process group (at exit).
+
+    Garbage is collected first: a finished run's DDP reducer or FSDP state can sit in a
+    reference cycle, holding Gloo work objects whose tensors have Python references; freed at
+    interpreter finalisation instead, they need the GIL there and the rank aborts ("terminate
+    called without an active exception", seen at the end of finished 2-rank runs; pytorch/pytorch
+    PR 179291 describes the mechanism)."""
     global _process
     if _process is not None and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
     _process = None
 
