@@ -154,17 +154,16 @@ class PolicyEngine:
         input_ids, attention = left_pad(ids, pad)
         config = generation_config(params, self.eos_token_ids, pad)
         version = self.weight_version
-        try:
-            new_tokens, logprobs = sample(self.model, input_ids, attention, config, params)
-        finally:
-            release_freed_heap()  # the call's logits and caches (own_memory.release_freed_heap)
+        new_tokens, logprobs = sample(self.model, input_ids, attention, config, params)
         return completions(
             self.tokenizer, texts, ids, new_tokens, logprobs, self.eos_token_ids, version
         )
 
     # --- weights --------------------------------------------------------------------------------
     def receive_buffer(self, nbytes: int) -> mmap.mmap:
-        """Memory to receive an upload into: WeightStore.receive_buffer."""
+        """Memory to receive an upload into: WeightStore.receive_buffer. The heap is trimmed
+        first: what generation freed there would otherwise sit beside both weight buffers."""
+        release_freed_heap()
         return self.weights.receive_buffer(nbytes)
 
     def release_buffer(self, buffer: object) -> None:

@@ -147,9 +147,10 @@ def release_freed_heap() -> None:
     Why: tensors smaller than glibc's mmap threshold (which rises to 32 MB as large blocks are
     freed) live on the heap, which keeps what they free as resident memory. Loading a model in
     bfloat16 from float32 files left 216 MB of cast temporaries there (SmolLM2: 898 MiB resident
-    after the load, 682 after a trim), and a Generate call leaves its logits and caches: memory
+    after the load, 682 after a trim), and Generate calls leave their logits and caches: memory
     that then sits beside both weight buffers when the next upload arrives, the service's peak.
-    A trim costs milliseconds; it runs after a load, a Generate call and a weight update.
+    It runs after a load, when an upload starts and after a weight update, not per Generate
+    call (a call then pays the page faults of growing the heap again).
     """
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
