@@ -86,21 +86,27 @@ def _synthetic_lm(folder: Path) -> int:
     return sum(t.numel() * t.element_size() for t in weights.values())
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
-@pytest.mark.parametrize("tied_names", ["once", "every"])
-def test_load_and_full_uploads_peak_memory(tmp_path: Path, tied_names: str) -> None:
-    weights = _synthetic_lm(tmp_path / "lm")
-    assert weights > 150 * 2**20
-    tiny = str(make_causal_lm(tmp_path / "tiny"))
+def _child(script: str, *args: str) -> dict:
+    """Runs `script` in a fresh Python (its own VmHWM) from the repository root; its last line
+    of output, as JSON."""
     run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "lm"), tiny, tied_names],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=Path(__file__).resolve().parents[2],
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+@pytest.mark.parametrize("tied_names", ["once", "every"])
+def test_load_and_full_uploads_peak_memory(tmp_path: Path, tied_names: str) -> None:
+    weights = _synthetic_lm(tmp_path / "lm")
+    assert weights > 150 * 2**20
+    tiny = str(make_causal_lm(tmp_path / "tiny"))
+    result = _child(CHILD, str(tmp_path / "lm"), tiny, tied_names)
     load = (result["load_hwm"] - result["baseline"]) / weights
     assert load < LOAD_PEAK, f"the load peaked at {load:.2f}x the weights"
     assert result["served"] == 3.0  # the last upload serves
@@ -139,15 +145,7 @@ def test_a_bf16_load_from_float32_files_gives_its_cast_temporaries_back(tmp_path
     # resident until trimmed (own_memory.release_freed_heap, which the load calls once).
     # SmolLM2: 898 MiB resident after the load, 682 after the trim.
     weights = _synthetic_lm(tmp_path / "lm") // 2  # served in bfloat16
-    run = subprocess.run(
-        [sys.executable, "-c", CAST_CHILD, str(tmp_path / "lm")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = _child(CAST_CHILD, str(tmp_path / "lm"))
     assert result["trims"] == 1
     released = (result["untrimmed"] - result["trimmed"]) / weights
     assert released > 0.3, f"the trim gave back {released:.2f}x the bf16 weights"
