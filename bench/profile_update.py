@@ -175,10 +175,11 @@ def count_flops(trainer: PPOTrainer, batch: tuple[list, list, Any]) -> float:
 
 def compile_decoders(trainer: PPOTrainer) -> None:
     """torch.compile (inductor) on the decoders the trainer's forward passes call."""
+    from services.trainer.learner.value_head import base_model
+
     for lm in (trainer.model.lm, trainer.ref_model):
         if lm is not None:
-            base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-            base.get_decoder().compile()
+            base_model(lm).get_decoder().compile()
 
 
 def run_precision(

@@ -162,7 +162,8 @@ class PolicyEngine:
     # --- weights --------------------------------------------------------------------------------
     def receive_buffer(self, nbytes: int) -> mmap.mmap:
         """Memory to receive an upload into: WeightStore.receive_buffer. The heap is trimmed
-        first: what generation freed there would otherwise sit beside both weight buffers."""
+        first: what generation and the last upload's messages freed there would otherwise sit
+        beside both weight buffers."""
         release_freed_heap()
         return self.weights.receive_buffer(nbytes)
 
@@ -174,10 +175,7 @@ class PolicyEngine:
         self, tensors: Mapping[str, torch.Tensor], version: int, backing: object | None = None
     ) -> int:
         """Makes verified tensors the served weights as `version`: WeightStore.apply."""
-        try:
-            return self.weights.apply(tensors, version, backing)
-        finally:
-            release_freed_heap()  # the upload's message chunks, freed on the gRPC threads' heaps
+        return self.weights.apply(tensors, version, backing)
 
     def _has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))

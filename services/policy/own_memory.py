@@ -149,8 +149,8 @@ def release_freed_heap() -> None:
     bfloat16 from float32 files left 216 MB of cast temporaries there (SmolLM2: 898 MiB resident
     after the load, 682 after a trim), and Generate calls leave their logits and caches: memory
     that then sits beside both weight buffers when the next upload arrives, the service's peak.
-    It runs after a load, when an upload starts and after a weight update, not per Generate
-    call (a call then pays the page faults of growing the heap again).
+    It runs after a load and when an upload starts (where the peak is), not per Generate call
+    (a call then pays the page faults of growing the heap again).
     """
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:

@@ -9,7 +9,11 @@ import torch
 from torch import nn
 
 from services.trainer.learner.batch import PPOBatch
-from services.trainer.learner.value_head import PolicyWithValueHead, causal_lm_logits
+from services.trainer.learner.value_head import (
+    PolicyWithValueHead,
+    base_model,
+    causal_lm_logits,
+)
 
 
 def autocast(mixed_precision: str, device: torch.device) -> AbstractContextManager:
@@ -55,7 +59,7 @@ def float32_attention(lm: nn.Module | None, mixed_precision: str, device: torch.
     """
     if lm is None or mixed_precision != "bf16" or device.type != "cpu":
         return False
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = base_model(lm)
     config = getattr(base, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
@@ -78,7 +82,7 @@ def reference_linears_in_bf16(lm: nn.Module | None, mixed_precision: str) -> int
     """
     if lm is None or mixed_precision != "bf16":
         return 0
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = base_model(lm)
     embedding = base.get_input_embeddings().weight
     count = 0
     for module in base.modules():

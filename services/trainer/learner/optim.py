@@ -79,11 +79,13 @@ class StepInBackward:
         self._bucket_of: dict[torch.nn.Parameter, _Bucket] = {}
         for index, group in enumerate(optimizer.param_groups):
             chunk: list[torch.nn.Parameter] = []
+            chunk_bytes = 0
             for param in group["params"]:
                 chunk.append(param)
-                if sum(p.numel() * p.element_size() for p in chunk) >= bucket_bytes:
+                chunk_bytes += param.numel() * param.element_size()
+                if chunk_bytes >= bucket_bytes:
                     self._add_bucket(index, chunk)
-                    chunk = []
+                    chunk, chunk_bytes = [], 0
             if chunk:
                 self._add_bucket(index, chunk)
         for param in self._bucket_of:

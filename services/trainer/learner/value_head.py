@@ -270,7 +270,7 @@ def causal_lm_logits(
     (LoRA) causal LMs. Models whose head is more than a linear layer (logit soft-capping or
     scaling) take the full forward pass and are gathered after.
     """
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = base_model(lm)
     config = getattr(base, "config", None)
     special_head = any(
         getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale")
@@ -288,6 +288,11 @@ def causal_lm_logits(
     )
     hidden = _at(out.last_hidden_state, positions)
     return base.get_output_embeddings()(hidden).float(), hidden
+
+
+def base_model(lm: nn.Module) -> nn.Module:
+    """The plain causal LM: a peft model's base (its adapters still in it), else `lm`."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
 def _token_inputs(base: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -170,9 +170,7 @@ class Followers:
 
     def shutdown(self) -> None:
         """The service stops: the other ranks leave (those already gone are not waited for),
-        then this one leaves the process group. Left alive, the group's threads can abort the
-        exit (SIGABRT, "terminate called without an active exception": seen once in a clean
-        clone)."""
+        then this one leaves the process group (parallel.shut_down says why that is needed)."""
         try:
             self._tell("shutdown")
         except RuntimeError as err:  # a rank that died first: gloo says so
