@@ -33,35 +33,41 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+def _raw_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> memoryview:
+    """`tensor`'s bytes in `dtype`, on the CPU: a view where it already is both, else a copy."""
+    flat = tensor.detach().to("cpu", dtype).contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def _in_wire_dtypes(
+def _wire_dtypes(
     tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None
-) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, floating tensors cast to `dtype` when given; ValueError for a dtype
-    the wire cannot carry."""
-    prepared: list[tuple[str, torch.Tensor]] = []
+) -> list[tuple[str, torch.Tensor, torch.dtype]]:
+    """(name, tensor, the dtype it travels in): floating tensors in `dtype` when given;
+    ValueError for a dtype the wire cannot carry. Nothing is cast here: the casts happen one
+    tensor at a time as the stream reaches them (_raw_bytes), so a bf16 push of fp32 weights
+    holds one tensor's cast copy, not the whole model's."""
+    prepared: list[tuple[str, torch.Tensor, torch.dtype]] = []
     for name, tensor in tensors.items():
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        if dtype_name(tensor.dtype) not in DTYPES:
-            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be sent (use {list(DTYPES)})")
-        prepared.append((name, tensor))
+        wire = tensor.dtype
+        if dtype is not None and tensor.is_floating_point():
+            wire = dtype
+        if dtype_name(wire) not in DTYPES:
+            raise ValueError(f"{name}: dtype {wire} cannot be sent (use {list(DTYPES)})")
+        prepared.append((name, tensor, wire))
     return prepared
 
 
-def _manifest(prepared: list[tuple[str, torch.Tensor]], version: int) -> policy_pb2.WeightManifest:
+def _manifest(
+    prepared: list[tuple[str, torch.Tensor, torch.dtype]], version: int
+) -> policy_pb2.WeightManifest:
     """The manifest of one upload: each tensor's spec at its offset in the payload."""
     specs, offset = [], 0
-    for name, tensor in prepared:
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, tensor, wire in prepared:
+        nbytes = tensor.numel() * wire.itemsize
         specs.append(
             policy_pb2.TensorSpec(
                 name=name,
-                dtype=dtype_name(tensor.dtype),
+                dtype=dtype_name(wire),
                 shape=list(tensor.shape),
                 offset=offset,
                 nbytes=nbytes,
@@ -79,7 +85,7 @@ def _chunk_parts(
 ) -> Iterator[tuple[policy_pb2.WeightManifest | None, int, list[memoryview], int, int | None]]:
     """The chunks of one upload as (manifest or None, offset, data pieces, crc32, payload crc32
     or None): views into the tensors' memory, nothing copied yet."""
-    prepared = _in_wire_dtypes(tensors, dtype)
+    prepared = _wire_dtypes(tensors, dtype)
     first = _manifest(prepared, version)
     manifest: policy_pb2.WeightManifest | None = first  # sent with the first chunk only
     total, sent, payload_crc = first.total_bytes, 0, 0
@@ -97,8 +103,8 @@ def _chunk_parts(
         sent += pending_len
         return out
 
-    for _name, tensor in prepared:
-        view = _raw_bytes(tensor)
+    for _name, tensor, wire in prepared:
+        view = _raw_bytes(tensor, wire)
         pos = 0
         while pos < len(view):
             take = min(chunk_bytes - pending_len, len(view) - pos)
