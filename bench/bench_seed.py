@@ -32,6 +32,15 @@ reported, not asserted.
                                                   # fp32, bf16 and fp32-overlap
     python bench/bench_seed.py --rounds 2 --steps 2
     python bench/bench_seed.py --quick            # tiny random model, 1 round x 1 step
+    python bench/bench_seed.py --device cuda      # every side on the GPU
+    python bench/bench_seed.py --device cuda:0 --policy-device cuda:1   # generation on its own
+
+--device places every side: TRL's process (it sees that GPU alone), the trainer service
+(ppo.device) and the policy service (--device, unless --policy-device gives it its own). The
+reward service (VADER) computes on the CPU. On a GPU the memory that the targets judge is GPU
+memory: each process's peak as nvidia-smi reports it (CUDA context included), sampled every
+0.5 s over the whole bench; the host peaks are printed beside it. The floor is then the GPU's
+fp32 matmul rate (TF32 off, as the trainer runs fp32).
 """
 
 from __future__ import annotations
@@ -53,9 +62,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import seed_report  # noqa: E402
-from bench.measure import alternate, peak_memory_mib  # noqa: E402
+from bench.measure import GpuMemoryPeaks, alternate, peak_memory_mib  # noqa: E402
 from bench.project_side import WARMUP_STEPS, ProjectStack, Variant, round_seconds  # noqa: E402
 from bench.trl_seed_loop import MAX_NEW_TOKENS, SEED_PPO, SEED_QUERIES  # noqa: E402
+from bench.update_floor import GPU_MATMUL_SIZE, MATMUL_SIZE  # noqa: E402
 from tools.launch import Threads, service_threads  # noqa: E402
 
 TRL = "trl-0.11.4"
@@ -83,6 +93,12 @@ def _flags(argv: list[str] | None) -> argparse.Namespace:
         help=f"the project's variants, comma-separated, of {', '.join(VARIANTS)}",
     )
     parser.add_argument("--seed", type=int, default=0, help="PPOConfig.seed of every side")
+    parser.add_argument(
+        "--device", default="cpu", help="every side's device: cpu, cuda or cuda:N (see above)"
+    )
+    parser.add_argument(
+        "--policy-device", help="the policy service's own device (default: --device)"
+    )
     parser.add_argument("--trl-threads", type=int, help="TRL's torch threads (default: all)")
     parser.add_argument("--policy-threads", type=int, help="policy service's threads")
     parser.add_argument("--trainer-threads", type=int, help="trainer service's threads")
@@ -99,6 +115,17 @@ def _flags(argv: list[str] | None) -> argparse.Namespace:
     for name in ("trl_threads", "policy_threads", "trainer_threads"):
         if (getattr(args, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    from rlhf.models import parse_device
+
+    args.policy_device = args.policy_device or args.device
+    if args.policy_device.startswith("cuda") and args.device == "cpu":
+        # TRL would run on the CPU beside a project generating on a GPU: no comparison.
+        parser.error("--policy-device on a GPU needs --device on one too (TRL, the trainer)")
+    for flag, value in (("--device", args.device), ("--policy-device", args.policy_device)):
+        try:
+            parse_device(value)  # a GPU this machine lacks is refused here, not mid-bench
+        except ValueError as error:
+            parser.error(f"{flag}: {error}")
     return args
 
 
@@ -134,6 +161,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
             "ppo.seed": str(args.seed),
             "ppo.use_lora": "false",
             "ppo.dtype": "float32",
+            "ppo.device": args.device,
             "ppo.max_grad_norm": "none",  # TRL 0.11.4's PPOConfig default: no clipping
             "ppo.log_with": "jsonl",
             "generation.max_new_tokens": str(MAX_NEW_TOKENS),
@@ -181,10 +209,19 @@ def _measure(args: argparse.Namespace, setup: dict[str, Any], work: Path) -> dic
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in SEED_QUERIES))
     overrides = {**setup["overrides"], "run.prompts": str(prompts)}
     rows: dict[str, list[dict[str, Any]]] = {TRL: []}
+    on_gpu = any(d.startswith("cuda") for d in (args.device, args.policy_device))
     with ExitStack() as stack:
+        gpu = stack.enter_context(GpuMemoryPeaks()) if on_gpu else None
         _say(f"starting {TRL} (loading, warm-up step)")
         trl = stack.enter_context(
-            TrlSide(python, setup["model"], args.seed, setup["trl_threads"], WARMUP_STEPS)
+            TrlSide(
+                python,
+                setup["model"],
+                args.seed,
+                setup["trl_threads"],
+                WARMUP_STEPS,
+                device=args.device,
+            )
         )
         stacks = {}
         for variant in setup["variants"]:
@@ -197,6 +234,7 @@ def _measure(args: argparse.Namespace, setup: dict[str, Any], work: Path) -> dic
                     setup["threads"][variant.name],
                     overrides,
                     data,
+                    policy_device=args.policy_device,
                 )
             )
             rows[variant.name] = []
@@ -219,7 +257,36 @@ def _measure(args: argparse.Namespace, setup: dict[str, Any], work: Path) -> dic
         # TRL's one process ran one run throughout; each stack's peak is its first run's.
         memory = {TRL: {"trl_seed_loop": peak_memory_mib(trl.pid)}}
         memory.update({name: s.first_run_peak_mib for name, s in stacks.items()})
-    return {"rows": rows, "seconds": seconds, "memory": memory}
+        measured = {"rows": rows, "seconds": seconds, "memory": memory}
+        if gpu is not None:
+            pids = {TRL: {"trl_seed_loop": trl.pid}}
+            # The reward service (VADER) has no GPU work: its absence is not a miss.
+            pids.update({n: _gpu_services(s.pids(), args) for n, s in stacks.items()})
+            measured["gpu_memory"] = _gpu_peaks(gpu, pids)
+    return measured
+
+
+def _gpu_services(pids: dict[str, int], args: argparse.Namespace) -> dict[str, int]:
+    """The stack's processes that compute on a GPU."""
+    devices = {"policy": args.policy_device, "trainer": args.device}
+    return {n: pid for n, pid in pids.items() if devices.get(n, "cpu").startswith("cuda")}
+
+
+def _gpu_peaks(gpu: GpuMemoryPeaks, pids: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Each side's GPU peaks by process, or why a side's are missing."""
+    sides: dict[str, Any] = {}
+    for side, named in pids.items():
+        found, missing = gpu.peaks_of(named)
+        if gpu.error:
+            sides[side] = {"missing": f"sampling stopped: {gpu.error}"}
+        elif missing:
+            sides[side] = {
+                "missing": f"nvidia-smi never listed {', '.join(missing)} (a container "
+                "that hides the host's process ids?)"
+            }
+        else:
+            sides[side] = found
+    return sides
 
 
 def _floor(args: argparse.Namespace, setup: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
@@ -234,12 +301,14 @@ def _floor(args: argparse.Namespace, setup: dict[str, Any], rows: list[dict]) ->
         max(1, round(tokens)),
     )
     threads = setup["threads"][setup["variants"][0].name].trainer
-    gflops = matmul_gflops(threads, size=256 if args.quick else 2048)
+    size = 256 if args.quick else GPU_MATMUL_SIZE if args.device != "cpu" else MATMUL_SIZE
+    gflops = matmul_gflops(threads, size=size, device=args.device)
     return {
         "flops": flops,
         "response_tokens": round(tokens),
         "matmul_gflops": gflops,
         "threads": threads,
+        "device": args.device,
         "seconds": flops / (gflops * 1e9),
     }
 
@@ -261,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         "threads": {name: chosen for name, (_, chosen, _) in threads.items()},
         "trl_threads": trl_threads,
     }
-    notes = [f"threads: {TRL} {trl_threads}"]
+    notes = [
+        f"devices: {TRL} {args.device}, trainer service {args.device}, "
+        f"policy service {args.policy_device}, reward service (VADER) cpu",
+        f"threads: {TRL} {trl_threads}",
+    ]
     for name, (_, chosen, why) in threads.items():
         notes.append(f"threads: {name}: policy {chosen.policy}, trainer {chosen.trainer} ({why})")
     settings = setup["overrides"].items()

@@ -36,15 +36,11 @@ from typing import TYPE_CHECKING, Any
 from bench.trl_seed_loop import BATCH_SIZE, MAX_NEW_TOKENS, SEED_QUERIES
 
 if TYPE_CHECKING:
-    import torch
-
     from services.trainer.learner.ppo_trainer import PPOTrainer
 
 PHASES = ("prepare", "targets", "forward", "backward", "optimizer", "stats")
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
 """--precision -> PPOConfig.mixed_precision."""
-MATMUL_SIZE = 2048
-"""Side of the square matmuls that measure this machine's GFLOP/s."""
 
 
 def _flags(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,21 +60,6 @@ def _flags(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.threads < 0:
         parser.error("--steps must be >= 1 and --threads >= 0")
     return args
-
-
-# --- the machine's matmul rate ------------------------------------------------------------------
-def matmul_gflops(dtype: torch.dtype, size: int = MATMUL_SIZE, seconds: float = 1.0) -> float:
-    """GFLOP/s of square (size x size) matmuls in `dtype`, best of repeats over ~`seconds`."""
-    import torch
-
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    torch.mm(a, b)  # warm-up: first-call dispatch and the kernels' buffers
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best / 1e9
 
 
 # --- the model and the rollouts -----------------------------------------------------------------
@@ -232,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)  # before any torch work, as the services do
+    from bench.update_floor import matmul_gflops
+
     gflops = {
-        name: matmul_gflops(dtype)
+        name: matmul_gflops(torch.get_num_threads(), dtype=dtype)
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
     }
     precisions = list(PRECISIONS) if args.precision == "both" else [args.precision]

@@ -68,15 +68,18 @@ class ProjectStack:
         threads: Threads,
         overrides: dict[str, str],
         data: Path,
+        policy_device: str = "cpu",
     ) -> None:
         """`work`: this stack's folder (logs, certificates, run folders); `overrides`: the
-        run config every variant shares; `data`: the trainer's --data-root (its run.prompts
-        lies there)."""
+        run config every variant shares (the trainer's device is its ppo.device); `data`: the
+        trainer's --data-root (its run.prompts lies there); `policy_device`: the policy
+        service's --device."""
         self.variant = variant
         self.model = model
         self.work = work
         self.data = data
         self.threads = threads
+        self.policy_device = policy_device
         self.overrides = {
             **overrides,
             **variant.overrides,
@@ -107,6 +110,7 @@ class ProjectStack:
         logs = self.work / "logs"
         policy_args = ["policy", "serve", "--model", str(self.model)]
         policy_args += ["--dtype", self.variant.policy_dtype, "--threads", str(self.threads.policy)]
+        policy_args += ["--device", self.policy_device]
         specs = [
             ("policy", policy_args, self.threads.policy),
             ("reward", ["reward", "serve", "--backend", "vader"], 1),
@@ -179,7 +183,11 @@ class ProjectStack:
 
     def peak_mib(self) -> dict[str, float]:
         """Each service process's peak resident memory so far (VmHWM), in MiB."""
-        return {name: peak_memory_mib(s.process.pid) for name, s in self._services.items()}
+        return {name: peak_memory_mib(pid) for name, pid in self.pids().items()}
+
+    def pids(self) -> dict[str, int]:
+        """Each service's process id, by service name."""
+        return {name: s.process.pid for name, s in self._services.items()}
 
     def __exit__(
         self,

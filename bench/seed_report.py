@@ -5,6 +5,10 @@ Rows of the TRL side are trl_seed_loop.py's step lines; the project's are metric
 Both become the same phases per step: generate, score, update (the forward passes before the
 PPO epochs included: TRL's `step`, the project's time/ref_values + time/update), sync (the
 weight push; TRL has none) and overlap (rollout seconds that ran during an update).
+
+Memory: each side's host peak (VmHWM, summed over its processes) always; on a GPU bench also its
+GPU peak (nvidia-smi, summed over the processes that use the GPU), and then the memory ratios
+and targets are the GPU's: that is the memory a GPU run runs out of.
 """
 
 from __future__ import annotations
@@ -58,9 +62,11 @@ def side_result(
     seconds: list[float],
     memory: dict[str, float],
     floor_s: float,
+    gpu_memory: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A side's numbers: `rows` its measured steps, `seconds` its rounds' seconds (the same
-    number of steps in each), `memory` its processes' peaks (MiB)."""
+    number of steps in each), `memory` its processes' host peaks (MiB), `gpu_memory` (on a GPU
+    bench) its GPU processes' peaks (MiB), or {"missing": why}."""
     steps = [_phases(side, row) for row in rows]
     per_round = sum(s["episodes"] for s in steps) / len(seconds)
     rates = [per_round / s for s in seconds]
@@ -79,7 +85,16 @@ def side_result(
         "update_floor_multiple": phases["update"] / floor_s,
         "peak_mib": sum(memory.values()),
         "peak_mib_per_process": memory,
+        **_gpu(gpu_memory),
     }
+
+
+def _gpu(gpu_memory: dict[str, Any] | None) -> dict[str, Any]:
+    if gpu_memory is None:
+        return {}
+    if "missing" in gpu_memory:
+        return {"gpu_peak_missing": gpu_memory["missing"]}
+    return {"gpu_peak_mib": sum(gpu_memory.values()), "gpu_peak_mib_per_process": gpu_memory}
 
 
 def results(
@@ -91,10 +106,15 @@ def results(
 ) -> dict[str, Any]:
     """Everything the report prints, as plain data (bench_seed.py --json writes it)."""
     seconds, memory = measured["seconds"], measured["memory"]
+    gpu = measured.get("gpu_memory")
     sides = {
-        side: side_result(side, rows, seconds[side], memory[side], floor["seconds"])
+        side: side_result(
+            side, rows, seconds[side], memory[side], floor["seconds"], gpu and gpu[side]
+        )
         for side, rows in measured["rows"].items()
     }
+    # A GPU bench judges GPU memory; a side whose GPU peak is missing is not judged.
+    peak_key = "peak_mib" if gpu is None else "gpu_peak_mib"
     ratios: dict[str, dict[str, float]] = {}
     for side in sides:
         if side == TRL:
@@ -106,7 +126,8 @@ def results(
             "max": max(speed),
         }
         ratios[f"floor/{side}"] = {"value": sides[side]["update_floor_multiple"]}
-        ratios[f"memory/{side}"] = {"value": sides[side]["peak_mib"] / sides[TRL]["peak_mib"]}
+        if peak_key in sides[side] and peak_key in sides[TRL]:
+            ratios[f"memory/{side}"] = {"value": sides[side][peak_key] / sides[TRL][peak_key]}
     return {
         "model": str(setup["model"]),
         "model_name": Path(setup["model"]).name,
@@ -115,6 +136,7 @@ def results(
         "episodes_per_step": BATCH_SIZE,
         "notes": notes,
         "floor": floor,
+        "memory": "gpu" if gpu is not None else "host",
         "sides": sides,
         "ratios": ratios,
         "targets": [_judge(ratios, target) for target in TARGETS],
@@ -134,9 +156,28 @@ def _row(label: str, cells: list[str]) -> str:
     return f"{label:<34}" + "".join(f"{c:>16}" for c in cells)
 
 
-def _processes(name: str, side: dict[str, Any]) -> str:
-    peaks = side["peak_mib_per_process"].items()
-    return f"{name}: " + ", ".join(f"{process} {mib:.0f}" for process, mib in peaks)
+def _processes(name: str, peaks: dict[str, float]) -> str:
+    return f"{name}: " + ", ".join(f"{process} {mib:.0f}" for process, mib in peaks.items())
+
+
+def _gpu_lines(names: list[str], sides: dict[str, Any], memory: str) -> list[str]:
+    """The GPU peaks' rows, on a GPU bench; the memory ratios below are theirs."""
+    if memory != "gpu":
+        return []
+    peaks = [sides[n].get("gpu_peak_mib") for n in names]
+    lines = [
+        _row("peak GPU memory MiB", ["-" if p is None else f"{p:.0f}" for p in peaks]),
+        "  GPU memory per process (nvidia-smi, sampled every 0.5 s over the whole bench): "
+        + "; ".join(
+            _processes(n, sides[n]["gpu_peak_mib_per_process"])
+            for n in names
+            if "gpu_peak_mib" in sides[n]
+        ),
+    ]
+    for name in names:
+        if "gpu_peak_missing" in sides[name]:
+            lines.append(f"  {name}: GPU memory not measured: {sides[name]['gpu_peak_missing']}")
+    return lines
 
 
 def render(results: dict[str, Any], targets: bool) -> str:
@@ -166,12 +207,14 @@ def render(results: dict[str, Any], targets: bool) -> str:
         _row("update / fp32 floor", [f"{sides[n]['update_floor_multiple']:.2f}x" for n in names]),
         _row("peak memory MiB", [f"{sides[n]['peak_mib']:.0f}" for n in names]),
         "  memory per process (VmHWM, MiB; the project's after its first run): "
-        + "; ".join(_processes(n, sides[n]) for n in names),
+        + "; ".join(_processes(n, sides[n]["peak_mib_per_process"]) for n in names),
+        *_gpu_lines(names, sides, results["memory"]),
         f"fp32 matmul floor: {floor['flops'] / 1e12:.3f} TFLOP per update (replica step, "
         f"responses of {floor['response_tokens']} tokens) / {floor['matmul_gflops']:.0f} GFLOP/s "
-        f"(fp32 matmul, {floor['threads']} thread(s)) = {floor['seconds']:.2f} s",
+        f"(fp32 matmul, {floor.get('device', 'cpu')}, {floor['threads']} thread(s)) "
+        f"= {floor['seconds']:.2f} s",
         "",
-        "ratios (speed: median of the rounds' ratios, range):",
+        f"ratios (speed: median of the rounds' ratios, range; memory: {results['memory']}):",
     ]
     for key, ratio in results["ratios"].items():
         spread = f" ({ratio['min']:.2f}-{ratio['max']:.2f})" if "min" in ratio else ""

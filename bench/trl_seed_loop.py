@@ -15,6 +15,12 @@ still hold the prompt, which `step` cannot concatenate), and no tensorboard logg
 never calls log_stats; logging is not part of a step).
 
     python bench/trl_seed_loop.py --model FOLDER --steps 3 --warmup 1 --seed 0 --threads 2
+    python bench/trl_seed_loop.py --model FOLDER --device cuda:1   # on the second GPU
+
+--device says where TRL computes. TRL's Accelerator takes a GPU whenever one is visible, so the
+loop shows it only the one asked for (CUDA_VISIBLE_DEVICES, set before torch loads): none for
+cpu, the Nth for cuda:N. The queries and rewards go to the trainer's device, as the seed's
+`.to(policy_model.device)` did.
 
 prints one JSON line: episodes/s over the measured steps (warm-up excluded), median and mean
 seconds per phase per step (generate, score, step), generated tokens/s, peak RSS and versions.
@@ -66,9 +72,28 @@ MAX_NEW_TOKENS = 64
 """The seed's generation_kwargs["max_new_tokens"]; min_length -1: EOS may end a response."""
 
 
+def visible_devices(device: str, visible: str | None) -> str:
+    """The CUDA_VISIBLE_DEVICES that shows TRL's Accelerator `device` alone ("cpu", "cuda",
+    "cuda:N"), given the one this process was started with (None: unset, every GPU). ValueError
+    for another form, or an index past the visible list."""
+    if device == "cpu":
+        return ""
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    position = int(index or 0)
+    if visible is None:
+        return str(position)
+    shown = [entry.strip() for entry in visible.split(",") if entry.strip()]
+    if position >= len(shown):
+        raise ValueError(f"--device {device!r}: CUDA_VISIBLE_DEVICES={visible!r} shows fewer")
+    return shown[position]
+
+
 def _flags(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="a causal LM folder")
+    parser.add_argument("--device", default="cpu", help="where TRL computes: cpu, cuda or cuda:N")
     parser.add_argument("--steps", type=int, default=3, help="measured steps")
     parser.add_argument("--warmup", type=int, default=1, help="steps run first, not measured")
     parser.add_argument("--seed", type=int, default=0, help="PPOConfig.seed (sampling too)")
@@ -87,6 +112,10 @@ def _flags(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--steps must be >= 1, --warmup and --threads >= 0")
     if not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json there (not a model folder)")
+    try:
+        args.visible_devices = visible_devices(args.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -103,7 +132,7 @@ def _prompts(path: Path | None) -> list[str]:
 class SeedLoop:
     """The seed's models, tokenizer, PPOTrainer and VADER analyzer; run_step() is one step."""
 
-    def __init__(self, model: Path, seed: int, prompts: list[str]) -> None:
+    def __init__(self, model: Path, seed: int, prompts: list[str], device: str = "cpu") -> None:
         import torch
         from transformers import AutoTokenizer
         from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
@@ -123,6 +152,10 @@ class SeedLoop:
         self.trainer = PPOTrainer(
             config=config, model=policy, ref_model=ref, tokenizer=self.tokenizer
         )
+        # Where the Accelerator put the models: the one device main() left visible.
+        self.device = self.trainer.accelerator.device
+        if self.device.type != device.partition(":")[0]:
+            raise SystemExit(f"--device {device}: TRL's Accelerator chose {self.device}")
         self.analyzer = SentimentIntensityAnalyzer()
         self.prompts = prompts
         self.generation_kwargs = {
@@ -140,7 +173,9 @@ class SeedLoop:
         torch = self._torch
         start = self.steps_done * BATCH_SIZE
         texts = [self.prompts[(start + i) % len(self.prompts)] for i in range(BATCH_SIZE)]
-        queries = [self.tokenizer.encode(t, return_tensors="pt").squeeze(0) for t in texts]
+        queries = [
+            self.tokenizer.encode(t, return_tensors="pt").squeeze(0).to(self.device) for t in texts
+        ]
         started = time.perf_counter()
         responses = [
             self.trainer.generate(q, return_prompt=False, **self.generation_kwargs).squeeze(0)
@@ -152,7 +187,11 @@ class SeedLoop:
             for q, r in zip(queries, responses)
         ]
         rewards = [
-            torch.tensor(self.analyzer.polarity_scores(text)["compound"], dtype=torch.float32)
+            torch.tensor(
+                self.analyzer.polarity_scores(text)["compound"],
+                dtype=torch.float32,
+                device=self.device,
+            )
             for text in decoded
         ]
         scored = time.perf_counter()
@@ -219,15 +258,17 @@ def _progress(name: str, row: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _flags(argv)
+    # Before torch is imported, so its OpenMP pool starts at this size and CUDA shows the GPU
+    # asked for alone (or none).
+    os.environ["CUDA_VISIBLE_DEVICES"] = args.visible_devices
     if args.threads:
-        # Before torch is imported, so its OpenMP pool starts at this size.
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    loop = SeedLoop(args.model, args.seed, _prompts(args.prompts))
+    loop = SeedLoop(args.model, args.seed, _prompts(args.prompts), args.device)
     loaded = time.perf_counter()
     for number in range(args.warmup):
         _progress(f"warm-up {number + 1}", loop.run_step())

@@ -2,7 +2,7 @@
 own venv (--stdin-steps), one measured step per call, so that a bench can alternate it with
 another system (bench.measure.alternate) without reloading the models between steps.
 
-    with TrlSide(trl_env.prepare(), model, seed=0, threads=2) as trl:
+    with TrlSide(trl_env.prepare(), model, seed=0, threads=2, device="cpu") as trl:
         row = trl.step()          # one measured step: {"seconds", "generate", ...}
     trl.summary                   # the loop's summary line, after the context ends
 """
@@ -23,10 +23,19 @@ LOOP = Path(__file__).with_name("trl_seed_loop.py")
 class TrlSide:
     """trl_seed_loop.py --stdin-steps as a child process; __enter__ waits for its warm-up."""
 
-    def __init__(self, python: Path, model: Path, seed: int, threads: int, warmup: int = 1) -> None:
+    def __init__(
+        self,
+        python: Path,
+        model: Path,
+        seed: int,
+        threads: int,
+        warmup: int = 1,
+        device: str = "cpu",
+    ) -> None:
         self.command = [
             str(python), str(LOOP), "--model", str(model), "--seed", str(seed),
-            "--threads", str(threads), "--warmup", str(warmup), "--stdin-steps",
+            "--threads", str(threads), "--warmup", str(warmup), "--device", device,
+            "--stdin-steps",
         ]  # fmt: skip
         self.summary: dict[str, Any] | None = None
         self.ready: dict[str, Any] | None = None

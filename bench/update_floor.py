@@ -1,7 +1,7 @@
 """The fp32 matmul floor of a PPO update, for bench_seed.py: the FLOPs of one update (the
 trainer's forward passes and the PPO epochs, i.e. `prepare` + `update`), counted once with
 torch.utils.flop_counter.FlopCounterMode on an in-process replica step of the same shapes,
-divided by the fp32 matmul rate measured here with the trainer's thread count.
+divided by the fp32 matmul rate measured here with the trainer's thread count (on its device).
 
     flops = update_flops(overrides, prompts, response_tokens)   # one replica step, counted
     rate = matmul_gflops(threads)                                # GFLOP/s, fp32
@@ -21,6 +21,8 @@ import torch
 
 MATMUL_SIZE = 2048
 """Side of the square fp32 matmuls the rate is measured on (17 GFLOP each: ~0.1 s on 2 cores)."""
+GPU_MATMUL_SIZE = 8192
+"""The same on a GPU, where a 2048 matmul is too short to reach the device's rate."""
 MATMUL_REPEATS = 8
 """Timed matmuls (after two untimed ones); the rate is their median's."""
 
@@ -59,19 +61,32 @@ def update_flops(overrides: Sequence[str], prompts: Sequence[str], response_toke
     return float(counter.get_total_flops())
 
 
-def matmul_gflops(threads: int, size: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:
-    """fp32 GFLOP/s of a size x size matmul with `threads` torch threads (median of `repeats`);
-    the process's thread count is restored afterwards."""
+def matmul_gflops(
+    threads: int,
+    size: int = MATMUL_SIZE,
+    repeats: int = MATMUL_REPEATS,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """GFLOP/s of a size x size matmul in `dtype` (fp32 for the floor) on `device` with
+    `threads` torch threads (median of `repeats`); the process's thread count is restored
+    afterwards. On a GPU, torch's default fp32 matmul (TF32 off, as the trainer runs) is timed
+    between synchronizations."""
+    target = torch.device(device)
+    sync = torch.cuda.synchronize if target.type == "cuda" else lambda: None
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        for _ in range(2):  # first touches, the OpenMP team's start
+        a = torch.randn(size, size, device=target).to(dtype)
+        b = torch.randn(size, size, device=target).to(dtype)
+        for _ in range(2):  # first touches, the OpenMP team's start, the GPU's kernel choice
             torch.mm(a, b)
+        sync()
         seconds = []
         for _ in range(repeats):
             started = time.perf_counter()
             torch.mm(a, b)
+            sync()
             seconds.append(time.perf_counter() - started)
     finally:
         torch.set_num_threads(before)

@@ -10,14 +10,17 @@ checked on made-up rows, fast.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench import seed_report
-from bench.measure import peak_memory_mib
+from bench import bench_seed, seed_report
+from bench.measure import GpuMemoryPeaks, peak_memory_mib
 from bench.project_side import round_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +140,91 @@ def test_peak_memory_is_the_processs_high_water_mark() -> None:
         child.wait()
     with pytest.raises(FileNotFoundError):
         peak_memory_mib(child.pid)  # reaped: no /proc entry
+
+
+def test_gpu_results_judge_gpu_memory_and_say_which_side_was_not_seen() -> None:
+    measured = {
+        "rows": {
+            "trl-0.11.4": [_trl_row(10.0)] * 2,
+            "fp32": [_project_row(2, 0.0)] * 2,
+            "bf16": [_project_row(2, 0.0)] * 2,
+        },  # fmt: skip
+        "seconds": {"trl-0.11.4": [20.0], "fp32": [5.0], "bf16": [5.0]},
+        "memory": {
+            "trl-0.11.4": {"trl": 1000.0},
+            "fp32": {"trainer": 3000.0},
+            "bf16": {"trainer": 3000.0},
+        },  # fmt: skip
+        "gpu_memory": {
+            "trl-0.11.4": {"trl_seed_loop": 4000.0},
+            "fp32": {"policy": 1000.0, "trainer": 4000.0},
+            "bf16": {"missing": "nvidia-smi never listed trainer"},
+        },
+    }
+    floor = {"seconds": 1.0, "flops": 1e12, "response_tokens": 40, "matmul_gflops": 1000.0,
+             "threads": 1, "device": "cuda"}  # fmt: skip
+    results = seed_report.results({"model": "m"}, measured, floor, [], steps=2)
+    assert results["memory"] == "gpu"
+    assert results["ratios"]["memory/fp32"]["value"] == pytest.approx(1.25)  # not host's 3.0
+    assert "memory/bf16" not in results["ratios"]
+    judged = {t["target"]: t["met"] for t in results["targets"]}
+    assert judged["fp32 peak memory / TRL's"] is True
+    assert judged["bf16 peak memory / TRL's"] is None  # not measured, not met
+    report = seed_report.render(results, targets=True)
+    assert "peak GPU memory MiB" in report
+    assert "bf16: GPU memory not measured: nvidia-smi never listed trainer" in report
+
+
+def _fake_nvidia_smi(folder: Path, script: str) -> str:
+    """A PATH with an `nvidia-smi` that runs `script` (sh) first."""
+    tool = folder / "nvidia-smi"
+    tool.write_text("#!/bin/sh\n" + script)
+    tool.chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+def test_gpu_peaks_keep_each_processs_highest_sample(tmp_path: Path, monkeypatch) -> None:
+    # Each call prints the next line of samples.txt for pid 11; pid 12 stays at 5 MiB.
+    (tmp_path / "samples.txt").write_text("100\n700\n300\n")
+    count = tmp_path / "count"
+    script = (
+        f"n=$(cat {count} 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {count}\n"
+        f'mib=$(sed -n "${{n}}p" {tmp_path / "samples.txt"}); echo "11, ${{mib:-300}}"\n'
+        'echo "12, 5"\n'
+    )
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path, script))
+    with GpuMemoryPeaks(interval=0.01) as gpu:
+        while int(count.read_text()) < 5:
+            time.sleep(0.01)
+    assert gpu.error is None
+    assert gpu.peaks_of({"trainer": 11, "policy": 12, "reward": 13}) == (
+        {"trainer": 700.0, "policy": 5.0},
+        ["reward"],
+    )
+
+
+def test_gpu_peaks_fail_before_the_bench_when_nvidia_smi_cannot_answer(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path, "echo 'no devices' >&2; exit 9\n"))
+    with pytest.raises(RuntimeError, match="nvidia-smi exited 9: no devices"):
+        GpuMemoryPeaks().__enter__()
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path, "echo 'No running processes'\n"))
+    with pytest.raises(RuntimeError, match="not 'pid, MiB'"):
+        GpuMemoryPeaks().__enter__()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_bench_on_a_machine_without_one_is_refused_before_it_starts(capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        bench_seed._flags(["--device", "cuda"])
+    assert stopped.value.code == 2
+    assert "--device: device 'cuda' asked for, but this machine has no CUDA GPU" in (
+        capsys.readouterr().err
+    )
+
+
+def test_generation_on_a_gpu_beside_trl_on_the_cpu_is_refused(capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench_seed._flags(["--policy-device", "cuda"])
+    assert "--policy-device on a GPU needs --device on one too" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench import trl_env
+from bench.trl_seed_loop import visible_devices
 from bench.trl_side import TrlSide
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,3 +99,27 @@ def test_requirements_need_one_torch_pin(tmp_path: Path) -> None:
     requirements.write_text("trl==0.11.4\n")
     with pytest.raises(trl_env.PrepareError, match="exactly one torch"):
         trl_env._pins(requirements)
+
+
+@pytest.mark.parametrize(
+    ("device", "visible", "shown"),
+    [
+        ("cpu", None, ""),  # TRL's Accelerator would take any GPU it sees
+        ("cpu", "0,1", ""),
+        ("cuda", None, "0"),
+        ("cuda:1", None, "1"),
+        ("cuda:1", "4, 6", "6"),  # the index counts within what this process sees
+    ],
+)
+def test_the_loop_shows_trl_the_asked_for_device_alone(
+    device: str, visible: str | None, shown: str
+) -> None:
+    assert visible_devices(device, visible) == shown
+
+
+@pytest.mark.parametrize(
+    ("device", "visible"), [("cuda:2", "0,1"), ("tpu", None), ("cuda:x", None)]
+)
+def test_a_device_the_loop_cannot_show_is_refused(device: str, visible: str | None) -> None:
+    with pytest.raises(ValueError, match="--device"):
+        visible_devices(device, visible)
