@@ -12,6 +12,9 @@ Side by side at the seed's own settings (issue #14):
               fp32, as the seed ran). Both lock-step (run.max_staleness 0).
   fp32-overlap, bf16-overlap: the same at run.max_staleness 1: step t+1's rollout is generated
               and scored while step t's update runs, from the weights of step t-1.
+  fp32-vllm, bf16-vllm: fp32 and bf16 with the policy service on the vllm engine (from
+              .venv-vllm, `make install`), lock-step. Each stack holds its models for the
+              whole bench: on the 24 GiB machine, run three stacks at most.
 
 Rounds alternate the sides ABBA (trl fp32 bf16, bf16 fp32 trl, ...), so other load on the
 machine slows all alike. A round is K steps (--steps) per side after its warm-up step. The TRL
@@ -76,6 +79,8 @@ VARIANTS = {
     "bf16": Variant("bf16", "bfloat16", BF16),
     "fp32-overlap": Variant("fp32-overlap", "float32", staleness=1),
     "bf16-overlap": Variant("bf16-overlap", "bfloat16", BF16, staleness=1),
+    "fp32-vllm": Variant("fp32-vllm", "float32", engine="vllm"),
+    "bf16-vllm": Variant("bf16-vllm", "bfloat16", BF16, engine="vllm"),
 }
 DEFAULT_VARIANTS = "fp32,bf16,fp32-overlap"
 PROMPTS_FILE = "seed-queries.jsonl"

@@ -34,6 +34,10 @@ if TYPE_CHECKING:  # grpc and the launcher load when a stack starts
 
 WARMUP_STEPS = 1
 """Steps at the start of each run that are not measured (lazy initialisation, first touches)."""
+VLLM_KV_CACHE_GIB = 0.5
+"""The vllm engine's KV cache here, host memory on the CPU that counts in the memory ratio: the
+service's default is 1 GiB; vLLM refuses less than one sequence of the model's whole context
+(SmolLM2's 8192 tokens in fp32: 0.35 GiB), though 4 sequences of under 100 tokens use a few MiB."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class Variant:
     """Run config overrides of this variant, on top of the bench's common ones."""
     staleness: int = 0
     """run.max_staleness of its runs: 0 lock-step; 1 the rollout of step t+1 overlaps update t."""
+    engine: str = "hf"
+    """The policy service's --engine: hf (transformers' generate) or vllm (from .venv-vllm)."""
 
 
 def round_seconds(rows: list[dict[str, Any]]) -> float:
@@ -110,7 +116,9 @@ class ProjectStack:
         logs = self.work / "logs"
         policy_args = ["policy", "serve", "--model", str(self.model)]
         policy_args += ["--dtype", self.variant.policy_dtype, "--threads", str(self.threads.policy)]
-        policy_args += ["--device", self.policy_device]
+        policy_args += ["--device", self.policy_device, "--engine", self.variant.engine]
+        if self.variant.engine == "vllm":
+            policy_args += ["--vllm-kv-cache-gib", str(VLLM_KV_CACHE_GIB)]
         specs = [
             ("policy", policy_args, self.threads.policy),
             ("reward", ["reward", "serve", "--backend", "vader"], 1),
