@@ -5,8 +5,8 @@ their own (rlhf.stream_limit), requests decoded and size-capped by the services
 (rlhf.handlers), TLS or mutual TLS (rlhf.tls; plaintext only on loopback or when asked for),
 the one authorisation interceptor (rlhf.auth: mutating RPCs need an authorised identity),
 grpc.health.v1 (NOT_SERVING until its model is loaded, SERVING after, NOT_SERVING again while
-it drains; always public), server reflection, and a graceful stop on SIGTERM/SIGINT that lets
-in-flight calls finish.
+it drains; always public), server reflection, a graceful stop on SIGTERM/SIGINT that lets
+in-flight calls finish, and a C heap that gives large freed tensors back (rlhf.heap).
 
 Settings that cannot work stop the process before it serves, with the flag to fix: a port in
 use, unreadable certificates, mutating RPCs nobody could be authorised to call.
@@ -29,6 +29,7 @@ from rlhf.auth import AuthConfigError, AuthInterceptor, auth_interceptor, servic
 from rlhf.command_errors import CommandError
 from rlhf.config.server import ServerConfig
 from rlhf.defaults import LOOPBACK
+from rlhf.heap import map_large_blocks
 from rlhf.stream_limit import StreamLimit, pool_size
 from rlhf.tls import TlsConfigError, add_port
 
@@ -208,6 +209,7 @@ def run_service(
     not load never serves (there is no fallback). Security or bind settings that cannot work
     end it before that, as a CommandError naming the flag to fix.
     """
+    map_large_blocks()  # before any model loads: freed tensors leave the heap (rlhf.heap)
     try:
         service = build_server(name, registrations, config, serving=False)
     except (AuthConfigError, TlsConfigError, OSError) as err:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhf.heap import release_freed_heap
 from rlhf.weights import dtype_name
 from services.policy.config import PolicyServiceConfig
 from services.policy.loading import load_causal_lm
-from services.policy.own_memory import release_freed_heap
 from services.policy.sampling import (
     FINISH_LENGTH,
     FINISH_STOP,

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from rlhf.heap import release_freed_heap
 from rlhf.models import resolve_model
 from rlhf.weights import dtype_name
-from services.policy.own_memory import own_memory, release_freed_heap
+from services.policy.own_memory import own_memory
 
 log = logging.getLogger("rlhf.policy.engine")
 

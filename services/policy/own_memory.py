@@ -13,7 +13,6 @@ copy and the file's pages read so far are both resident, and the load peaks at t
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import mmap
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlhf.heap import libc
 from services.policy.weight_store import WEIGHT_ALIGN, new_buffer
 
 log = logging.getLogger("rlhf.policy.engine")
@@ -113,7 +113,7 @@ def _drop_file_pages(first: int, size: int, maps: list[tuple[int, int]]) -> None
             if not _unwritten(low, high):
                 return
             advice = mmap.MADV_DONTNEED
-            if _libc().madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), advice):
+            if libc().madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), advice):
                 err = ctypes.get_errno()
                 log.warning("madvise failed", extra={"errno": err, "error": os.strerror(err)})
             return
@@ -132,26 +132,3 @@ def _unwritten(low: int, high: int) -> bool:
     in_use = (entries >> np.uint64(63)) | ((entries >> np.uint64(62)) & np.uint64(1))
     file_page = (entries >> np.uint64(61)) & np.uint64(1)
     return not bool(np.any(in_use & (file_page ^ np.uint64(1))))
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
-
-
-def release_freed_heap() -> None:
-    """Gives the C heap's free memory back to the system (glibc's malloc_trim; elsewhere a no-op).
-
-    Why: tensors smaller than glibc's mmap threshold (which rises to 32 MB as large blocks are
-    freed) live on the heap, which keeps what they free as resident memory. Loading a model in
-    bfloat16 from float32 files left 216 MB of cast temporaries there (SmolLM2: 898 MiB resident
-    after the load, 682 after a trim), and Generate calls leave their logits and caches: memory
-    that then sits beside both weight buffers when the next upload arrives, the service's peak.
-    It runs after a load and when an upload starts (where the peak is), not per Generate call
-    (a call then pays the page faults of growing the heap again).
-    """
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)

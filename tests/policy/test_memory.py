@@ -121,7 +121,8 @@ CAST_CHILD = r"""
 import json, sys
 import torch
 
-from services.policy import loading, own_memory
+from rlhf import heap
+from services.policy import loading
 
 
 def rss():
@@ -134,7 +135,7 @@ trims = []
 loading.release_freed_heap = lambda: trims.append(1)  # the load's own trim, counted, not done
 loaded = loading.load_causal_lm(sys.argv[1], torch.device("cpu"), torch.bfloat16)
 untrimmed = rss()
-own_memory.release_freed_heap()
+heap.release_freed_heap()
 print(json.dumps({"trims": len(trims), "untrimmed": untrimmed, "trimmed": rss()}))
 """
 
@@ -142,7 +143,7 @@ print(json.dumps({"trims": len(trims), "untrimmed": untrimmed, "trimmed": rss()}
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
 def test_a_bf16_load_from_float32_files_gives_its_cast_temporaries_back(tmp_path: Path) -> None:
     # The float32 -> bfloat16 cast's temporaries are freed onto the C heap, which keeps them
-    # resident until trimmed (own_memory.release_freed_heap, which the load calls once).
+    # resident until trimmed (rlhf.heap.release_freed_heap, which the load calls once).
     # SmolLM2: 898 MiB resident after the load, 682 after the trim.
     weights = _synthetic_lm(tmp_path / "lm") // 2  # served in bfloat16
     result = _child(CAST_CHILD, str(tmp_path / "lm"))
