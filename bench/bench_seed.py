@@ -123,7 +123,7 @@ def _flags(argv: list[str] | None) -> argparse.Namespace:
     from rlhf.models import parse_device
 
     args.policy_device = args.policy_device or args.device
-    if args.policy_device.startswith("cuda") and args.device == "cpu":
+    if args.policy_device != "cpu" and args.device == "cpu":
         # TRL would run on the CPU beside a project generating on a GPU: no comparison.
         parser.error("--policy-device on a GPU needs --device on one too (TRL, the trainer)")
     for flag, value in (("--device", args.device), ("--policy-device", args.policy_device)):
@@ -214,9 +214,9 @@ def _measure(args: argparse.Namespace, setup: dict[str, Any], work: Path) -> dic
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in SEED_QUERIES))
     overrides = {**setup["overrides"], "run.prompts": str(prompts)}
     rows: dict[str, list[dict[str, Any]]] = {TRL: []}
-    on_gpu = any(d.startswith("cuda") for d in (args.device, args.policy_device))
     with ExitStack() as stack:
-        gpu = stack.enter_context(GpuMemoryPeaks()) if on_gpu else None
+        # A policy on a GPU needs --device on one too (_flags), so --device says it all.
+        gpu = stack.enter_context(GpuMemoryPeaks()) if args.device != "cpu" else None
         _say(f"starting {TRL} (loading, warm-up step)")
         trl = stack.enter_context(
             TrlSide(
@@ -274,7 +274,7 @@ def _measure(args: argparse.Namespace, setup: dict[str, Any], work: Path) -> dic
 def _gpu_services(pids: dict[str, int], args: argparse.Namespace) -> dict[str, int]:
     """The stack's processes that compute on a GPU."""
     devices = {"policy": args.policy_device, "trainer": args.device}
-    return {n: pid for n, pid in pids.items() if devices.get(n, "cpu").startswith("cuda")}
+    return {n: pid for n, pid in pids.items() if devices.get(n, "cpu") != "cpu"}
 
 
 def _gpu_peaks(gpu: GpuMemoryPeaks, pids: dict[str, dict[str, int]]) -> dict[str, Any]:

@@ -15,8 +15,9 @@ import functools
 
 MMAP_THRESHOLD_BYTES = 4 * 2**20
 """Blocks of this size and more are mapped and unmapped on their own. Measured on the seed's
-SmolLM2 run (2 cores): the trainer service's peak 3261-3362 -> 3170 MiB, the policy's 1584-1626
--> 1569-1585, step times unchanged; smaller sizes would map the many ~1 MiB activations too."""
+SmolLM2 run (2 cores, 1 + 3 steps): the trainer service's peak 3261-3362 -> 3170-3180 MiB, the
+policy's 1584-1626 -> 1569-1596, step times unchanged; smaller sizes would map the many ~1 MiB
+activations too."""
 _M_MMAP_THRESHOLD = -3
 """mallopt's parameter number for the mmap threshold (glibc's malloc.h)."""
 
