@@ -20,9 +20,12 @@ authorisation on as the compose file sets them (certificates made at `up` by its
   4. After step 2 both policy containers are paused (tiny steps take well under a second, so
      the run is held where it is: its next Generate or UpdateWeights waits on frozen policies);
      `rlhf swap-reward` (run inside the trainer container, as admin) points it at reward-b from
-     the next step; reward-b's process is killed (SIGKILL, as a crash), and the policies are
-     unpaused. The first step on reward-b meets a dead, then still-loading service: the trainer
-     retries until docker has restarted it (restart: unless-stopped) and it serves again.
+     the next step. reward-b is paused and the policies unpaused: the first step on reward-b
+     scores on a hung service until the trainer gives that call up (its health watch) and
+     retries; then reward-b's process is killed (SIGKILL, as a crash) and its container
+     unpaused. The trainer retries until docker has restarted it (restart: unless-stopped) and
+     it serves again. (Killing reward-b before the run reached it raced its restart: after a
+     long pause the trainer can take longer to come back to scoring than reward-b takes to.)
   5. Once that step is done, the second policy replica's process is SIGKILLed mid-run (a crash:
      docker restarts it) while the first is paused, which holds the run until the second is
      back: the restarted replica serves its base weights as version 0 and the trainer must push
@@ -239,8 +242,8 @@ def _swap_and_crash_mid_run(
     stack: Stack, trainer: Trainer, policy_ids: list[str], reward_b_id: str
 ) -> int:
     """Step 4 of the scenario: the run held after step 2 (steps 1 and 2 scored by the two
-    reward replicas), swapped to reward-b, reward-b killed, then released. Returns the swap's
-    first step."""
+    reward replicas) and swapped to reward-b; reward-b hung, the run released onto it, and
+    reward-b killed once the trainer has given up a call on it. Returns the swap's first step."""
     paused = False
     try:
         status = _wait_for_step(trainer, 2, timeout_s=240)
@@ -263,16 +266,44 @@ def _swap_and_crash_mid_run(
         # further, which leaves steps for the policy's crash after it.
         assert 3 <= effective <= STEPS - 3, swap
 
-        # A crash of the reward service the run is about to use.
-        _crash(reward_b_id)
+        # The run goes on to the swap's first step and scores on a hung reward-b: it cannot
+        # finish that step before reward-b's crash and restart, however long it takes to get
+        # there after the policies' pause.
+        docker("pause", reward_b_id)
         for policy_id in policy_ids:
             docker("unpause", policy_id)
         paused = False
+        _wait_for_a_retried_score(trainer, effective)
+        # A crash of the reward service the run is waiting on. The SIGKILL stays pending in
+        # the frozen process and ends it as the unpause thaws it, before it runs again (what
+        # `docker kill` of a paused container does; a kill from the host counts as a crash).
+        _crash(reward_b_id)
+        docker("unpause", reward_b_id, check=False)  # cgroup v2 may have ended it already
     finally:
         if paused:
             for policy_id in policy_ids:
                 docker("unpause", policy_id, check=False)
     return effective
+
+
+def _wait_for_a_retried_score(trainer: Trainer, step: int) -> None:
+    """The run is scoring `step` and has given up at least one Score call (a hung service:
+    its health watch cancels the call) and is retrying it."""
+    deadline = time.monotonic() + 240
+    while True:
+        status = trainer.get(RUN_ID)
+        progress = status.progress
+        assert status.state == trainer_pb2.RUN_STATE_RUNNING, status
+        assert status.step < step, f"step {step} finished while reward-b was paused: {status}"
+        if (
+            progress.phase == trainer_pb2.RUN_PHASE_SCORING
+            and progress.step == step
+            and progress.retries >= 1
+        ):
+            print(f"step {step} retrying its score on the hung reward-b: {progress.last_error}")
+            return
+        assert time.monotonic() < deadline, f"step {step} never retried its score: {progress}"
+        time.sleep(0.1)
 
 
 def _crash(container_id: str) -> None:
@@ -346,8 +377,9 @@ def _assert_reward_b_restarted_and_waited_for(
 ) -> None:
     """reward-b crashed once and docker brought it back; the trainer waited for it."""
     _assert_restarted_once(reward_b_id, "reward-b")
-    # The first step on reward-b waited for the restart (retried: by gRPC's retry policy for
-    # UNAVAILABLE, then by the loop, which logs each attempt) instead of failing or skipping.
+    # The first step on reward-b waited out the hang and the restart (retried: by gRPC's retry
+    # policy for UNAVAILABLE, then by the loop, which logs each attempt) instead of failing or
+    # skipping.
     waited = steps[effective - 1].metrics["time/score"]
     retries = stack.log_records("trainer", "score failed; retrying")
     print(f"step {effective} scored after {waited:.1f} s; loop retries: {retries}")
