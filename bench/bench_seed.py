@@ -295,11 +295,12 @@ def _gpu_peaks(gpu: GpuMemoryPeaks, pids: dict[str, dict[str, int]]) -> dict[str
 
 
 def _floor(args: argparse.Namespace, setup: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
-    """The fp32 matmul floor of the update at the measured mean response length."""
-    from bench.update_floor import matmul_gflops, update_flops
+    """The fp32 matmul floor of the update at the measured mean response length, and the time
+    of the update's own matmuls at their shapes."""
+    from bench.update_floor import matmul_gflops, matmuls_seconds, update_work
 
     tokens = statistics.fmean(r["env/response_length"] for r in rows)
-    flops = update_flops(
+    work = update_work(
         [f"{k}={v}" for k, v in setup["overrides"].items() if not k.startswith("run.")]
         + [f"ppo.model_name={setup['model']}"],
         SEED_QUERIES,
@@ -309,12 +310,17 @@ def _floor(args: argparse.Namespace, setup: dict[str, Any], rows: list[dict]) ->
     size = 256 if args.quick else GPU_MATMUL_SIZE if args.device != "cpu" else MATMUL_SIZE
     gflops = matmul_gflops(threads, size=size, device=args.device)
     return {
-        "flops": flops,
+        "flops": work.flops,
         "response_tokens": round(tokens),
         "matmul_gflops": gflops,
         "threads": threads,
         "device": args.device,
-        "seconds": flops / (gflops * 1e9),
+        "seconds": work.flops / (gflops * 1e9),
+        "own_matmuls": {
+            "calls": sum(work.matmuls.values()),
+            "flops": sum(call.flops * n for call, n in work.matmuls.items()),
+            "seconds": matmuls_seconds(work.matmuls, threads),
+        },
     }
 
 

@@ -10,7 +10,8 @@ a chat template, 64-token responses), and prints per step:
   optimizer  the optimiser steps (within the backward pass where PPOTrainer.step_in_backward)
   stats      the step's statistics and KL control
 with the update's FLOPs (torch.utils.flop_counter.FlopCounterMode over one step), the matmul
-GFLOP/s measured here (fp32 and bf16), and the fp32 floor: FLOPs / fp32 GFLOP/s.
+GFLOP/s measured here (fp32 and bf16), the fp32 floor: FLOPs / fp32 GFLOP/s, and the step's own
+matmuls replayed alone at their shapes (bench/update_floor.py): the least they take here.
 
     python -m bench.profile_update --threads 2                 # fp32 and bf16 on SmolLM2
     python -m bench.profile_update --precision fp32 --compile  # eager vs torch.compile
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from bench.trl_seed_loop import BATCH_SIZE, MAX_NEW_TOKENS, SEED_QUERIES
 
 if TYPE_CHECKING:
+    from bench.update_floor import UpdateWork
     from services.trainer.learner.ppo_trainer import PPOTrainer
 
 PHASES = ("prepare", "targets", "forward", "backward", "optimizer", "stats")
@@ -145,13 +147,15 @@ class PhaseTimer:
         return {**s, "total": total}
 
 
-def count_flops(trainer: PPOTrainer, batch: tuple[list, list, Any]) -> float:
-    """FLOPs of one whole step (prepare + update), counted by FlopCounterMode."""
+def count_work(trainer: PPOTrainer, batch: tuple[list, list, Any]) -> UpdateWork:
+    """FLOPs (FlopCounterMode) and matmul calls of one whole step (prepare + update)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    from bench.update_floor import MatmulRecorder, UpdateWork
+
+    with FlopCounterMode(display=False) as counter, MatmulRecorder() as recorder:
         trainer.step(*batch)
-    return float(counter.get_total_flops())
+    return UpdateWork(float(counter.get_total_flops()), recorder.calls)
 
 
 def compile_decoders(trainer: PPOTrainer) -> None:
@@ -176,7 +180,14 @@ def run_precision(
         timer = PhaseTimer(trainer)
         result["first_step_s"] = timer.step(trainer, rollouts(trainer, 0, response_len))["total"]
     else:
-        result["flops"] = count_flops(trainer, rollouts(trainer, 0, response_len))
+        import torch
+
+        from bench.update_floor import matmuls_seconds
+
+        work = count_work(trainer, rollouts(trainer, 0, response_len))
+        result["flops"] = work.flops
+        # The warm-up step's matmuls, replayed alone at their shapes (update_floor).
+        result["own_matmuls_s"] = matmuls_seconds(work.matmuls, torch.get_num_threads())
         timer = PhaseTimer(trainer)
     steps = [
         timer.step(trainer, rollouts(trainer, i, response_len)) for i in range(1, 1 + args.steps)
@@ -202,6 +213,12 @@ def print_table(results: list[dict[str, Any]], gflops: dict[str, float]) -> None
     print(f"bf16 {gflops['bf16']:.0f}; fp32 floor {floor:.2f} s")
     for name, r in zip(names, results, strict=True):
         line = f"{name}: {r['median_s']['total'] / floor:.2f}x the fp32 floor"
+        if "own_matmuls_s" in r:
+            own = r["own_matmuls_s"]
+            line += (
+                f"; its matmuls alone at their shapes {own:.2f} s = {own / floor:.2f}x the "
+                f"floor, the step {r['median_s']['total'] / own:.2f}x them"
+            )
         if r["compiled"]:
             line += f"; first step (compiling) {r['first_step_s']:.1f} s"
         print(line)

@@ -180,6 +180,18 @@ def _gpu_lines(names: list[str], sides: dict[str, Any], memory: str) -> list[str
     return lines
 
 
+def _own_matmuls_lines(floor: dict[str, Any]) -> list[str]:
+    """The replica update's own matmuls, replayed alone at their shapes (update_floor)."""
+    own = floor.get("own_matmuls")
+    if own is None:
+        return []
+    return [
+        f"  its own {own['calls']} matmuls ({own['flops'] / 1e12:.3f} TFLOP), replayed alone at "
+        f"their shapes on warm operands: {own['seconds']:.2f} s = "
+        f"{own['seconds'] / floor['seconds']:.2f}x the floor (the least they take here)"
+    ]
+
+
 def render(results: dict[str, Any], targets: bool) -> str:
     """The printed report; `targets`: judge the issue's targets (not on a smoke run)."""
     sides, floor = results["sides"], results["floor"]
@@ -213,6 +225,7 @@ def render(results: dict[str, Any], targets: bool) -> str:
         f"responses of {floor['response_tokens']} tokens) / {floor['matmul_gflops']:.0f} GFLOP/s "
         f"(fp32 matmul, {floor.get('device', 'cpu')}, {floor['threads']} thread(s)) "
         f"= {floor['seconds']:.2f} s",
+        *_own_matmuls_lines(floor),
         "",
         f"ratios (speed: median of the rounds' ratios, range; memory: {results['memory']}):",
     ]

@@ -3,21 +3,32 @@ trainer's forward passes and the PPO epochs, i.e. `prepare` + `update`), counted
 torch.utils.flop_counter.FlopCounterMode on an in-process replica step of the same shapes,
 divided by the fp32 matmul rate measured here with the trainer's thread count (on its device).
 
-    flops = update_flops(overrides, prompts, response_tokens)   # one replica step, counted
+    work = update_work(overrides, prompts, response_tokens)     # one replica step, counted
     rate = matmul_gflops(threads)                                # GFLOP/s, fp32
-    floor_s = flops / (rate * 1e9)
+    floor_s = work.flops / (rate * 1e9)
+    own_s = matmuls_seconds(work.matmuls, threads)               # its matmuls, at its shapes
 
 The replica's responses are all `response_tokens` long (the measured mean), so no padding is
 counted: the floor is the useful work, and padding a real step does shows above it.
+
+The floor prices every FLOP at the rate of a large square matmul. The update's own matmuls are
+small (a mini-batch is ~150 rows), and run slower than that; `matmuls_seconds` replays each of
+them (recorded with its shapes, strides and dtype) on warm operands and adds their times: the
+least those matmuls take on this machine, whatever else the update does.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 MATMUL_SIZE = 2048
 """Side of the square fp32 matmuls the rate is measured on (17 GFLOP each: ~0.1 s on 2 cores)."""
@@ -27,8 +38,76 @@ MATMUL_REPEATS = 8
 """Timed matmuls (after two untimed ones); the rate is their median's."""
 
 
-def update_flops(overrides: Sequence[str], prompts: Sequence[str], response_tokens: int) -> float:
-    """FLOPs of one `prepare` + `update` of this project's learner at the run config that
+MATMUL_OPS = {
+    torch.ops.aten.mm.default: "mm",
+    torch.ops.aten.addmm.default: "addmm",
+    torch.ops.aten.bmm.default: "bmm",
+    torch.ops.aten.baddbmm.default: "baddbmm",
+}
+"""The matmul kernels a step's linear layers and their backward reach (attention is sdpa's)."""
+MATMUL_TIMING_S = 0.02
+"""Least seconds of repeated calls timed per recorded matmul shape (after one untimed call)."""
+
+
+@dataclass(frozen=True)
+class MatmulCall:
+    """One matmul kernel call as a step made it: its op and each tensor argument's layout."""
+
+    op: str
+    shapes: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def flops(self) -> int:
+        """2 x the multiply-adds (mm/addmm: m x k x n; bmm/baddbmm: per batch)."""
+        a, b = self.shapes[-2:]
+        return 2 * math.prod(a) * b[-1]
+
+    def operands(self) -> list[torch.Tensor]:
+        """Random tensors of the call's shapes and strides."""
+        return [
+            torch.empty_strided(shape, stride, dtype=self.dtype, device=self.device).normal_()
+            for shape, stride in zip(self.shapes, self.strides, strict=True)
+        ]
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Counts the matmul kernel calls (MATMUL_OPS) made under it, by MatmulCall."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[MatmulCall] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        op = MATMUL_OPS.get(func)
+        if op is not None:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            first = tensors[-1]
+            call = MatmulCall(
+                op,
+                tuple(tuple(t.shape) for t in tensors),
+                tuple(t.stride() for t in tensors),
+                first.dtype,
+                str(first.device),
+            )
+            self.calls[call] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class UpdateWork:
+    """One replica update's FLOPs (FlopCounterMode) and its matmul calls (MatmulRecorder)."""
+
+    flops: float
+    matmuls: Counter[MatmulCall]
+
+
+def update_work(
+    overrides: Sequence[str], prompts: Sequence[str], response_tokens: int
+) -> UpdateWork:
+    """The work of one `prepare` + `update` of this project's learner at the run config that
     `overrides` make, on the first batch_size of `prompts` each with a random response of
     `response_tokens` tokens (scores 0)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -55,10 +134,36 @@ def update_flops(overrides: Sequence[str], prompts: Sequence[str], response_toke
         torch.randint(0, tokenizer.vocab_size, (response_tokens,), generator=generator)
         for _ in queries
     ]
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, MatmulRecorder() as recorder:
         batch = trainer.prepare(queries, responses, torch.zeros(len(queries)))
         trainer.update(batch)
-    return float(counter.get_total_flops())
+    return UpdateWork(float(counter.get_total_flops()), recorder.calls)
+
+
+def matmuls_seconds(matmuls: Counter[MatmulCall], threads: int) -> float:
+    """Seconds the recorded matmuls take, each replayed alone at its shapes with `threads` torch
+    threads (restored afterwards): per distinct call, the mean of repeated calls on the same
+    operands (warm caches: the least it takes), times how often the step made it. Calls on a GPU
+    are timed between synchronizations."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    total = 0.0
+    try:
+        for call, count in matmuls.items():
+            func = next(f for f, name in MATMUL_OPS.items() if name == call.op)
+            sync = torch.cuda.synchronize if call.device.startswith("cuda") else lambda: None
+            operands = call.operands()
+            func(*operands)  # first touches, the kernel's choice
+            sync()
+            repeats, started = 0, time.perf_counter()
+            while repeats < 3 or time.perf_counter() - started < MATMUL_TIMING_S:
+                func(*operands)
+                sync()
+                repeats += 1
+            total += count * (time.perf_counter() - started) / repeats
+    finally:
+        torch.set_num_threads(before)
+    return total
 
 
 def matmul_gflops(

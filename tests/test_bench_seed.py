@@ -14,14 +14,16 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import bench_seed, seed_report
+from bench import bench_seed, seed_report, update_floor
 from bench.measure import GpuMemoryPeaks, peak_memory_mib
 from bench.project_side import round_seconds
+from bench.update_floor import MatmulCall, MatmulRecorder, matmuls_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("--variants", "fp32,bf16-overlap")
@@ -39,6 +41,7 @@ REPORT_LINES = (
     "update / fp32 floor",
     "peak memory MiB",
     "fp32 matmul floor:",
+    "replayed alone at their shapes",
 )
 
 
@@ -73,7 +76,12 @@ def test_quick_run_does_the_same_work_on_both_sides(tmp_path: Path) -> None:
         assert side["episodes_per_s"] > 0 and side["generated_tokens_per_s"] > 0, name
         assert side["peak_mib"] > 100, name  # torch alone is more than this
     assert set(sides["fp32"]["peak_mib_per_process"]) == {"policy", "reward", "trainer"}
-    assert results["floor"]["flops"] > 0 and results["floor"]["matmul_gflops"] > 0
+    floor = results["floor"]
+    assert floor["flops"] > 0 and floor["matmul_gflops"] > 0
+    own = floor["own_matmuls"]
+    # The linear layers' matmuls are most of a step's FLOPs, never more than all of them.
+    assert own["calls"] > 0 and 0.5 * floor["flops"] < own["flops"] <= floor["flops"], own
+    assert own["seconds"] > 0, own
 
 
 def _trl_row(seconds: float) -> dict[str, float]:
@@ -228,3 +236,34 @@ def test_generation_on_a_gpu_beside_trl_on_the_cpu_is_refused(capsys) -> None:
     with pytest.raises(SystemExit):
         bench_seed._flags(["--policy-device", "cuda"])
     assert "--policy-device on a GPU needs --device on one too" in capsys.readouterr().err
+
+
+def test_the_recorder_counts_each_matmul_of_a_linear_layers_forward_and_backward() -> None:
+    layer = torch.nn.Linear(8, 3, bias=False)
+    x = torch.randn(5, 8, requires_grad=True)
+    with MatmulRecorder() as recorder:
+        layer(x).sum().backward()
+    calls = recorder.calls
+    # Forward x @ W^T (5x8 . 8x3), backward: grad_x = g @ W (5x3 . 3x8), grad_W = g^T @ x.
+    assert sum(calls.values()) == 3, calls
+    assert sorted(c.shapes for c in calls) == [
+        ((3, 5), (5, 8)),
+        ((5, 3), (3, 8)),
+        ((5, 8), (8, 3)),
+    ]
+    assert {c.flops for c in calls} == {2 * 5 * 8 * 3}
+    forward = next(c for c in calls if c.shapes == ((5, 8), (8, 3)))
+    assert forward.strides == ((8, 1), (1, 8))  # W^T is a transposed view: kept as one
+    assert [t.stride() for t in forward.operands()] == [(8, 1), (1, 8)]
+
+
+def test_replayed_matmuls_cost_their_count_times_one_call(monkeypatch) -> None:
+    """Each distinct call is timed once and counted as often as the step made it."""
+    call = MatmulCall("mm", ((64, 64), (64, 64)), ((64, 1), (64, 1)), torch.float32, "cpu")
+    # A clock that ticks once per reading: every replay reads it the same number of times.
+    clock = iter(range(1_000_000))
+    monkeypatch.setattr(update_floor.time, "perf_counter", lambda: float(next(clock)))
+    one = matmuls_seconds(Counter({call: 1}), threads=1)
+    assert one > 0
+    clock = iter(range(1_000_000))
+    assert matmuls_seconds(Counter({call: 7}), threads=1) == pytest.approx(7 * one)
