@@ -45,6 +45,7 @@ MATMUL_OPS = {
     torch.ops.aten.baddbmm.default: "baddbmm",
 }
 """The matmul kernels a step's linear layers and their backward reach (attention is sdpa's)."""
+_MATMUL_BY_NAME = {name: op for op, name in MATMUL_OPS.items()}
 MATMUL_TIMING_S = 0.02
 """Least seconds of repeated calls timed per recorded matmul shape (after one untimed call)."""
 
@@ -66,11 +67,14 @@ class MatmulCall:
         return 2 * math.prod(a) * b[-1]
 
     def operands(self) -> list[torch.Tensor]:
-        """Random tensors of the call's shapes and strides."""
-        return [
-            torch.empty_strided(shape, stride, dtype=self.dtype, device=self.device).normal_()
-            for shape, stride in zip(self.shapes, self.strides, strict=True)
-        ]
+        """Random tensors of the call's shapes and strides (a broadcast bias's zero strides
+        included: each is a view of random storage of the size its strides reach)."""
+        tensors = []
+        for shape, stride in zip(self.shapes, self.strides, strict=True):
+            reach = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+            storage = torch.empty(reach, dtype=self.dtype, device=self.device).normal_()
+            tensors.append(storage.as_strided(shape, stride))
+        return tensors
 
 
 class MatmulRecorder(TorchDispatchMode):
@@ -84,13 +88,12 @@ class MatmulRecorder(TorchDispatchMode):
         op = MATMUL_OPS.get(func)
         if op is not None:
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            first = tensors[-1]
             call = MatmulCall(
                 op,
                 tuple(tuple(t.shape) for t in tensors),
                 tuple(t.stride() for t in tensors),
-                first.dtype,
-                str(first.device),
+                tensors[-1].dtype,
+                str(tensors[-1].device),
             )
             self.calls[call] += 1
         return func(*args, **(kwargs or {}))
@@ -150,7 +153,7 @@ def matmuls_seconds(matmuls: Counter[MatmulCall], threads: int) -> float:
     total = 0.0
     try:
         for call, count in matmuls.items():
-            func = next(f for f, name in MATMUL_OPS.items() if name == call.op)
+            func = _MATMUL_BY_NAME[call.op]
             sync = torch.cuda.synchronize if call.device.startswith("cuda") else lambda: None
             operands = call.operands()
             func(*operands)  # first touches, the kernel's choice

@@ -267,3 +267,13 @@ def test_replayed_matmuls_cost_their_count_times_one_call(monkeypatch) -> None:
     assert one > 0
     clock = iter(range(1_000_000))
     assert matmuls_seconds(Counter({call: 7}), threads=1) == pytest.approx(7 * one)
+
+
+def test_a_broadcast_bias_is_replayed_with_its_zero_stride() -> None:
+    call = MatmulCall(
+        "addmm", ((4, 3), (4, 8), (8, 3)), ((0, 1), (8, 1), (1, 8)), torch.float32, "cpu"
+    )
+    bias, mat1, mat2 = call.operands()
+    assert bias.stride() == (0, 1) and mat2.stride() == (1, 8)
+    assert torch.equal(bias[0], bias[3])  # one row, seen four times
+    assert torch.ops.aten.addmm.default(bias, mat1, mat2).shape == (4, 3)
