@@ -244,7 +244,7 @@ def _swap_and_crash_mid_run(
     """Step 4 of the scenario: the run held after step 2 (steps 1 and 2 scored by the two
     reward replicas) and swapped to reward-b; reward-b hung, the run released onto it, and
     reward-b killed once the trainer has given up a call on it. Returns the swap's first step."""
-    paused = False
+    paused: list[str] = []  # unpaused again whatever fails
     try:
         status = _wait_for_step(trainer, 2, timeout_s=240)
         assert status.state == trainer_pb2.RUN_STATE_RUNNING, status
@@ -254,7 +254,7 @@ def _swap_and_crash_mid_run(
         # them: with one left the pool would go on without the other).
         for policy_id in policy_ids:
             docker("pause", policy_id)
-        paused = True
+            paused.append(policy_id)
         swap = stack.run(
             "exec", "-T", "trainer", "rlhf", "swap-reward", "--trainer", TRAINER_ADDRESS,
             *ADMIN_IN_TRAINER, "--run-id", RUN_ID, f"reward-b:{REWARD_PORT}",
@@ -270,19 +270,20 @@ def _swap_and_crash_mid_run(
         # finish that step before reward-b's crash and restart, however long it takes to get
         # there after the policies' pause.
         docker("pause", reward_b_id)
+        paused.append(reward_b_id)
         for policy_id in policy_ids:
             docker("unpause", policy_id)
-        paused = False
+            paused.remove(policy_id)
         _wait_for_a_retried_score(trainer, effective)
         # A crash of the reward service the run is waiting on. The SIGKILL stays pending in
         # the frozen process and ends it as the unpause thaws it, before it runs again (what
         # `docker kill` of a paused container does; a kill from the host counts as a crash).
         _crash(reward_b_id)
+        paused.remove(reward_b_id)
         docker("unpause", reward_b_id, check=False)  # cgroup v2 may have ended it already
     finally:
-        if paused:
-            for policy_id in policy_ids:
-                docker("unpause", policy_id, check=False)
+        for container_id in paused:
+            docker("unpause", container_id, check=False)
     return effective
 
 
