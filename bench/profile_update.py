@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 from bench.trl_seed_loop import BATCH_SIZE, MAX_NEW_TOKENS, SEED_QUERIES
 
 if TYPE_CHECKING:
-    from bench.update_floor import UpdateWork
     from services.trainer.learner.ppo_trainer import PPOTrainer
 
 PHASES = ("prepare", "targets", "forward", "backward", "optimizer", "stats")
@@ -147,17 +146,6 @@ class PhaseTimer:
         return {**s, "total": total}
 
 
-def count_work(trainer: PPOTrainer, batch: tuple[list, list, Any]) -> UpdateWork:
-    """FLOPs (FlopCounterMode) and matmul calls of one whole step (prepare + update)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from bench.update_floor import MatmulRecorder, UpdateWork
-
-    with FlopCounterMode(display=False) as counter, MatmulRecorder() as recorder:
-        trainer.step(*batch)
-    return UpdateWork(float(counter.get_total_flops()), recorder.calls)
-
-
 def compile_decoders(trainer: PPOTrainer) -> None:
     """torch.compile (inductor) on the decoders the trainer's forward passes call."""
     from services.trainer.learner.value_head import base_model
@@ -182,9 +170,11 @@ def run_precision(
     else:
         import torch
 
-        from bench.update_floor import matmuls_seconds
+        from bench.update_floor import count_work, matmuls_seconds
 
-        work = count_work(trainer, rollouts(trainer, 0, response_len))
+        # One whole step (prepare + update) counted: its FLOPs and matmul calls.
+        batch = rollouts(trainer, 0, response_len)
+        work = count_work(lambda: trainer.step(*batch))
         result["flops"] = work.flops
         # The warm-up step's matmuls, replayed alone at their shapes (update_floor).
         result["own_matmuls_s"] = matmuls_seconds(work.matmuls, torch.get_num_threads())

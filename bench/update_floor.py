@@ -23,7 +23,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,8 +113,6 @@ def update_work(
     """The work of one `prepare` + `update` of this project's learner at the run config that
     `overrides` make, on the first batch_size of `prompts` each with a random response of
     `response_tokens` tokens (scores 0)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from services.trainer.config import load_train_config
     from services.trainer.learner.ppo_trainer import PPOTrainer
     from services.trainer.learner.value_head import PolicyWithValueHead
@@ -137,9 +135,17 @@ def update_work(
         torch.randint(0, tokenizer.vocab_size, (response_tokens,), generator=generator)
         for _ in queries
     ]
+    return count_work(
+        lambda: trainer.update(trainer.prepare(queries, responses, torch.zeros(len(queries))))
+    )
+
+
+def count_work(run: Callable[[], object]) -> UpdateWork:
+    """The FLOPs (FlopCounterMode) and matmul calls (MatmulRecorder) of `run()`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter, MatmulRecorder() as recorder:
-        batch = trainer.prepare(queries, responses, torch.zeros(len(queries)))
-        trainer.update(batch)
+        run()
     return UpdateWork(float(counter.get_total_flops()), recorder.calls)
 
 
