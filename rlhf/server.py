@@ -29,7 +29,7 @@ from rlhf.auth import AuthConfigError, AuthInterceptor, auth_interceptor, servic
 from rlhf.command_errors import CommandError
 from rlhf.config.server import ServerConfig
 from rlhf.defaults import LOOPBACK
-from rlhf.heap import map_large_blocks
+from rlhf.heap import tune_for_tensors
 from rlhf.stream_limit import StreamLimit, pool_size
 from rlhf.tls import TlsConfigError, add_port
 
@@ -209,7 +209,7 @@ def run_service(
     not load never serves (there is no fallback). Security or bind settings that cannot work
     end it before that, as a CommandError naming the flag to fix.
     """
-    map_large_blocks()  # before any model loads: freed tensors leave the heap (rlhf.heap)
+    tune_for_tensors()  # before any model loads or thread starts (rlhf.heap)
     try:
         service = build_server(name, registrations, config, serving=False)
     except (AuthConfigError, TlsConfigError, OSError) as err:

@@ -69,3 +69,43 @@ def test_tensors_of_4_mib_and_more_are_mapped_and_given_back_at_free() -> None:
     assert mapped["took"] is True
     assert mapped["mapped_mib"] >= 80  # each tensor a mapping of its own ...
     assert mapped["held_mib"] < 20  # ... unmapped when freed
+
+
+ARENAS_CHILD = r"""
+import sys, threading
+from rlhf.heap import libc, limit_arenas
+
+took = limit_arenas() if sys.argv[1] == "limit" else None
+# Six threads, each allocating while the others hold theirs: glibc gives each a free arena of
+# its own while it may create more (8 per core by default).
+start, done = threading.Barrier(6), threading.Barrier(6)
+def hold():
+    start.wait()
+    block = bytearray(200_000)
+    done.wait()
+threads = [threading.Thread(target=hold) for _ in range(6)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(took, file=sys.stderr, flush=True)
+libc().malloc_stats()  # one "Arena N:" section per arena, on stderr
+"""
+
+
+def test_a_service_process_shares_at_most_max_arenas_between_its_threads() -> None:
+    from rlhf.heap import MAX_ARENAS
+
+    arenas = {}
+    for mode in ("default", "limit"):
+        done = subprocess.run(
+            [sys.executable, "-c", ARENAS_CHILD, mode], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        if "Arena 0:" not in done.stderr:
+            pytest.skip("not glibc: no malloc_stats arenas to count")
+        arenas[mode] = done.stderr.count("Arena ")
+        took = done.stderr.splitlines()[0]
+    assert took == "True"
+    assert arenas["default"] > MAX_ARENAS  # the default gives the threads arenas of their own
+    assert arenas["limit"] <= MAX_ARENAS

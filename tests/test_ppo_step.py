@@ -203,3 +203,14 @@ def test_state_dict_round_trip_is_bit_identical(tiny_lm: Path) -> None:
         assert name_a == name_b and torch.equal(a, b), name_a
     assert resumed.kl_ctl.value == straight.kl_ctl.value
     assert resumed.current_step == straight.current_step == 2
+
+
+def test_the_state_a_checkpoint_writes_holds_the_live_weights_not_copies(tiny_lm: Path) -> None:
+    # A copy would be a model's worth of memory at every checkpoint (the trainer's peak).
+    _, model, trainer = make(tiny_lm)
+    saved = trainer.state_dict()["model"]
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert saved.keys() == params.keys()
+    for name, tensor in saved.items():
+        assert tensor.data_ptr() == params[name].data_ptr(), name
+        assert not tensor.requires_grad, name

@@ -92,11 +92,11 @@ def follow_rank_0(dp: DataParallel, server: ServerConfig) -> None:
     import logging
     import os
 
-    from rlhf.heap import map_large_blocks
+    from rlhf.heap import tune_for_tensors
     from rlhf.server import build_server
     from services.trainer.orchestrator.learner_group import follow
 
-    map_large_blocks()  # as run_service does on rank 0
+    tune_for_tensors()  # as run_service does on rank 0
 
     first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"
     health = build_server(f"trainer-rank-{dp.rank}", [], server) if first_on_node else None
