@@ -5,7 +5,8 @@ distribution before top-k/top-p (what PPO's old log-probs are compared with)."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +79,6 @@ def generation_config(params: SamplingParams, eos_token_ids: list[int], pad: int
         eos_token_id=eos_token_ids,
         pad_token_id=pad,
         return_dict_in_generate=True,
-        output_logits=True,
     )
 
 
@@ -94,26 +94,77 @@ def sample(
     # Seeded every call (a fresh random seed when unset) so a seeded call never leaves the RNG
     # in a state that makes the next unseeded one predictable.
     torch.manual_seed(seed)
-    temperature = params.temperature or 1.0
-    with torch.inference_mode():
+    recorder = SampledLogprobs(params.temperature or 1.0)
+    with torch.inference_mode(), recorder.attached(model):
         out = model.generate(
             input_ids=input_ids.to(model.device),
             attention_mask=attention.to(model.device),
             generation_config=config,
         )
         new_tokens = out.sequences[:, input_ids.shape[1] :]
-        # Log-prob of each sampled token under the raw logits / temperature, i.e. before
-        # top-k/top-p: computed per step so no (batch, steps, vocab) copy is made.
-        logprobs = torch.stack(
-            [
-                torch.log_softmax(step.float() / temperature, dim=-1)
-                .gather(1, new_tokens[:, t : t + 1])
-                .squeeze(1)
-                for t, step in enumerate(out.logits)
-            ],
-            dim=1,
-        ).cpu()
-        return new_tokens.cpu(), logprobs
+        return new_tokens.cpu(), recorder.logprobs(new_tokens).cpu()
+
+
+class SampledLogprobs:
+    """Each sampled token's log-prob under the raw logits / temperature (before top-k/top-p),
+    recorded while `generate` runs, by hooks on the model's forward.
+
+    Why not generate's output_logits: it keeps every step's logits until the end, batch x steps
+    x vocabulary floats (SmolLM2, 4 x 64 x 49152: 50 MB), on top of the served weights and the
+    next upload's buffer: the policy service's peak. Here one step's log-softmax is kept, until
+    the next forward's input shows which token was sampled from it (decoding feeds the last
+    sampled token back in); the last step's token is paired after generate returns. The numbers
+    are output_logits' (the same logits, the same float32 cast and log-softmax). It relies on
+    generate calling the model once for the prompt, then once per sampled token, as plain
+    sampling and greedy search do (generation_config asks for nothing else);
+    tests/policy/test_generate.py checks it against output_logits, bit for bit.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self._pending: torch.Tensor | None = None
+        self._taken: list[torch.Tensor] = []
+
+    @contextmanager
+    def attached(self, model: torch.nn.Module) -> Iterator[None]:
+        """Records the forward passes of `model` within the block."""
+        handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _before_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self._pending is None:
+            return  # the prompt's forward pass
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise RuntimeError("a decoding step without input_ids: cannot pair sampled tokens")
+        self._take(input_ids[:, -1:])
+
+    def _after_forward(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        self._pending = torch.log_softmax(output.logits[:, -1].float() / self.temperature, dim=-1)
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        assert self._pending is not None
+        self._taken.append(self._pending.gather(1, tokens.to(self._pending.device)).squeeze(1))
+        self._pending = None
+
+    def logprobs(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, steps) log-probs of `new_tokens`, generate's output after the prompt. A step
+        generate ran and then undid (a deferred stop check) is dropped."""
+        steps = new_tokens.shape[1]
+        if self._pending is not None and len(self._taken) < steps:
+            self._take(new_tokens[:, len(self._taken) : len(self._taken) + 1])
+        if len(self._taken) < steps:
+            raise RuntimeError(f"{len(self._taken)} forward passes recorded for {steps} tokens")
+        if steps == 0:
+            return torch.empty((new_tokens.shape[0], 0))
+        return torch.stack(self._taken[:steps], dim=1)
 
 
 def completions(

@@ -16,7 +16,9 @@ from rlhf.clients import PolicyClient
 from rlhf.server import GrpcService, build_server
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.policy.engine import PolicyEngine
+from services.policy.sampling import encode_prompts, generation_config, left_pad, sample
 from services.policy.server import PolicyServicer, servicers
+from services.policy.validation import SamplingParams
 from tests.policy.common import PROMPTS, Code, assert_refused_and_serving, params, tokens
 from tests.servers import open_config
 
@@ -59,6 +61,53 @@ def test_logprobs_equal_a_separate_forward_pass(client: PolicyClient, engine: Po
             .squeeze(1)
         )
         assert torch.allclose(torch.tensor(list(c.response_logprobs)), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"temperature": 0.7, "top_k": 5, "top_p": 0.9},
+        # Every third token id ends a row: rows finish at different steps, padded after.
+        {"temperature": 1.3, "eos_every": 3},
+        {"min_new_tokens": 4, "eos_every": 2},
+    ],
+)
+def test_sampled_logprobs_are_generates_own_logits_bit_for_bit(
+    engine: PolicyEngine, knobs: dict
+) -> None:
+    # sample() records log-probs from the model's forward passes (SampledLogprobs) instead of
+    # keeping generate's output_logits: the same numbers, exactly, and the same tokens.
+    knobs = dict(knobs)
+    eos_every = knobs.pop("eos_every", None)
+    sampling = SamplingParams(max_new_tokens=12, seed=11, **knobs)
+    eos = list(range(0, len(engine.tokenizer), eos_every)) if eos_every else engine.eos_token_ids
+    _, ids = encode_prompts(engine.tokenizer, PROMPTS, chat=False)
+    pad = int(engine.tokenizer.pad_token_id)
+    input_ids, attention = left_pad(ids, pad)
+    config = generation_config(sampling, eos, pad)
+    new_tokens, logprobs = sample(engine.model, input_ids, attention, config, sampling)
+
+    torch.manual_seed(sampling.seed)
+    config.output_logits = True
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=input_ids, attention_mask=attention, generation_config=config
+        )
+    expected_tokens = out.sequences[:, input_ids.shape[1] :]
+    expected = torch.stack(
+        [
+            torch.log_softmax(step.float() / (sampling.temperature or 1.0), dim=-1)
+            .gather(1, expected_tokens[:, t : t + 1])
+            .squeeze(1)
+            for t, step in enumerate(out.logits)
+        ],
+        dim=1,
+    )
+    assert torch.equal(new_tokens, expected_tokens)
+    assert torch.equal(logprobs, expected)
+    if eos_every:
+        finished = [any(int(t) in eos for t in row) for row in new_tokens]
+        assert any(finished), "no row sampled an end token: the padded-rows case went untested"
 
 
 def test_greedy_and_finish_reasons(client: PolicyClient, engine: PolicyEngine) -> None:
