@@ -26,10 +26,10 @@ MAX_ARENAS = 2
 """Malloc arenas a service's threads share at most. glibc gives threads up to 8 per core (16
 here), each keeping its own free blocks and partly used 64 MiB heaps; a service's gRPC worker
 threads each touch one. Measured on the seed's SmolLM2 run (2 cores, fp32, 1 + 2 steps, the
-three services' peaks together, the variable set in the environment): 4806-4837 MiB in four
+three services' peaks together, MALLOC_ARENA_MAX in the environment): 4806-4837 MiB in four
 runs at glibc's default, 4755-4763 in four at 2 arenas and 4757-4767 in two at 1, step times
-within the machine's noise. Two rather than one: the compute thread keeps an arena apart from
-the threads that serve calls."""
+within the machine's noise; then 4764-4776 in three with this cap set by limit_arenas(). Two
+rather than one: a thread that finds one arena's lock taken takes the other rather than wait."""
 _M_ARENA_MAX = -8
 """mallopt's parameter number for the most arenas (glibc's malloc.h)."""
 
