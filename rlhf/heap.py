@@ -46,16 +46,20 @@ def map_large_blocks() -> bool:
     """Fixes the mmap threshold at MMAP_THRESHOLD_BYTES (which also stops it rising), so a freed
     block that large goes back to the system at once. Called once at a service's start; True
     where the C library took it."""
-    mallopt = getattr(libc(), "mallopt", None)
-    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1)
+    return _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def limit_arenas() -> bool:
     """Caps malloc's arenas at MAX_ARENAS (as MALLOC_ARENA_MAX would). Takes effect for arenas
     created later, so call it before the process starts threads; True where the C library took
     it."""
+    return _mallopt(_M_ARENA_MAX, MAX_ARENAS)
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt(param, value); False where the C library has none or refused it."""
     mallopt = getattr(libc(), "mallopt", None)
-    return bool(mallopt is not None and mallopt(_M_ARENA_MAX, MAX_ARENAS) == 1)
+    return bool(mallopt is not None and mallopt(param, value) == 1)
 
 
 def tune_for_tensors() -> None:
