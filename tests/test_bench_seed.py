@@ -196,7 +196,9 @@ def test_gpu_peaks_keep_each_processs_highest_sample(tmp_path: Path, monkeypatch
     (tmp_path / "samples.txt").write_text("100\n700\n300\n")
     count = tmp_path / "count"
     script = (
-        f"n=$(cat {count} 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {count}\n"
+        # The count is replaced whole (mv), never truncated under the test's read of it.
+        f"n=$(cat {count} 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {count}.new; "
+        f"mv {count}.new {count}\n"
         f'mib=$(sed -n "${{n}}p" {tmp_path / "samples.txt"}); echo "11, ${{mib:-300}}"\n'
         'echo "12, 5"\n'
     )
