@@ -89,12 +89,15 @@ def rollouts(trainer: PPOTrainer, step: int, response_len: int) -> tuple[list, l
     return queries, responses, torch.randn(BATCH_SIZE, generator=g)
 
 
-def make_trainer(folder: Path, precision: str) -> PPOTrainer:
+def make_trainer(folder: Path, precision: str, pack: bool = True) -> PPOTrainer:
+    """A trainer at the seed's settings; `pack`: PPOConfig.pack_sequences."""
     from services.trainer.learner.config import PPOConfig
     from services.trainer.learner.ppo_trainer import PPOTrainer
     from services.trainer.learner.value_head import PolicyWithValueHead
 
-    extra = {} if precision == "fp32" else {"mixed_precision": PRECISIONS[precision]}
+    extra: dict[str, Any] = {"pack_sequences": pack}
+    if precision != "fp32":
+        extra["mixed_precision"] = PRECISIONS[precision]
     # max_grad_norm None: the seed's (TRL's default) no clipping, as bench_seed runs it.
     knobs: dict[str, Any] = {"model_name": str(folder), "log_with": None, "max_grad_norm": None}
     config = PPOConfig(**knobs, **extra)

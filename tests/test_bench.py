@@ -3,8 +3,9 @@
 Speed is not judged here (timed tests on a shared machine prove nothing; `make bench` prints
 the ratios). What is checked is that every benchmark still starts its services, compares the
 same work on both sides (the same sampled tokens; the same scores, which bench_reward checks
-itself; as many tokens on the policy service's hf and vllm engines) and prints its table, so a
-change to a service or a client cannot quietly break them.
+itself; as many tokens on the policy service's hf and vllm engines; the same first-step
+statistics from packed and padded PPO steps) and prints its table, so a change to a service or
+a client cannot quietly break them.
 
 bench_seed.py is left to tests/test_bench_seed.py, which runs the same smoke and checks more of
 it; running it here too cost the suite a minute for nothing.
@@ -12,6 +13,7 @@ it; running it here too cost the suite a minute for nothing.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +37,8 @@ def test_every_benchmark_runs_and_prints_its_table() -> None:
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     summary = out.split("=== summary ===")[1]
-    names = ("bench_loop.py", "bench_policy.py", "bench_ranks.py", "bench_replicas.py")
+    names = ("bench_loop.py", "bench_packing.py", "bench_policy.py", "bench_ranks.py")
+    names += ("bench_replicas.py",)
     for name in (*names, "bench_reward.py"):
         assert name in summary and "FAILED" not in summary, summary
     assert SEED_BENCH not in summary
@@ -47,6 +50,10 @@ def test_every_benchmark_runs_and_prints_its_table() -> None:
     # bench_ranks: 2 DDP ranks did the single process's math on the same rollouts.
     assert "first step's statistics the same on both sides: yes" in out
     assert "speed 2 ranks / 1 rank: median" in out
+    # bench_packing: both sides stepped on the same sampled rollouts, to the same statistics.
+    packing = re.search(r"statistics, largest relative difference: (\S+) ", out)
+    assert packing and float(packing[1]) < 1e-4, out[-3000:]
+    assert "speed packed / padded: median" in out
     # bench_policy's engine comparison: min = max new tokens, so each engine made exactly these.
     counts = "batch 8: hf [512], vllm [512]; batch 64: hf [4096], vllm [4096]"
     assert f"tokens per call ({counts}): the same on both engines: yes" in out, out[-3000:]

@@ -55,6 +55,13 @@ class PPOConfig:
     value-head dropout). False, as TRL 0.11: every forward pass runs in eval mode, so the
     probability ratio starts at 1. Old log-probs, values and the reference are computed in eval
     mode either way."""
+    pack_sequences: bool = True
+    """Run each forward pass on its rows' real tokens only, packed end to end into one row with
+    position ids restarting at every sequence (veRL's remove-padding, OpenRLHF's packing):
+    attention stays within each sequence, and no compute goes to padding. False: the rows
+    right-padded to the longest, as TRL 0.11 ran them. Same numbers up to float rounding (the
+    kernels see other shapes). The trainer checks at start that the model keeps packed
+    sequences apart, and refuses to start otherwise."""
 
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = 1.41e-5

@@ -4,6 +4,7 @@ frozen reference (logits), at the response positions only, under the run's mixed
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -64,8 +65,13 @@ def float32_attention(lm: nn.Module | None, mixed_precision: str, device: torch.
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(FLOAT32_ATTENTION, _sdpa_float32)
+    # sdpa's masks too: transformers builds none for an attention it has no mask function for,
+    # which right-padded rows survive (causal attention never reaches their padding) but packed
+    # sequences do not (forward.packing_problem found it).
+    AttentionMaskInterface.register(FLOAT32_ATTENTION, sdpa_mask)
     base.set_attn_implementation(FLOAT32_ATTENTION)
     return True
 
@@ -93,11 +99,88 @@ def reference_linears_in_bf16(lm: nn.Module | None, mixed_precision: str) -> int
     return count
 
 
-def batch_inputs(batch: PPOBatch, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows idx, trimmed to their longest sequence (right padding: trailing pads only)."""
+PACKING_TOLERANCE = 0.05
+"""packing_problem's bound on |packed - alone| over the largest |alone| logit. Float rounding
+differs by ~1e-6 of it in float32 (~1e-2 in bfloat16); a model that lets packed sequences see
+each other differs by O(1)."""
+
+
+@torch.no_grad()
+def packing_problem(lm: nn.Module, mixed_precision: str) -> str | None:
+    """Why a causal LM (plain or peft) cannot run packed sequences, or None; run as the PPO
+    forward passes run it (under `mixed_precision`'s autocast).
+
+    Two short sequences packed into one row must give the logits each gives alone. transformers'
+    models separate them by the position ids' restarts; one whose attention ignores those (an
+    older or custom attention) would let the second sequence attend to the first."""
+    base = base_model(lm)
+    device = next(base.parameters()).device
+    vocab = base.get_input_embeddings().num_embeddings
+    first, second = torch.tensor([1, 2, 3]) % vocab, torch.tensor([4, 5]) % vocab
+    ids = torch.cat([first, second])[None].to(device)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1]], device=device)
+    positions = torch.tensor([[0, 1, 2], [3, 4, 4]], device=device)
+    steps = torch.arange(len(first), device=device)
+    training = lm.training
+    lm.eval()
+    try:
+        with autocast(mixed_precision, device):
+            packed, _ = causal_lm_logits(lm, ids, None, positions, position_ids)
+            alone = [
+                causal_lm_logits(lm, seq[None].to(device), None, steps[None, : len(seq)])
+                for seq in (first, second)
+            ]
+    finally:
+        lm.train(training)
+    alone_logits = [logits[0] for logits, _ in alone]
+    worst = max(
+        float((packed[0] - alone_logits[0]).abs().max()),
+        float((packed[1, :2] - alone_logits[1]).abs().max()),
+    )
+    scale = max(float(a.abs().max()) for a in alone_logits)
+    if worst <= PACKING_TOLERANCE * scale:
+        return None
+    name = type(base).__name__
+    return (
+        f"{name} does not keep sequences packed into one row apart (their logits moved by "
+        f"{worst:.3g}, the largest is {scale:.3g}): its attention ignores the position ids"
+    )
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a forward pass over rows of a PPOBatch gives the model."""
+
+    input_ids: torch.Tensor
+    """(b, L) the rows right-padded to their longest; packed: (1, N), their N real tokens."""
+    attention_mask: torch.Tensor | None
+    """(b, L) 1 on real tokens; packed: None (the position ids separate the sequences)."""
+    position_ids: torch.Tensor | None
+    """Packed: (1, N) each token's position in its own sequence; else None (0.. per row)."""
+    positions: torch.Tensor
+    """(b, w) where in input_ids (its flattened tokens, when packed) the outputs predicting
+    response tokens are: query_len - 1 + t for t below the rows' response_width w. A shorter
+    response's columns past its end (masked everywhere) point at its row's padding, padded, or
+    repeat its last token, packed (so the LM head runs once for them)."""
+
+
+def model_inputs(batch: PPOBatch, idx: torch.Tensor, packed: bool) -> ModelInputs:
+    """Rows idx as the model's inputs: right-padded to their longest sequence, or `packed`."""
     mask = batch.attention_mask[idx]
-    length = int(mask.sum(1).max())
-    return batch.input_ids[idx, :length], mask[:, :length]
+    lengths = mask.sum(1)
+    steps = torch.arange(response_width(batch, idx), device=mask.device)
+    last_response = batch.query_lens[idx, None] - 1 + steps[None, :]
+    if not packed:
+        length = int(lengths.max())
+        positions = last_response.clamp(max=length - 1)
+        return ModelInputs(batch.input_ids[idx, :length], mask[:, :length], None, positions)
+    # Right padding: the real tokens lead each row, so the masked rows, flattened, are the
+    # sequences end to end; each sequence's outputs start at its offset among them.
+    real = mask.bool()
+    offsets = (lengths.cumsum(0) - lengths)[:, None]
+    positions = torch.minimum(offsets + last_response, offsets + lengths[:, None] - 1)
+    position_ids = (mask.cumsum(1) - 1)[real][None]
+    return ModelInputs(batch.input_ids[idx][real][None], None, position_ids, positions)
 
 
 def response_width(batch: PPOBatch, idx: torch.Tensor) -> int:
@@ -106,35 +189,31 @@ def response_width(batch: PPOBatch, idx: torch.Tensor) -> int:
     return int(batch.mask[idx].sum(1).max())
 
 
-def response_positions(batch: PPOBatch, idx: torch.Tensor, length: int) -> torch.Tensor:
-    """(b, w) positions whose outputs predict response tokens: query_len - 1 + t, for t below
-    the rows' response_width w (a shorter row's padding columns repeat its last position)."""
-    steps = torch.arange(response_width(batch, idx), device=batch.mask.device)
-    return (batch.query_lens[idx, None] - 1 + steps[None, :]).clamp(max=length - 1)
-
-
 def policy_forward(
-    model: PolicyWithValueHead, batch: PPOBatch, idx: torch.Tensor
+    model: nn.Module, batch: PPOBatch, idx: torch.Tensor, packed: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (b, w, V), values (b, w)) at the response positions of rows idx (w: their
-    response_width)."""
-    input_ids, attention_mask = batch_inputs(batch, idx)
-    pos = response_positions(batch, idx, input_ids.shape[1])
-    return model(input_ids, attention_mask, positions=pos)
+    response_width). `model`: a PolicyWithValueHead or its data-parallel wrapper."""
+    x = model_inputs(batch, idx, packed)
+    return model(x.input_ids, x.attention_mask, x.position_ids, positions=x.positions)
 
 
 def reference_forward(
-    model: PolicyWithValueHead, ref_model: nn.Module | None, batch: PPOBatch, idx: torch.Tensor
+    model: PolicyWithValueHead,
+    ref_model: nn.Module | None,
+    batch: PPOBatch,
+    idx: torch.Tensor,
+    packed: bool,
 ) -> torch.Tensor:
     """The reference's logits (b, w, V) at the response positions of rows idx. ref_model None:
     the policy with its LoRA adapters switched off."""
-    input_ids, attention_mask = batch_inputs(batch, idx)
-    pos = response_positions(batch, idx, input_ids.shape[1])
+    x = model_inputs(batch, idx, packed)
+    args = (x.input_ids, x.attention_mask, x.position_ids)
     if ref_model is None:
         with model.reference():
-            logits, _ = model(input_ids, attention_mask, positions=pos)
+            logits, _ = model(*args, positions=x.positions)
     elif isinstance(ref_model, PolicyWithValueHead):
-        logits, _ = ref_model(input_ids, attention_mask, positions=pos)
+        logits, _ = ref_model(*args, positions=x.positions)
     else:
-        logits, _ = causal_lm_logits(ref_model, input_ids, attention_mask, pos)
+        logits, _ = causal_lm_logits(ref_model, *args[:2], x.positions, x.position_ids)
     return logits

@@ -41,6 +41,7 @@ from services.trainer.learner.config import PPOConfig
 from services.trainer.learner.forward import (
     autocast,
     float32_attention,
+    packing_problem,
     policy_forward,
     reference_forward,
     reference_linears_in_bf16,
@@ -103,6 +104,8 @@ class PPOTrainer:
             float32_attention(lm, config.mixed_precision, model.device)
         if ref_model is not None and not isinstance(ref_model, PolicyWithValueHead):
             reference_linears_in_bf16(ref_model, config.mixed_precision)
+        if config.pack_sequences:
+            _check_packing(model, ref_model, config.mixed_precision)
         self.parallel = parallel
         self.train_model: nn.Module = model
         """What the PPO epochs call: the model, or its DDP wrapper (FSDP shards it in place)."""
@@ -172,8 +175,9 @@ class PPOTrainer:
         for start in range(rows.start, rows.stop, step):
             idx = torch.arange(start, min(start + step, rows.stop), device=self.device)
             with self._autocast():
-                logits, values = policy_forward(self.model, batch, idx)
-                ref_logits = reference_forward(self.model, self.ref_model, batch, idx)
+                packed = self.config.pack_sequences
+                logits, values = policy_forward(self.model, batch, idx, packed)
+                ref_logits = reference_forward(self.model, self.ref_model, batch, idx, packed)
             # Columns past these rows' longest response stay 0: padding, masked everywhere.
             cols = slice(0, logits.shape[1])
             labels = batch.response_ids[idx, cols]
@@ -424,7 +428,7 @@ class PPOTrainer:
         dp = self.parallel
         rows = idx[dp.share(len(idx))] if dp else idx
         with self._autocast():
-            logits, vpreds = policy_forward(self.train_model, batch, rows)
+            logits, vpreds = policy_forward(self.train_model, batch, rows, cfg.pack_sequences)
         # Only the columns up to these rows' longest response: the rest is masked padding.
         logprobs = logprobs_from_logits(logits, batch.response_ids[rows, : logits.shape[1]])
         with torch.no_grad():
@@ -449,6 +453,21 @@ class PPOTrainer:
             entropy=entropy,
             ratio_threshold=cfg.ratio_threshold if ratio_guard else None,
         )
+
+
+def _check_packing(
+    model: PolicyWithValueHead, ref_model: nn.Module | None, mixed_precision: str
+) -> None:
+    """PPOConfig.pack_sequences: raises ValueError unless the policy's LM and a separate
+    reference LM keep packed sequences apart (forward.packing_problem)."""
+    lms = [model.lm]
+    ref_lm = ref_model.lm if isinstance(ref_model, PolicyWithValueHead) else ref_model
+    if ref_lm is not None:
+        lms.append(ref_lm)
+    for lm in lms:
+        problem = packing_problem(lm, mixed_precision)
+        if problem:
+            raise ValueError(f"pack_sequences: {problem}; set pack_sequences false to pad instead")
 
 
 def _map_tensors(value: Any, change: Callable[[torch.Tensor], torch.Tensor]) -> Any:

@@ -141,8 +141,10 @@ class PolicyWithValueHead(nn.Module):
         positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits float32, values float32), at every position (B, L, ...) or, given
-        `positions` (B, T), only there (B, T, ...): PPO needs the response positions only, and
-        skipping the LM head on prompt tokens saves a large part of a small model's compute."""
+        `positions` (b, T), only there (b, T, ...): PPO needs the response positions only, and
+        skipping the LM head on prompt tokens saves a large part of a small model's compute.
+        Packed sequences (one row, position_ids restarting at each; forward.model_inputs):
+        positions index its tokens, b rows of them."""
         if positions is not None:
             logits, hidden = causal_lm_logits(
                 self.lm, input_ids, attention_mask, positions, position_ids
@@ -269,10 +271,13 @@ def causal_lm_logits(
     positions: torch.Tensor,
     position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits float32 (B, T, V), last hidden state (B, T, H)) at `positions` (B, T) only.
+    """(logits float32 (b, T, V), last hidden state (b, T, H)) at `positions` (b, T) only: of
+    each row of input_ids (B, L), or, with one row holding b packed sequences (B = 1), of its
+    tokens.
 
-    The decoder runs on every token; the LM head only where asked. Works for plain and peft
-    (LoRA) causal LMs. Models whose head is more than a linear layer (logit soft-capping or
+    The decoder runs on every token; the LM head only where asked, once per distinct position
+    (packed, a shorter response's padding columns repeat its last token). Works for plain and
+    peft (LoRA) causal LMs. Models whose head is more than a linear layer (logit soft-capping or
     scaling) take the full forward pass and are gathered after.
     """
     base = base_model(lm)
@@ -291,8 +296,11 @@ def causal_lm_logits(
         use_cache=False,
         return_dict=True,
     )
-    hidden = _at(out.last_hidden_state, positions)
-    return base.get_output_embeddings()(hidden).float(), hidden
+    states = out.last_hidden_state
+    distinct, spread = torch.unique(_flat_positions(states, positions), return_inverse=True)
+    rows = states.flatten(0, 1).index_select(0, distinct)
+    logits = base.get_output_embeddings()(rows).float()
+    return _spread(logits, spread), _spread(rows, spread)
 
 
 def base_model(lm: nn.Module) -> nn.Module:
@@ -374,9 +382,23 @@ def _full_forward(
     )
 
 
+def _flat_positions(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """positions (b, T) of a (B, L, ...) model output as indices into its flattened (B * L)
+    tokens: row b's, for B = b rows; as they are, for one row (B = 1: packed sequences)."""
+    rows, length = tensor.shape[:2]
+    if rows == 1:
+        return positions
+    return positions + torch.arange(rows, device=positions.device)[:, None] * length
+
+
+def _spread(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows (M, ...) laid out as index (b, T) picks them: (b, T, ...)."""
+    return rows.index_select(0, index.reshape(-1)).view(*index.shape, *rows.shape[1:])
+
+
 def _at(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """tensor[b, positions[b, t], :] for every b, t."""
-    return tensor.gather(1, positions[..., None].expand(-1, -1, tensor.shape[-1]))
+    """A (B, L, ...) model output at positions (b, T) (`causal_lm_logits` says how)."""
+    return _spread(tensor.flatten(0, 1), _flat_positions(tensor, positions))
 
 
 def _untied(module: nn.Module) -> dict[str, torch.Tensor]:
