@@ -14,7 +14,7 @@ import torch
 from services.trainer.config import TrainerServiceConfig, load_train_config
 from services.trainer.learner import ppo_trainer, value_head
 from services.trainer.learner.config import PPOConfig
-from services.trainer.learner.forward import FLOAT32_ATTENTION
+from services.trainer.learner.forward import FLOAT32_ATTENTION, PER_SEQUENCE_SUFFIX
 from services.trainer.learner.optim import BUCKET_BYTES, StepInBackward, make_optimizer
 from services.trainer.learner.ppo_trainer import PPOTrainer
 from tests.test_ppo_step import make, rollouts
@@ -219,11 +219,12 @@ def test_a_bf16_reference_stores_its_linear_layers_in_bf16_with_the_same_numbers
     assert dtypes["model.embed_tokens.weight"] == torch.float32  # tied to the LM head
     assert dtypes["model.norm.weight"] == torch.float32
     assert all(p.dtype == torch.float32 for p in stored.model.parameters())  # masters
-    # On a CPU, attention under bf16 autocast runs in float32 (forward.float32_attention).
+    # On a CPU, attention under bf16 autocast runs in float32 (forward.float32_attention), per
+    # packed sequence (forward.per_sequence_attention).
     for lm in (stored.model.lm, stored.ref_model):
-        assert lm.config._attn_implementation == FLOAT32_ATTENTION
+        assert lm.config._attn_implementation == FLOAT32_ATTENTION + PER_SEQUENCE_SUFFIX
     _, _, fp32 = make(tiny_lm)
-    assert fp32.model.lm.config._attn_implementation == "sdpa"
+    assert fp32.model.lm.config._attn_implementation == "sdpa" + PER_SEQUENCE_SUFFIX
     monkeypatch.setattr(ppo_trainer, "reference_linears_in_bf16", lambda *_: 0)
     _, _, cast = make(tiny_lm, mixed_precision="bf16")  # autocast casts them at each call
     assert two_steps(stored) == two_steps(cast)

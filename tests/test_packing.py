@@ -11,6 +11,7 @@ import torch
 
 from services.trainer.learner.config import PPOConfig
 from services.trainer.learner.forward import (
+    PER_SEQUENCE_SUFFIX,
     model_inputs,
     packing_problem,
     policy_forward,
@@ -127,3 +128,49 @@ def test_bf16_autocasts_float32_attention_keeps_packed_sequences_apart(tiny_lm: 
     _, model, trainer = make(tiny_lm, mixed_precision="bf16")  # the start-up check passed
     for lm in (model.lm, trainer.ref_model):
         assert packing_problem(lm, "bf16") is None
+
+
+def test_per_sequence_attention_is_the_block_diagonal_masks_attention() -> None:
+    """What transformers' own packed path computes (a causal mask within each sequence over the
+    whole row), sequence by sequence: the same numbers, without the cross-sequence products."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from services.trainer.learner import forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 3  # 6 query heads on 2 key/value heads
+    g = torch.Generator().manual_seed(0)
+    lengths = [4, 1, 3]
+    query = torch.randn(1, 6, sum(lengths), 8, generator=g)
+    key, value = (torch.randn(1, 2, sum(lengths), 8, generator=g) for _ in range(2))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    causal = torch.ones(sum(lengths), sum(lengths)).tril().bool()
+    block = (causal & (sequence[:, None] == sequence[None, :]))[None, None]
+    want, _ = sdpa_attention_forward(module, query, key, value, block, scaling=0.3)
+
+    calls = []
+    inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(args[1].shape[2])  # the query's tokens
+        return inner(*args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["test_counted_sdpa"] = counted
+    try:
+        attention = forward._attention_per_sequence("test_counted_sdpa")
+        got, _ = attention(module, query, key, value, None, position_ids=position_ids, scaling=0.3)
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["test_counted_sdpa"]
+    assert calls == lengths  # each sequence on its own
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_trainers_models_attend_per_sequence_only_when_packing(tiny_lm: Path) -> None:
+    _, _, packed = make(tiny_lm)
+    _, _, padded = make(tiny_lm, pack_sequences=False)
+    for lm in (packed.model.lm, packed.ref_model):
+        assert lm.config._attn_implementation == "sdpa" + PER_SEQUENCE_SUFFIX
+    for lm in (padded.model.lm, padded.ref_model):
+        assert lm.config._attn_implementation == "sdpa"

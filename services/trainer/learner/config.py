@@ -57,11 +57,12 @@ class PPOConfig:
     mode either way."""
     pack_sequences: bool = True
     """Run each forward pass on its rows' real tokens only, packed end to end into one row with
-    position ids restarting at every sequence (veRL's remove-padding, OpenRLHF's packing):
-    attention stays within each sequence, and no compute goes to padding. False: the rows
-    right-padded to the longest, as TRL 0.11 ran them. Same numbers up to float rounding (the
-    kernels see other shapes). The trainer checks at start that the model keeps packed
-    sequences apart, and refuses to start otherwise."""
+    position ids restarting at every sequence (veRL's remove-padding, OpenRLHF's packing): no
+    compute goes to padding, and attention stays within each sequence (sdpa runs on each on its
+    own; flash attention separates them itself). False: the rows right-padded to the longest,
+    as TRL 0.11 ran them. Same numbers up to float rounding (the kernels see other shapes). The
+    trainer checks at start that the model keeps packed sequences apart, and refuses to start
+    otherwise."""
 
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = 1.41e-5

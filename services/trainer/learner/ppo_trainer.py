@@ -42,6 +42,7 @@ from services.trainer.learner.forward import (
     autocast,
     float32_attention,
     packing_problem,
+    per_sequence_attention,
     policy_forward,
     reference_forward,
     reference_linears_in_bf16,
@@ -97,14 +98,15 @@ class PPOTrainer:
         if ref_model is None and not model.is_peft:
             ref_model = model.create_reference()  # whole, before FSDP shards the model
         self.ref_model = ref_model
-        for lm in (
-            model.lm,
-            ref_model.lm if isinstance(ref_model, PolicyWithValueHead) else ref_model,
-        ):
+        ref_lm = ref_model.lm if isinstance(ref_model, PolicyWithValueHead) else ref_model
+        for lm in (model.lm, ref_lm):
             float32_attention(lm, config.mixed_precision, model.device)
         if ref_model is not None and not isinstance(ref_model, PolicyWithValueHead):
             reference_linears_in_bf16(ref_model, config.mixed_precision)
         if config.pack_sequences:
+            for lm in (model.lm, ref_lm):
+                if lm is not None:
+                    per_sequence_attention(lm)
             _check_packing(model, ref_model, config.mixed_precision)
         self.parallel = parallel
         self.train_model: nn.Module = model
