@@ -11,7 +11,8 @@ import torch
 
 from rlhf.v1 import policy_pb2
 from services.trainer.learner.batch import pad_rollouts
-from services.trainer.learner.forward import policy_forward
+from services.trainer.learner.config import PPOConfig
+from services.trainer.learner.forward import per_sequence_attention, policy_forward
 from services.trainer.learner.ppo import logprobs_from_logits
 from services.trainer.learner.value_head import PolicyWithValueHead
 from tests.policy.common import LIMITS
@@ -42,9 +43,11 @@ def start_vllm_policy(name: str, model: str, log_dir: Path) -> ServiceProcess:
 
 
 def trainer_model(folder: str) -> PolicyWithValueHead:
-    """The trainer's PPO model on FOLDER's LM: float32, on the CPU, in eval mode (as
-    PPOTrainer.prepare runs it)."""
-    return PolicyWithValueHead.from_pretrained(folder, dtype="float32").eval()
+    """The trainer's PPO model on FOLDER's LM: float32, on the CPU, in eval mode, attending per
+    packed sequence (as PPOTrainer.prepare runs it, packing by default)."""
+    model = PolicyWithValueHead.from_pretrained(folder, dtype="float32").eval()
+    per_sequence_attention(model.lm)
+    return model
 
 
 @torch.no_grad()
@@ -55,14 +58,14 @@ def trainer_logprobs(
     pad_token_id: int,
 ) -> list[torch.Tensor]:
     """Each completion's response log-probs as PPOTrainer.prepare computes its old log-probs
-    (pad_rollouts -> policy_forward -> logprobs_from_logits, one batch), of the logits divided
-    by `temperature`: the contract's number. The trainer itself uses the unscaled logits, the
-    temperature-1 case, where x / 1.0 == x exactly."""
+    (pad_rollouts -> policy_forward, packed as by default -> logprobs_from_logits, one batch), of
+    the logits divided by `temperature`: the contract's number. The trainer itself uses the
+    unscaled logits, the temperature-1 case, where x / 1.0 == x exactly."""
     queries = [torch.tensor(list(c.prompt_token_ids)) for c in completions]
     responses = [torch.tensor(list(c.response_token_ids)) for c in completions]
     batch = pad_rollouts(queries, responses, pad_token_id, full_kl=False, scores=None)
     idx = torch.arange(len(completions))
-    logits, _ = policy_forward(model, batch, idx)
+    logits, _ = policy_forward(model, batch, idx, packed=PPOConfig.pack_sequences)
     labels = batch.response_ids[:, : logits.shape[1]]
     logprobs = logprobs_from_logits(logits / temperature, labels)
     return [logprobs[row, : len(r)] for row, r in enumerate(responses)]
