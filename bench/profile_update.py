@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from bench.trl_seed_loop import BATCH_SIZE, MAX_NEW_TOKENS, SEED_QUERIES
 
 if TYPE_CHECKING:
+    from services.trainer.learner.config import PPOConfig
     from services.trainer.learner.ppo_trainer import PPOTrainer
 
 PHASES = ("prepare", "targets", "forward", "backward", "optimizer", "stats")
@@ -89,18 +90,24 @@ def rollouts(trainer: PPOTrainer, step: int, response_len: int) -> tuple[list, l
     return queries, responses, torch.randn(BATCH_SIZE, generator=g)
 
 
-def make_trainer(folder: Path, precision: str, pack: bool = True) -> PPOTrainer:
-    """A trainer at the seed's settings; `pack`: PPOConfig.pack_sequences."""
+def seed_config(folder: Path, precision: str, pack: bool = True) -> PPOConfig:
+    """The seed's PPO settings on the model in `folder`; `pack`: PPOConfig.pack_sequences."""
     from services.trainer.learner.config import PPOConfig
-    from services.trainer.learner.ppo_trainer import PPOTrainer
-    from services.trainer.learner.value_head import PolicyWithValueHead
 
     extra: dict[str, Any] = {"pack_sequences": pack}
     if precision != "fp32":
         extra["mixed_precision"] = PRECISIONS[precision]
     # max_grad_norm None: the seed's (TRL's default) no clipping, as bench_seed runs it.
     knobs: dict[str, Any] = {"model_name": str(folder), "log_with": None, "max_grad_norm": None}
-    config = PPOConfig(**knobs, **extra)
+    return PPOConfig(**knobs, **extra)
+
+
+def make_trainer(folder: Path, precision: str, pack: bool = True) -> PPOTrainer:
+    """A trainer at the seed's settings (seed_config)."""
+    from services.trainer.learner.ppo_trainer import PPOTrainer
+    from services.trainer.learner.value_head import PolicyWithValueHead
+
+    config = seed_config(folder, precision, pack)
     return PPOTrainer(config, PolicyWithValueHead.from_config(config))
 
 

@@ -61,3 +61,23 @@ def test_every_benchmark_runs_and_prints_its_table() -> None:
     rows = [line for line in out.splitlines() if line.startswith(("seed-length", "short"))]
     assert len(rows) == 8, out  # 2 text sizes x 2 call sizes x 2 client modes
     assert sum(line.rstrip().endswith("met") for line in rows) == 2  # the target rows say so
+
+
+@pytest.mark.slow
+def test_bench_packing_runs_make_runs_settings() -> None:
+    """bench_packing's --settings make-run (configs/default.yaml: LoRA, the chat template), which
+    run_all's smoke leaves out; the seed's settings run there."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_packing.py"), "--quick"]
+        + ["--settings", "make-run", "--rounds", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    packing = re.search(r"statistics, largest relative difference: (\S+) ", out)
+    assert packing and float(packing[1]) < 1e-4, out
+    assert "speed packed / padded: median" in out and "(rounds" in out
