@@ -82,7 +82,7 @@ class Setup:
     prompts: list[str]
     """Batch i takes the next ppo.batch_size of them, round the list."""
     generation: GenerationConfig
-    """The sampling knobs (max_new_tokens, top_k, top_p, temperature, chat template)."""
+    """The sampling knobs, as a run config's generation section gives them."""
 
 
 def setup(settings: str, folder: Path, quick: bool) -> Setup:
@@ -111,21 +111,16 @@ def sample_rollouts(folder: Path, how: Setup, batches: int) -> list[Rollouts]:
     import torch
 
     from services.policy.engine import PolicyEngine
-    from services.policy.validation import SamplingParams
+    from services.policy.server import params_from_proto
+    from services.trainer.orchestrator.transports import generation_params
 
     engine = PolicyEngine(str(folder))
-    size, g = how.ppo.batch_size, how.generation
+    size = how.ppo.batch_size
     out = []
     for seed in range(batches):
         prompts = [how.prompts[(seed * size + i) % len(how.prompts)] for i in range(size)]
-        params = SamplingParams(
-            max_new_tokens=g.max_new_tokens,
-            top_k=g.top_k,
-            top_p=g.top_p,
-            temperature=g.temperature,
-            seed=seed,
-            apply_chat_template=g.apply_chat_template,
-        )
+        # The knobs as a run's Generate call carries them to the policy service's engine.
+        params = params_from_proto(generation_params(how.generation, seed))
         done = engine.generate(prompts, params)
         out.append(
             (
