@@ -99,15 +99,19 @@ class PPOTrainer:
             ref_model = model.create_reference()  # whole, before FSDP shards the model
         self.ref_model = ref_model
         ref_lm = ref_model.lm if isinstance(ref_model, PolicyWithValueHead) else ref_model
-        for lm in (model.lm, ref_lm):
+        lms = [lm for lm in (model.lm, ref_lm) if lm is not None]
+        for lm in lms:
             float32_attention(lm, config.mixed_precision, model.device)
         if ref_model is not None and not isinstance(ref_model, PolicyWithValueHead):
             reference_linears_in_bf16(ref_model, config.mixed_precision)
         if config.pack_sequences:
-            for lm in (model.lm, ref_lm):
-                if lm is not None:
-                    per_sequence_attention(lm)
-            _check_packing(model, ref_model, config.mixed_precision)
+            for lm in lms:
+                per_sequence_attention(lm)
+                problem = packing_problem(lm, config.mixed_precision)
+                if problem:
+                    raise ValueError(
+                        f"pack_sequences: {problem}; set pack_sequences false to pad instead"
+                    )
         self.parallel = parallel
         self.train_model: nn.Module = model
         """What the PPO epochs call: the model, or its DDP wrapper (FSDP shards it in place)."""
@@ -455,21 +459,6 @@ class PPOTrainer:
             entropy=entropy,
             ratio_threshold=cfg.ratio_threshold if ratio_guard else None,
         )
-
-
-def _check_packing(
-    model: PolicyWithValueHead, ref_model: nn.Module | None, mixed_precision: str
-) -> None:
-    """PPOConfig.pack_sequences: raises ValueError unless the policy's LM and a separate
-    reference LM keep packed sequences apart (forward.packing_problem)."""
-    lms = [model.lm]
-    ref_lm = ref_model.lm if isinstance(ref_model, PolicyWithValueHead) else ref_model
-    if ref_lm is not None:
-        lms.append(ref_lm)
-    for lm in lms:
-        problem = packing_problem(lm, mixed_precision)
-        if problem:
-            raise ValueError(f"pack_sequences: {problem}; set pack_sequences false to pad instead")
 
 
 def _map_tensors(value: Any, change: Callable[[torch.Tensor], torch.Tensor]) -> Any:
