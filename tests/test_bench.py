@@ -24,18 +24,31 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED_BENCH = "bench_seed.py"
 
 
-@pytest.mark.slow
-def test_every_benchmark_runs_and_prints_its_table() -> None:
+def run_bench(script: str, *args: str, timeout: float) -> str:
+    """bench/<script> with `args` run to its end; its stdout (its failure fails the test)."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick", "--skip", SEED_BENCH],
+        [sys.executable, str(ROOT / "bench" / script), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def assert_packing_statistics_agree(out: str) -> None:
+    """bench_packing's two sides stepped on the same sampled rollouts, to the same statistics."""
+    packing = re.search(r"statistics, largest relative difference: (\S+) ", out)
+    assert packing and float(packing[1]) < 1e-4, out[-3000:]
+    assert "speed packed / padded: median" in out
+
+
+@pytest.mark.slow
+def test_every_benchmark_runs_and_prints_its_table() -> None:
+    out = run_bench("run_all.py", "--quick", "--skip", SEED_BENCH, timeout=600)
     summary = out.split("=== summary ===")[1]
     names = ("bench_loop.py", "bench_packing.py", "bench_policy.py", "bench_ranks.py")
     names += ("bench_replicas.py",)
@@ -50,10 +63,7 @@ def test_every_benchmark_runs_and_prints_its_table() -> None:
     # bench_ranks: 2 DDP ranks did the single process's math on the same rollouts.
     assert "first step's statistics the same on both sides: yes" in out
     assert "speed 2 ranks / 1 rank: median" in out
-    # bench_packing: both sides stepped on the same sampled rollouts, to the same statistics.
-    packing = re.search(r"statistics, largest relative difference: (\S+) ", out)
-    assert packing and float(packing[1]) < 1e-4, out[-3000:]
-    assert "speed packed / padded: median" in out
+    assert_packing_statistics_agree(out)
     # bench_policy's engine comparison: min = max new tokens, so each engine made exactly these.
     counts = "batch 8: hf [512], vllm [512]; batch 64: hf [4096], vllm [4096]"
     assert f"tokens per call ({counts}): the same on both engines: yes" in out, out[-3000:]
@@ -67,17 +77,7 @@ def test_every_benchmark_runs_and_prints_its_table() -> None:
 def test_bench_packing_runs_make_runs_settings() -> None:
     """bench_packing's --settings make-run (configs/default.yaml: LoRA, the chat template), which
     run_all's smoke leaves out; the seed's settings run there."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_packing.py"), "--quick"]
-        + ["--settings", "make-run", "--rounds", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    out = result.stdout
-    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
-    packing = re.search(r"statistics, largest relative difference: (\S+) ", out)
-    assert packing and float(packing[1]) < 1e-4, out
-    assert "speed packed / padded: median" in out and "(rounds" in out
+    args = ("--quick", "--settings", "make-run", "--rounds", "2")
+    out = run_bench("bench_packing.py", *args, timeout=300)
+    assert_packing_statistics_agree(out)
+    assert "(rounds" in out
