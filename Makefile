@@ -34,6 +34,7 @@ help:
 # rlhf_services.egg-info here, so the vLLM venv's waits for the main venv's (never two at once).
 install:
 	+@$(MAKE) --no-print-directory -j2 venvs
+	+@$(MAKE) --no-print-directory link-envs
 	+@$(MAKE) --no-print-directory protos
 
 .PHONY: venvs
@@ -114,6 +115,16 @@ test: test-envs lint
 .PHONY: test-envs bench-env
 test-envs:
 	+@$(MAKE) --no-print-directory -j2 venvs bench-env
+	+@$(MAKE) --no-print-directory link-envs
+
+# The three venvs hold the same torch, pyarrow, transformers... files: util-linux's hardlink keeps
+# one copy on disk and links it into each (2.2 GiB saved of 8.1). Safe because pip replaces a file
+# (unlink, write anew) rather than writing into it, so a link never changes under another venv.
+.PHONY: link-envs
+link-envs:
+	@if command -v hardlink >/dev/null; then \
+	  hardlink -q --content --respect-name --minimum-size 64K $(VENV) $(VLLM_VENV) .cache/bench; \
+	else echo "link-envs: no hardlink (util-linux) here: each venv keeps its own copies"; fi
 
 bench-env:
 	$(PYTHON) bench/trl_env.py > /dev/null
